@@ -1,0 +1,290 @@
+"""Wire a recipe's stages through their ports, then build the model.
+
+``wire()`` checks every connection before any tensor exists (port kinds, dims) and collects
+every problem with its recipe key path. ``build_model()`` turns the wiring into an
+``ITMModel``. The model is a readable composition: two towers, weighted matching branches,
+a loss; the scoring engine and the trainer call it on blocks of images x captions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from itmkit.recipe import Match, Recipe, RecipeError, Slot
+from itmkit.stage import PortError, stage_inputs
+from itmkit.structure import Problem
+from itmkit.types import Aligned, GlobalPort, Local, LocalPort, Port, RegionsPort, Regions, ScorePort, Tokens, TokensPort
+
+
+@attrs.frozen
+class DataPorts:
+    """What the data gives the encoders: feature size, vocabulary size, regions per image."""
+
+    feature_dim: int
+    vocab_size: int
+    num_regions: int | None = None
+
+
+@attrs.frozen
+class Wire:
+    """One stage as wired: its slot, input ports by parameter, where each comes from, its output."""
+
+    slot: Slot
+    inputs: dict[str, Port]
+    sources: dict[str, str]
+    output: Port
+
+
+@attrs.frozen
+class Wiring:
+    """The checked graph of a recipe: per tower and per branch, the stages in order."""
+
+    image: tuple[Wire, ...]
+    text: tuple[Wire, ...]
+    branches: tuple[tuple[Wire, ...], ...]
+    loss: Wire
+    image_global: bool
+    text_global: bool
+
+    def all(self) -> list[Wire]:
+        return [*self.image, *self.text, *(w for b in self.branches for w in b), self.loss]
+
+
+def _describe_inputs(accepts: tuple[type[Port], ...]) -> str:
+    return " or ".join(p.__name__ for p in accepts)
+
+
+def _connect(slot: Slot, available: dict[str, dict[type[Port], tuple[Port, str]]], problems: list[Problem]) -> Wire | None:
+    """Feed each ports() parameter from ``available`` (by name, then by port class)."""
+    inputs: dict[str, Port] = {}
+    sources: dict[str, str] = {}
+    for spec in stage_inputs(type(slot.spec)):
+        offers = available.get(spec.name, {})
+        chosen = next(((port, src) for cls in spec.accepts for c, (port, src) in offers.items() if issubclass(c, cls)), None)
+        if chosen is None:
+            if spec.optional:
+                continue
+            offered = ", ".join(f"{p.describe()} from {src}" for p, src in offers.values()) or "nothing"
+            problems.append(Problem(
+                slot.path,
+                f"port mismatch: stage {slot.spec.name} input {spec.name!r} expects"
+                f" {_describe_inputs(spec.accepts)}, but {offered} is available there",
+            ))
+            return None
+        inputs[spec.name], sources[spec.name] = chosen
+    try:
+        output = slot.spec.ports(**inputs)
+    except PortError as exc:
+        sides = ", ".join(f"{name}={port.describe()} from {sources[name]}" for name, port in inputs.items())
+        problems.append(Problem(slot.path, f"port mismatch in stage {slot.spec.name}: {exc} (inputs: {sides})"))
+        return None
+    return Wire(slot, inputs, sources, output)
+
+
+def wire(recipe: Recipe, data: DataPorts) -> Wiring:
+    """Check every connection of the recipe; raise RecipeError listing every mismatch."""
+    problems: list[Problem] = []
+
+    def tower(side: str, raw: Port) -> tuple[list[Wire], Port | None, Port | None]:
+        t = getattr(recipe, side)
+        wires: list[Wire] = []
+        current: tuple[Port, str] = (raw, f"the {side} data")
+        local = None
+        for slot in [t.encoder, *t.reasoners]:
+            w = _connect(slot, {"x": {type(current[0]): current}}, problems)
+            if w is None:
+                return wires, None, None
+            if not isinstance(w.output, LocalPort):
+                problems.append(Problem(slot.path, f"a {slot.spec.kind} here must produce LocalPort, {slot.spec.name} produces {w.output.describe()}"))
+                return wires, None, None
+            wires.append(w)
+            current = (w.output, f"{slot.path} ({slot.spec.name})")
+            local = w.output
+        glob = None
+        if t.pool is not None:
+            w = _connect(t.pool, {"x": {type(current[0]): current}}, problems)
+            if w is None:
+                return wires, local, None
+            if not isinstance(w.output, GlobalPort):
+                problems.append(Problem(t.pool.path, f"a pool must produce GlobalPort, {t.pool.spec.name} produces {w.output.describe()}"))
+                return wires, local, None
+            wires.append(w)
+            glob = w.output
+        return wires, local, glob
+
+    image_wires, image_local, image_global = tower("image", RegionsPort(data.feature_dim))
+    text_wires, text_local, text_global = tower("text", TokensPort(data.vocab_size))
+
+    def side_offers(side: str, local: Port | None, glob: Port | None) -> dict[type[Port], tuple[Port, str]]:
+        offers = {}
+        if local is not None:
+            offers[LocalPort] = (local, f"[{side}] fragments")
+        if glob is not None:
+            offers[GlobalPort] = (glob, f"[{side}] pool")
+        return offers
+
+    towers = {"image": side_offers("image", image_local, image_global), "text": side_offers("text", text_local, text_global)}
+    branches = []
+    for branch in recipe.match:
+        wires: list[Wire] = []
+        previous: tuple[Port, str] | None = None
+        for slot in branch.slots():
+            available = dict(towers)
+            if previous is not None:
+                available["x"] = {type(previous[0]): previous}
+            w = _connect(slot, available, problems)
+            if w is None:
+                break
+            wires.append(w)
+            previous = (w.output, f"{slot.path} ({slot.spec.name})")
+        else:
+            if previous and not isinstance(previous[0], ScorePort):
+                problems.append(Problem(branch.path, f"a [[match]] branch must end in a score (ScorePort), it ends in {previous[0].describe()}: add an `aggregate` stage"))
+        branches.append(tuple(wires))
+
+    loss = _connect(recipe.loss, {"x": {ScorePort: (ScorePort(), "the summed branch scores")}}, problems)
+    if problems:
+        raise RecipeError(recipe.source, problems)
+    return Wiring(tuple(image_wires), tuple(text_wires), tuple(branches), loss, image_global is not None, text_global is not None)
+
+
+# ================================================================================ the model
+
+
+@attrs.frozen
+class Encoded:
+    """One side encoded: fragments (Local) and, if the tower has a pool, global vectors."""
+
+    local: Local
+    global_: torch.Tensor | None = None
+
+    def select(self, rows: slice | torch.Tensor) -> Encoded:
+        return Encoded(self.local.select(rows), None if self.global_ is None else self.global_[rows])
+
+    def to(self, device: torch.device | str) -> Encoded:
+        local = Local(self.local.feats.to(device), self.local.mask.to(device),
+                      {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.local.extras.items()})
+        return Encoded(local, None if self.global_ is None else self.global_.to(device))
+
+
+class Tower(nn.Module):
+    """encoder -> reasoners -> [pool], each stage's output feeding the next."""
+
+    def __init__(self, encoder: nn.Module, reasoners: list[nn.Module], pool: nn.Module | None):
+        super().__init__()
+        self.encoder = encoder
+        self.reasoners = nn.ModuleList(reasoners)
+        self.pool = pool
+
+    def forward(self, x: Regions | Tokens) -> Encoded:
+        local = self.encoder(x)
+        for reasoner in self.reasoners:
+            local = reasoner(local)
+        return Encoded(local, self.pool(local) if self.pool is not None else None)
+
+
+class Branch(nn.Module):
+    """One [[match]] branch: its stages in order, each fed from the towers or the previous stage."""
+
+    def __init__(self, stages: list[nn.Module], sources: list[dict[str, str]], weight: float):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.sources = sources
+        self.weight = weight
+
+    def forward(self, image: Encoded, text: Encoded) -> torch.Tensor:
+        values: dict[str, Any] = {"[image] fragments": image.local, "[image] pool": image.global_,
+                                  "[text] fragments": text.local, "[text] pool": text.global_}
+        out: Any = None
+        for stage, sources in zip(self.stages, self.sources):
+            kwargs = {name: (out if name == "x" else values[src]) for name, src in sources.items()}
+            out = stage(**kwargs)
+        return out
+
+
+class ITMModel(nn.Module):
+    """Two towers, weighted matching branches and a loss, as a recipe wires them."""
+
+    def __init__(self, recipe: Recipe, wiring: Wiring, data: DataPorts):
+        super().__init__()
+        self.recipe = recipe
+        self.wiring = wiring
+        self.data_ports = data
+
+        def module(w: Wire) -> nn.Module:
+            return w.slot.spec.build(**w.inputs)
+
+        def tower(wires: tuple[Wire, ...], has_pool: bool) -> Tower:
+            mods = [module(w) for w in wires]
+            pool = mods.pop() if has_pool else None
+            return Tower(mods[0], mods[1:], pool)
+
+        self.image = tower(wiring.image, wiring.image_global)
+        self.text = tower(wiring.text, wiring.text_global)
+        self.branches = nn.ModuleList(
+            Branch([module(w) for w in wires], [w.sources for w in wires], m.weight)
+            for wires, m in zip(wiring.branches, recipe.match)
+        )
+        self.loss = module(wiring.loss)
+
+    def encode_images(self, x: Regions) -> Encoded:
+        return self.image(x)
+
+    def encode_texts(self, x: Tokens) -> Encoded:
+        return self.text(x)
+
+    def score(self, image: Encoded, text: Encoded) -> torch.Tensor:
+        """(Ni, Nt) model scores: the weighted sum of the branches."""
+        total = None
+        for branch in self.branches:
+            s = branch.weight * branch(image, text)
+            total = s if total is None else total + s
+        return total
+
+    def forward(self, images: Regions, texts: Tokens, image_ids: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training step on a batch of B captions with their images: (loss, B x B scores)."""
+        scores = self.score(self.encode_images(images), self.encode_texts(texts))
+        positives = image_ids[:, None] == image_ids[None, :]
+        return self.loss(scores, positives=positives, epoch=epoch), scores
+
+    def pair_bytes(self, query_len: int, context_len: int) -> int:
+        """Working memory of one image x caption pair across all branches (for block sizing)."""
+        return sum(
+            w.slot.spec.pair_bytes(query_len=query_len, context_len=context_len)
+            for b in self.wiring.branches for w in b
+        )
+
+
+def build_model(recipe: Recipe, data: DataPorts, seed: int | None = None) -> ITMModel:
+    """Wire and build; with ``seed`` the initial weights are reproducible."""
+    wiring = wire(recipe, data)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ITMModel(recipe, wiring, data)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def stage_tree(model: ITMModel) -> list[dict[str, Any]]:
+    """One row per stage: key path, registered name, consumes, produces, parameter count."""
+    rows = []
+    modules = [model.image.encoder, *model.image.reasoners] + ([model.image.pool] if model.image.pool is not None else [])
+    modules += [model.text.encoder, *model.text.reasoners] + ([model.text.pool] if model.text.pool is not None else [])
+    for branch in model.branches:
+        modules += list(branch.stages)
+    modules.append(model.loss)
+    for w, m in zip(model.wiring.all(), modules):
+        rows.append({
+            "path": w.slot.path,
+            "stage": w.slot.spec.name,
+            "consumes": ", ".join(f"{n}: {p.describe()}" for n, p in w.inputs.items()),
+            "produces": w.output.describe(),
+            "params": count_parameters(m),
+        })
+    return rows

@@ -1,0 +1,307 @@
+"""The ``itmkit`` command line (typer). Errors print one clear message and exit 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from itmkit.errors import ItmkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Image-text matching models as typed stages declared in TOML recipes.")
+data_app = typer.Typer(no_args_is_help=True, help="Write, convert and check datasets.")
+app.add_typer(data_app, name="data")
+
+# Logs and pipes get wide tables rather than rich's 80-column default.
+out = Console(width=None if Console().is_terminal else 160)
+err = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 160)
+_state = {"debug": False}
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. train.epochs=2 (repeatable)")]
+DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    stages: Annotated[Optional[list[Path]], typer.Option("--stages", help="import a local stage file (a plugin module) for this run")] = None,
+) -> None:
+    _state["debug"] = debug
+    if stages:
+        from itmkit.plugins import load_registry, load_stage_file, reset_registry
+
+        reset_registry(load_registry([load_stage_file(str(p)) for p in stages]))
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ItmkitError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ItmkitError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def metrics_table(metrics: dict[str, float], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
+        table.add_column(column, justify="right")
+    for direction, name in (("i2t", "image→text"), ("t2i", "text→image")):
+        table.add_row(name, *(f"{metrics[f'{direction}_{k}']:.1f}" for k in ("r1", "r5", "r10", "medr", "meanr")))
+    table.caption = f"rSum {metrics['rsum']:.1f}"
+    return table
+
+
+# ------------------------------------------------------------------------------------ build
+
+
+@app.command()
+def build(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML file")],
+    set_: SetOption = None,
+    data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's [data].path)")] = None,
+) -> None:
+    """Validate a recipe, build its model and print the stage tree."""
+    from itmkit.build import build_model, count_parameters, stage_tree
+    from itmkit.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    ports, note = _build_ports(data or r.data.path, r.data.vocab)
+    model = build_model(r, ports, seed=r.train.seed)
+    table = Table(title=f"{r.info.name}  ({recipe})")
+    for column in ("slot", "stage", "consumes", "produces", "params"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for row in stage_tree(model):
+        table.add_row(escape(row["path"]), row["stage"], row["consumes"], row["produces"], f"{row['params']:,}")
+    table.caption = escape(f"total parameters: {count_parameters(model):,}   data: {note}")
+    out.print(table)
+
+
+def _build_ports(path: str, vocab_path: str):
+    """Data dims for ``build``: from the data when it is there, else the SCAN defaults."""
+    from itmkit.build import DataPorts
+    from itmkit.data.vocab import Vocabulary
+    from itmkit.datasets import BUILTIN, data_ports, open_named_split, resolve_data_dir, resolve_vocab
+
+    if path == BUILTIN or Path(path).is_dir():
+        folder = resolve_data_dir(path)
+        train = open_named_split(folder, "train")
+        vocab = resolve_vocab(vocab_path, folder, train)
+        ports = data_ports(train, vocab)
+        return ports, f"{folder} ({ports.feature_dim}-d regions, {ports.vocab_size} words)"
+    vocab_size = len(Vocabulary.load(vocab_path)) if vocab_path else 8481
+    return DataPorts(2048, vocab_size, 36), f"{path} not found: assuming 36 x 2048-d regions and {vocab_size} words"
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML file")],
+    data: Annotated[Optional[str], typer.Option(help="dataset folder (overrides [data].path)")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="run folder (default: runs/<recipe name>)")] = None,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/last.safetensors")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Train a recipe, validate each epoch, keep the best checkpoint, print the test R@K table."""
+    from itmkit.progress import make_progress
+    from itmkit.recipe import load_recipe
+    from itmkit.train import train as run_training
+
+    overrides = list(set_ or [])
+    if data:
+        overrides.append(f"data.path={json.dumps(data)}")
+    r = load_recipe(recipe, overrides)
+    folder = out_dir or Path("runs") / r.info.name
+    dev = _device(device)
+    err.print(f"training {r.info.name} on {r.data.path} ({dev}), run folder {folder}")
+    with make_progress() as progress:
+        result = run_training(r, out_dir=folder, device=dev, resume=resume, progress=progress, log=err.print)
+    out.print(metrics_table(result.test, f"{r.info.name}: {r.data.test_split} split, {r.data.protocol}"
+                                        f" (best dev epoch {result.best_epoch + 1})"))
+    out.print(f"checkpoint: {folder / 'model_best.safetensors'}   metrics: {folder / 'metrics.jsonl'}"
+              f"   time: {result.seconds / 60:.1f} min")
+
+
+# ------------------------------------------------------------------------------------- eval
+
+
+@app.command(name="eval")
+def eval_(
+    checkpoints: Annotated[list[Path], typer.Argument(help="one checkpoint, or several for an ensemble")],
+    data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's [data].path)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="split to score (default: the recipe's test split)")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help="f30k-1k | coco-1k-5fold | coco-5k (default: the recipe's)")] = None,
+    save_sims: Annotated[Optional[Path], typer.Option("--save-sims", help="write the (images x captions) matrix as .npy")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object of metrics")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Evaluate checkpoint(s); several are an ensemble (similarities averaged)."""
+    from itmkit.checkpoint import atomic_write_bytes, load_checkpoint
+    from itmkit.datasets import open_named_split, resolve_data_dir
+    from itmkit.evaluate import ensemble_similarity
+    from itmkit.evaluation import PROTOCOLS, protocol_metrics
+    from itmkit.errors import did_you_mean
+    from itmkit.progress import make_progress
+
+    dev = _device(device)
+    loaded = [load_checkpoint(path, dev) for path in checkpoints]
+    first = loaded[0].model.recipe
+    protocol = protocol or first.data.protocol
+    if protocol not in PROTOCOLS:
+        raise ItmkitError(f"--protocol {protocol!r} is not known" + did_you_mean(protocol, PROTOCOLS))
+    folder = resolve_data_dir(data or first.data.path)
+    split_name = split or first.data.test_split
+    the_split = open_named_split(folder, split_name)
+    with make_progress() as progress:
+        sims, stats = ensemble_similarity([(x.model, x.vocab) for x in loaded], the_split, device=dev,
+                                          batch_size=first.train.eval_batch_size, progress=progress)
+    metrics = protocol_metrics(sims, protocol, the_split.captions_per_image)
+    if save_sims:
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, sims)
+        atomic_write_bytes(save_sims, buffer.getvalue())
+    pairs = sum(s.pairs for s in stats) / max(sum(s.seconds for s in stats), 1e-9)
+    if as_json:
+        print(json.dumps(metrics))
+    else:
+        names = " + ".join(str(p) for p in checkpoints)
+        out.print(metrics_table(metrics, f"{names}: {split_name} split, {protocol}"))
+    err.print(f"scored {the_split.num_images} images x {the_split.num_captions} captions"
+              f" x {len(loaded)} model(s): {pairs:,.0f} pairs/s")
+
+
+# ------------------------------------------------------------------------- plugins / stages
+
+
+@app.command()
+def plugins() -> None:
+    """List installed plugins: name, version, where from, stages contributed, or the import error."""
+    from itmkit.plugins import get_registry
+
+    table = Table(title="itmkit plugins")
+    for column in ("plugin", "version", "from", "stages"):
+        table.add_column(column)
+    for info in get_registry().plugins:
+        stages = escape(", ".join(info.stages)) if not info.error else f"[red]failed: {escape(info.error)}[/red]"
+        table.add_row(info.name, info.version, escape(info.source), stages)
+    out.print(table)
+
+
+@app.command()
+def stages(
+    kind: Annotated[Optional[str], typer.Option(help="only stages of this kind")] = None,
+    describe: Annotated[Optional[str], typer.Option(help="show one stage in full")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the stage reference as Markdown (docs/recipes.md)")] = False,
+) -> None:
+    """List every stage with its ports, parameters and paper."""
+    from itmkit.docs import stage_reference_markdown
+    from itmkit.errors import did_you_mean
+    from itmkit.plugins import get_registry
+    from itmkit.stage import KINDS, stage_inputs, stage_outputs, stage_params
+
+    registry = get_registry()
+    if markdown:
+        print(stage_reference_markdown(registry), end="")
+        return
+    if kind is not None and kind not in KINDS:
+        raise ItmkitError(f"--kind {kind!r} is not a stage kind" + did_you_mean(kind, KINDS))
+    classes = registry.by_kind(kind)
+    if describe is not None:
+        if describe not in registry.stages:
+            raise ItmkitError(f"unknown stage {describe!r}" + did_you_mean(describe, registry.stages))
+        classes = [registry.stages[describe]]
+    for cls in classes:
+        inputs = ", ".join(s.describe() for s in stage_inputs(cls))
+        outputs = " | ".join(p.__name__ for p in stage_outputs(cls))
+        table = Table(title=f"{cls.name}  [{cls.kind}]  ({registry.owners[cls.name]})", title_justify="left",
+                      caption=escape(f"{(cls.__doc__ or '').strip()}\npaper: {cls.paper}\nconsumes: {inputs}\nproduces: {outputs}"),
+                      caption_justify="left")
+        for column in ("parameter", "type", "default", "help"):
+            table.add_column(column)
+        for p in stage_params(cls):
+            default = "required" if p.required else repr(p.default)
+            constraint = p.constraint()
+            table.add_row(p.name, escape(p.type_name()), escape(default), escape(p.help + (f" ({constraint})" if constraint else "")))
+        out.print(table)
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+def data_synth(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the dataset into")],
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    sizes: Annotated[Optional[str], typer.Option(help="images per split, e.g. train=5000,dev=500,test=1000")] = None,
+    images: Annotated[bool, typer.Option("--images", help="also write the rendered PNGs")] = False,
+) -> None:
+    """Write the built-in 'shapes' dataset in the SCAN precomp layout."""
+    from itmkit.data.shapes import DEFAULT_SIZES, write_shapes
+    from itmkit.progress import make_progress, task
+
+    chosen = dict(DEFAULT_SIZES)
+    if sizes:
+        chosen = {}
+        for item in sizes.split(","):
+            name, _, count = item.partition("=")
+            if not count.strip().isdigit():
+                raise ItmkitError(f"--sizes expects NAME=COUNT pairs like train=5000,test=1000, got {item!r}")
+            chosen[name.strip()] = int(count)
+    with make_progress() as progress, task(progress, "render and extract", None) as update:
+        write_shapes(out_dir, seed=seed, sizes=chosen, images=images,
+                     progress=lambda name, done, total: update(done, total, info=name))
+    out.print(f"wrote {', '.join(f'{k} ({v} images)' for k, v in chosen.items())} to {out_dir}")
+
+
+@data_app.command("check")
+def data_check(data_dir: Annotated[Path, typer.Argument(help="dataset folder")]) -> None:
+    """Validate a dataset: shapes, dtypes, 5 captions per image, splits present, NaNs."""
+    from itmkit.data.check import check_dataset, summarize_dataset
+
+    if not data_dir.is_dir():
+        raise ItmkitError(f"data folder not found: {data_dir}")
+    table = Table(title=str(data_dir))
+    for column in ("split", "layout", "images", "captions", "regions", "feature dim", "boxes"):
+        table.add_column(column)
+    for row in summarize_dataset(data_dir):
+        table.add_row(*(str(row.get(k, "")) for k in ("name", "layout", "images", "captions", "regions", "feature_dim", "boxes")))
+    out.print(table)
+    problems = check_dataset(data_dir)
+    if problems:
+        for p in problems:
+            err.print("[red]problem:[/red]", escape(p), highlight=False)
+        raise ItmkitError(f"{data_dir}: {len(problems)} problem{'s' if len(problems) != 1 else ''} found")
+    out.print("[green]no problems found[/green]")
+
+
+def run() -> None:
+    """Console entry point: run the app, turning itmkit errors into one message and exit code 1."""
+    try:
+        app()
+    except ItmkitError as exc:
+        if _state["debug"] or os.environ.get("ITMKIT_DEBUG"):
+            raise
+        err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

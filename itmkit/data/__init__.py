@@ -1,0 +1,1 @@
+"""Datasets on disk: layouts, vocabulary, checks and torch loaders."""

@@ -1,0 +1,152 @@
+"""`itmkit data check`: every problem in a dataset folder, each as one sentence naming its file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itmkit.data.split import BOX_LAYOUTS, SplitParts, available_splits, open_parts, split_problems
+from itmkit.data.vocab import Vocabulary
+from itmkit.errors import DataError
+
+# Images scanned per step for NaN/inf: about 75 MB of BUTD features, never a whole split.
+SCAN_CHUNK_IMAGES = 256
+VOCAB_FILE = "vocab.json"
+
+
+def _sentence(message: str) -> str:
+    """`message` ending in a full stop."""
+    return message if message.endswith((".", "?", "!")) else f"{message}."
+
+
+def _nonfinite_problem(parts: SplitParts) -> str | None:
+    """A sentence about images whose features hold NaN or inf, or None if there are none."""
+    features = parts.features
+    bad: list[int] = []
+    for start in range(0, int(features.shape[0]), SCAN_CHUNK_IMAGES):
+        chunk = np.asarray(features[start : start + SCAN_CHUNK_IMAGES])
+        finite = np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1)
+        bad.extend(start + int(i) for i in np.flatnonzero(~finite))
+    if not bad:
+        return None
+    return (
+        f"{parts.file('features')} has NaN or inf values in {len(bad)} image(s) "
+        f"(the first is image {bad[0]})."
+    )
+
+
+def _empty_captions_problem(parts: SplitParts) -> str | None:
+    """A sentence about empty captions, or None if there are none."""
+    empty = [i for i, c in enumerate(parts.captions) if not c.strip()]
+    if not empty:
+        return None
+    return (
+        f"{parts.file('captions')} has {len(empty)} empty caption(s) "
+        f"(the first is caption {empty[0]}, line {empty[0] + 1})."
+    )
+
+
+def _split_checks(parts: SplitParts) -> list[str]:
+    """The problems of one split on its own."""
+    problems = split_problems(parts)
+    if len(parts.features.shape) == 3 and np.issubdtype(parts.features.dtype, np.floating):
+        problems.append(_nonfinite_problem(parts))
+    problems.append(_empty_captions_problem(parts))
+    return [p for p in problems if p]
+
+
+def _cross_split_checks(opened: list[SplitParts]) -> list[str]:
+    """Region counts and feature dims must agree across splits: one model reads them all."""
+    shaped = [p for p in opened if len(p.features.shape) == 3]
+    if len(shaped) < 2:
+        return []
+    first = shaped[0]
+    problems = []
+    for other in shaped[1:]:
+        for axis, what in ((1, "regions per image"), (2, "feature dimensions")):
+            if other.features.shape[axis] != first.features.shape[axis]:
+                problems.append(
+                    f"Split {other.name!r} has {other.features.shape[axis]} {what} "
+                    f"({other.file('features')}) but split {first.name!r} has "
+                    f"{first.features.shape[axis]} ({first.file('features')})."
+                )
+    return problems
+
+
+def _required_split_checks(data_dir: Path, present: list[str]) -> list[str]:
+    """A training run needs train and one of dev/test."""
+    found = ", ".join(present) if present else "none"
+    problems = []
+    if "train" not in present:
+        problems.append(
+            f"{data_dir} has no 'train' split (looked for train_ims.npy and a /train group "
+            f"in an HDF5 file); splits found: {found}."
+        )
+    if "dev" not in present and "test" not in present:
+        problems.append(f"{data_dir} has neither a 'dev' nor a 'test' split; splits found: {found}.")
+    return problems
+
+
+def check_dataset(data_dir: str | Path) -> list[str]:
+    """Every problem found in the dataset at `data_dir`, each a sentence naming its file; [] if good."""
+    data_dir = Path(data_dir)
+    try:
+        present = available_splits(data_dir)
+    except DataError as err:
+        return [_sentence(str(err))]
+    problems = _required_split_checks(data_dir, present)
+    opened = []
+    for name in present:
+        try:
+            parts = open_parts(data_dir, name)
+        except DataError as err:
+            problems.append(_sentence(f"Split {name!r}: {err}"))
+            continue
+        opened.append(parts)
+        problems.extend(_split_checks(parts))
+    problems.extend(_cross_split_checks(opened))
+    vocab_path = data_dir / VOCAB_FILE
+    if data_dir.is_dir() and vocab_path.is_file():
+        try:
+            Vocabulary.load(vocab_path)
+        except DataError as err:
+            problems.append(_sentence(str(err)))
+    return problems
+
+
+def summarize_dataset(data_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per split (name, layout, images, captions, regions, feature_dim, boxes, source).
+
+    A split that cannot be opened gets a row with only its name and `error`, and a folder
+    whose splits cannot be listed gives []: check_dataset says what is wrong with both.
+    """
+    try:
+        names = available_splits(data_dir)
+    except DataError:
+        return []
+    rows = []
+    for name in names:
+        try:
+            parts = open_parts(data_dir, name)
+        except DataError as err:
+            rows.append({"name": name, "error": str(err)})
+            continue
+        shape = tuple(parts.features.shape)
+        boxes = None
+        if parts.boxes is not None:
+            boxes = BOX_LAYOUTS.get(int(parts.boxes.shape[-1]), f"unknown ({parts.boxes.shape[-1]} columns)")
+        rows.append(
+            {
+                "name": name,
+                "layout": parts.layout,
+                "images": shape[0] if shape else 0,
+                "captions": len(parts.captions),
+                "regions": shape[1] if len(shape) > 1 else None,
+                "feature_dim": shape[2] if len(shape) > 2 else None,
+                "boxes": boxes,
+                "source": parts.source,
+            }
+        )
+    return rows

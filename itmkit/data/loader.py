@@ -1,0 +1,237 @@
+"""The torch side: caption-image pairs for training and in-order batches for evaluation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from itmkit.data.split import Split, open_split
+from itmkit.data.vocab import Vocabulary
+
+
+def _move(tensor: torch.Tensor | None, device: Any, non_blocking: bool) -> torch.Tensor | None:
+    """`tensor` on `device`, None staying None."""
+    return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
+
+# eq=False on these batches: tensor == is elementwise, so attrs' generated __eq__ would mislead.
+@attrs.frozen(eq=False)
+class Batch:
+    """A training batch: one caption per row and the image it describes."""
+
+    images: torch.Tensor  # (B, R, F) float32
+    image_lengths: torch.Tensor  # (B,) long: valid regions per image
+    tokens: torch.Tensor  # (B, L) long, padded with <pad>=0 to the longest caption
+    lengths: torch.Tensor  # (B,) long, counting <start> and <end>
+    image_ids: torch.Tensor  # (B,) long: image index in the split
+    caption_ids: torch.Tensor  # (B,) long: caption index in the split
+    boxes: torch.Tensor | None = None  # (B, R, 4 or 30) float32
+    image_sizes: torch.Tensor | None = None  # (B, 2) float32: width, height
+
+    def to(self, device: Any, non_blocking: bool = False) -> Batch:
+        """The same batch with every tensor on `device`."""
+        return Batch(**{f.name: _move(getattr(self, f.name), device, non_blocking) for f in attrs.fields(Batch)})
+
+
+@attrs.frozen(eq=False)
+class ImageBatch:
+    """Images `indices` of a split, in order, for encoding at evaluation."""
+
+    indices: np.ndarray  # (B,) int64
+    images: torch.Tensor  # (B, R, F) float32
+    image_lengths: torch.Tensor  # (B,) long
+    boxes: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+
+    def to(self, device: Any, non_blocking: bool = False) -> ImageBatch:
+        """The same batch with every tensor on `device` (indices stay a NumPy array)."""
+        return attrs.evolve(
+            self,
+            images=self.images.to(device, non_blocking=non_blocking),
+            image_lengths=self.image_lengths.to(device, non_blocking=non_blocking),
+            boxes=_move(self.boxes, device, non_blocking),
+            image_sizes=_move(self.image_sizes, device, non_blocking),
+        )
+
+
+@attrs.frozen(eq=False)
+class CaptionBatch:
+    """Captions `indices` of a split, in order, for encoding at evaluation."""
+
+    indices: np.ndarray  # (B,) int64
+    tokens: torch.Tensor  # (B, L) long, padded to the longest caption in the batch
+    lengths: torch.Tensor  # (B,) long
+
+    def to(self, device: Any, non_blocking: bool = False) -> CaptionBatch:
+        """The same batch with every tensor on `device` (indices stay a NumPy array)."""
+        return attrs.evolve(
+            self,
+            tokens=self.tokens.to(device, non_blocking=non_blocking),
+            lengths=self.lengths.to(device, non_blocking=non_blocking),
+        )
+
+
+def pad_tokens(sequences: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) zero-padded to the longest sequence, and the lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    tokens = torch.zeros((len(sequences), int(lengths.max()) if len(sequences) else 0), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return tokens, lengths
+
+
+# Tokenising is the slow part (seconds for Flickr30K, tens for COCO), and train_loader
+# builds a dataset every epoch, so the last encoding is kept. The captions list itself
+# is held, so an id() can never be reused by another list while the entry lives.
+_last_encoding: tuple[list[str], str, list[np.ndarray]] | None = None
+
+
+def encode_captions(captions: list[str], vocab: Vocabulary) -> list[np.ndarray]:
+    """Token ids of every caption, as int64 arrays; reuses the previous call's work when it can."""
+    global _last_encoding
+    digest = vocab.sha256()
+    if _last_encoding is not None and _last_encoding[0] is captions and _last_encoding[1] == digest:
+        return _last_encoding[2]
+    encoded = [np.asarray(vocab.encode(c), dtype=np.int64) for c in captions]
+    _last_encoding = (captions, digest, encoded)
+    return encoded
+
+
+def _file_backed(split: Split) -> bool:
+    """Whether `split` reads its features from a file that can be opened again by name."""
+    features = split.features
+    return bool(split.source) and (isinstance(features, np.memmap) or not isinstance(features, np.ndarray))
+
+
+class PairDataset(Dataset):
+    """One item per caption: the caption's token ids and the features of its image."""
+
+    def __init__(self, split: Split, vocab: Vocabulary) -> None:
+        self.split = split
+        self.tokens = encode_captions(split.captions, vocab)
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.split.num_captions
+
+    def _live_split(self) -> Split:
+        """The split, reopened once in a forked worker: an h5py handle must not cross a fork."""
+        if self._pid != os.getpid():
+            if _file_backed(self.split) and not isinstance(self.split.features, np.memmap):
+                self.split = self.split.reopen()
+            self._pid = os.getpid()
+        return self.split
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling (spawned workers) must not copy a memmap's or an HDF5 file's
+        # contents: send where the split lives and open it again on the other side.
+        state = self.__dict__.copy()
+        if _file_backed(self.split):
+            state["split"] = None
+            state["_reopen"] = (self.split.source, self.split.name, self.split.num_images)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        reopen = state.pop("_reopen", None)
+        if reopen is not None:
+            source, name, num_images = reopen
+            state["split"] = open_split(source, name).truncate(num_images)
+        self.__dict__.update(state)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        split = self._live_split()
+        image = split.image_of_caption(index)
+        return {
+            "image": split.image_features(np.array([image]))[0],
+            "tokens": self.tokens[index],
+            "image_id": image,
+            "caption_id": index,
+            "boxes": None if split.boxes is None else np.asarray(split.boxes[image], dtype=np.float32),
+            "image_size": (
+                None if split.image_sizes is None else np.asarray(split.image_sizes[image], dtype=np.float32)
+            ),
+        }
+
+
+def _stack_or_none(rows: list[np.ndarray | None]) -> torch.Tensor | None:
+    """The rows stacked into one float32 tensor, or None when the split has none."""
+    if rows[0] is None:
+        return None
+    return torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+
+
+def collate(items: list[dict[str, Any]]) -> Batch:
+    """Stack PairDataset items into a Batch, in the order given (not sorted by length)."""
+    images = torch.from_numpy(np.stack([item["image"] for item in items]))
+    tokens, lengths = pad_tokens([item["tokens"] for item in items])
+    return Batch(
+        images=images,
+        # Precomp regions are all real; a padded region layout would set fewer here.
+        image_lengths=torch.full((len(items),), images.shape[1], dtype=torch.long),
+        tokens=tokens,
+        lengths=lengths,
+        image_ids=torch.tensor([item["image_id"] for item in items], dtype=torch.long),
+        caption_ids=torch.tensor([item["caption_id"] for item in items], dtype=torch.long),
+        boxes=_stack_or_none([item["boxes"] for item in items]),
+        image_sizes=_stack_or_none([item["image_size"] for item in items]),
+    )
+
+
+def train_loader(
+    split: Split,
+    vocab: Vocabulary,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int = 0,
+    drop_last: bool = True,
+) -> DataLoader:
+    """Shuffled caption batches; the order depends only on (seed, epoch), so a resumed run matches."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return DataLoader(
+        PairDataset(split, vocab),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate,
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )
+
+
+def _rows_or_none(array: np.ndarray | None, start: int, stop: int) -> torch.Tensor | None:
+    """Rows start..stop of an optional per-image array, as float32."""
+    if array is None:
+        return None
+    return torch.from_numpy(np.asarray(array[start:stop], dtype=np.float32))
+
+
+def image_batches(split: Split, *, batch_size: int) -> Iterator[ImageBatch]:
+    """Every image of `split` in index order, `batch_size` at a time."""
+    for start in range(0, split.num_images, batch_size):
+        stop = min(start + batch_size, split.num_images)
+        indices = np.arange(start, stop, dtype=np.int64)
+        images = torch.from_numpy(split.image_features(indices))
+        yield ImageBatch(
+            indices=indices,
+            images=images,
+            image_lengths=torch.full((len(indices),), images.shape[1], dtype=torch.long),
+            boxes=_rows_or_none(split.boxes, start, stop),
+            image_sizes=_rows_or_none(split.image_sizes, start, stop),
+        )
+
+
+def caption_batches(split: Split, vocab: Vocabulary, *, batch_size: int) -> Iterator[CaptionBatch]:
+    """Every caption of `split` in index order, `batch_size` at a time, padded per batch."""
+    for start in range(0, split.num_captions, batch_size):
+        indices = np.arange(start, min(start + batch_size, split.num_captions), dtype=np.int64)
+        encoded = [np.asarray(vocab.encode(split.captions[i]), dtype=np.int64) for i in indices]
+        tokens, lengths = pad_tokens(encoded)
+        yield CaptionBatch(indices=indices, tokens=tokens, lengths=lengths)

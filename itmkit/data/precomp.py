@@ -1,0 +1,148 @@
+"""The SCAN / VSE++ precomp layout: {split}_ims.npy, {split}_caps.txt and optional extras."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itmkit.data.split import Split, SplitParts, array_problems, assemble, atomic_path
+from itmkit.errors import DataError
+
+# Rows copied per step when writing features, so a memmap or HDF5 source is streamed.
+CHUNK_IMAGES = 256
+
+
+def file_names(split: str) -> dict[str, str]:
+    """The file name of each part of `split` in the precomp layout."""
+    return {
+        "features": f"{split}_ims.npy",
+        "captions": f"{split}_caps.txt",
+        "boxes": f"{split}_boxes.npy",
+        "image_sizes": f"{split}_sizes.npy",
+        "ids": f"{split}_ids.txt",
+    }
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """Memory-map an .npy file read-only (never read whole), with a DataError if it is not one."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path} is not a readable .npy array: {err}") from None
+
+
+def read_captions(path: Path) -> list[str]:
+    """One caption per line, stripped as the official loader does (`line.strip()`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f]
+    except FileNotFoundError:
+        raise DataError(f"captions file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    except OSError as err:
+        raise DataError(f"cannot read captions file {path}: {err}") from None
+
+
+def read_parts(data_dir: str | Path, split: str) -> SplitParts:
+    """The unchecked parts of `split` in a precomp folder; features stay memory-mapped."""
+    data_dir = Path(data_dir)
+    names = file_names(split)
+    paths = {part: data_dir / name for part, name in names.items()}
+    if not paths["features"].is_file():
+        raise DataError(f"features file {paths['features']} does not exist")
+    features = _load_npy(paths["features"])
+    captions = read_captions(paths["captions"])
+    boxes = _load_npy(paths["boxes"]) if paths["boxes"].is_file() else None
+    sizes = _load_npy(paths["image_sizes"]) if paths["image_sizes"].is_file() else None
+    return SplitParts(
+        name=split,
+        layout="precomp",
+        source=str(data_dir),
+        features=features,
+        captions=captions,
+        boxes=boxes,
+        image_sizes=sizes,
+        files={part: str(path) for part, path in paths.items()},
+    )
+
+
+def read_split(data_dir: str | Path, split: str) -> Split:
+    """Open `split` of a precomp folder, checking that its files agree."""
+    return assemble(read_parts(data_dir, split))
+
+
+def _check_inputs(
+    data_dir: Path,
+    split: str,
+    features: Any,
+    captions: Sequence[str],
+    boxes: np.ndarray | None,
+    image_sizes: np.ndarray | None,
+    ids: Sequence[str] | None,
+) -> None:
+    """Refuse arrays that would make an inconsistent split, before any file is written."""
+    files = {part: f"{data_dir / name} (to be written)" for part, name in file_names(split).items()}
+    problems = array_problems(split, features, list(captions), boxes, image_sizes, files=files)
+    broken = [i for i, c in enumerate(captions) if "\n" in c or "\r" in c]
+    if broken:
+        problems.append(
+            f"caption {broken[0]} holds a line break, which would split it in two in {files['captions']}."
+        )
+    if ids is not None and len(ids) != features.shape[0]:
+        problems.append(f"{len(ids)} image ids were given for {features.shape[0]} images.")
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    """Write one string per line, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(f"{line}\n" for line in lines)
+
+
+def _write_npy(path: Path, array: Any, dtype: Any = None) -> None:
+    """Write an .npy file atomically, copying `array` in chunks so a memmap source is streamed."""
+    dtype = np.dtype(dtype or array.dtype)
+    with atomic_path(path) as tmp:
+        if array.size == 0:  # an empty file cannot be memory-mapped
+            with open(tmp, "wb") as f:
+                np.save(f, np.zeros(array.shape, dtype=dtype))
+            return
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(array.shape))
+        for start in range(0, array.shape[0], CHUNK_IMAGES):
+            stop = min(start + CHUNK_IMAGES, array.shape[0])
+            out[start:stop] = np.asarray(array[start:stop], dtype=dtype)
+        out.flush()
+        del out  # close the map before the rename
+
+
+def write_split(
+    data_dir: str | Path,
+    split: str,
+    *,
+    features: np.ndarray,
+    captions: Sequence[str],
+    boxes: np.ndarray | None = None,
+    image_sizes: np.ndarray | None = None,
+    ids: Sequence[str] | None = None,
+) -> None:
+    """Write `split` in the precomp layout (features as float32), each file atomically."""
+    if not hasattr(features, "shape"):
+        features = np.asarray(features, dtype=np.float32)
+    data_dir = Path(data_dir)
+    _check_inputs(data_dir, split, features, captions, boxes, image_sizes, ids)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    names = file_names(split)
+    _write_npy(data_dir / names["features"], features, np.float32)
+    _write_lines(data_dir / names["captions"], captions)
+    if boxes is not None:
+        _write_npy(data_dir / names["boxes"], boxes)
+    if image_sizes is not None:
+        _write_npy(data_dir / names["image_sizes"], image_sizes)
+    if ids is not None:
+        _write_lines(data_dir / names["ids"], [str(i) for i in ids])

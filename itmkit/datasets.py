@@ -1,0 +1,69 @@
+"""Resolve what a recipe's [data] table names: the built-in dataset, a folder, a vocabulary."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from itmkit.build import DataPorts
+from itmkit.data.shapes import GENERATOR_VERSION, write_shapes
+from itmkit.data.split import Split, open_split
+from itmkit.data.vocab import Vocabulary
+from itmkit.errors import DataError
+
+BUILTIN = "shapes"
+
+
+def cache_home() -> Path:
+    """Where generated data lives: $ITMKIT_HOME, else ~/.cache/itmkit."""
+    return Path(os.environ.get("ITMKIT_HOME") or Path.home() / ".cache" / "itmkit")
+
+
+def resolve_data_dir(path: str, progress=None) -> Path:
+    """A dataset folder; 'shapes' is the built-in dataset, generated once into the cache."""
+    if path != BUILTIN:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"data folder not found: {folder} (use 'shapes' for the built-in dataset, or `itmkit data synth DIR`)")
+        return folder
+    folder = cache_home() / f"shapes-v{GENERATOR_VERSION}-seed0"
+    if (folder / "shapes.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Generate beside the final place and rename, so a killed generation never leaves half a dataset.
+    tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=folder.parent))
+    try:
+        write_shapes(tmp, seed=0, progress=progress)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "shapes.json").exists():
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_vocab(vocab_path: str, data_dir: Path, train: Split) -> Vocabulary:
+    """The recipe's vocabulary file, else DATA/vocab.json, else one built from the train captions."""
+    if vocab_path:
+        return Vocabulary.load(vocab_path)
+    default = data_dir / "vocab.json"
+    if default.exists():
+        return Vocabulary.load(default)
+    return Vocabulary.build(train.captions, threshold=4)
+
+
+def data_ports(split: Split, vocab: Vocabulary) -> DataPorts:
+    return DataPorts(feature_dim=split.feature_dim, vocab_size=len(vocab), num_regions=split.num_regions)
+
+
+def open_named_split(data_dir: Path, name: str) -> Split:
+    try:
+        return open_split(data_dir, name)
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataError(f"cannot read split {name!r} of {data_dir}: {exc}") from None

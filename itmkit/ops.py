@@ -1,0 +1,57 @@
+"""Shared tensor primitives (l2norm, masked pooling, cosine), written once for every plugin."""
+
+from __future__ import annotations
+
+import torch
+
+# SCAN and its descendants add 1e-8 to the norm before dividing; keep that exact form so
+# imported checkpoints score the same.
+EPS = 1e-8
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
+    """x / (||x||_2 + eps) along ``dim`` (the SCAN form of l2 normalisation)."""
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+
+
+def l1norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
+    """x / (sum |x| + eps) along ``dim``."""
+    return x / (x.abs().sum(dim=dim, keepdim=True) + eps)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` holds; ``mask`` broadcasts to x without its last axis."""
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    total = (x * weights).sum(dim=dim)
+    count = weights.sum(dim=dim).clamp(min=1.0)
+    return total / count
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Max of ``x`` over the valid positions (0 where nothing is valid)."""
+    filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    out = filled.max(dim=dim).values
+    return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+
+
+def masked_last(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """The last valid position of ``x`` along ``dim`` (the final state of a recurrent encoder)."""
+    last = (mask.long().sum(dim=dim) - 1).clamp(min=0)  # index of the last valid position
+    x = x.movedim(dim, -2)
+    index = last[..., None, None].expand(*last.shape, 1, x.shape[-1])
+    return x.gather(-2, index).squeeze(-2)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
+    """Cosine similarity as SCAN computes it: <a,b> / max(||a|| ||b||, eps)."""
+    dot = (a * b).sum(dim=dim)
+    norms = a.norm(dim=dim) * b.norm(dim=dim)
+    return dot / norms.clamp(min=eps)
+
+
+def xavier_linear_(layer: torch.nn.Linear) -> None:
+    """SCAN's init of its projection layers: uniform(+-sqrt(6/(in+out))), zero bias."""
+    bound = (6.0 / (layer.in_features + layer.out_features)) ** 0.5
+    torch.nn.init.uniform_(layer.weight, -bound, bound)
+    if layer.bias is not None:
+        torch.nn.init.zeros_(layer.bias)

@@ -1,0 +1,362 @@
+"""TOML recipes: parse, apply ``--set`` overrides, structure every slot into its stage spec.
+
+A recipe names only registered stages; nothing in it is code. Every problem is collected and
+reported at once as ``RecipeError``, each with its key path (``match[0].aggregate.lambda_lse``).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import tomli_w
+
+from itmkit.errors import ItmkitError, did_you_mean
+from itmkit.plugins import Registry, get_registry
+from itmkit.stage import Stage, param
+from itmkit.structure import Problem, describe_value, structure, unstructure
+
+PROTOCOLS = ("f30k-1k", "coco-1k-5fold", "coco-5k")
+
+
+class RecipeError(ItmkitError):
+    """Everything wrong with one recipe, each problem with its key path."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = "\n".join(f"  - {p.render()}" for p in problems)
+        super().__init__(f"{source}: {count} in the recipe:\n{lines}")
+
+
+@attrs.frozen(kw_only=True)
+class RecipeInfo:
+    """The [recipe] table: the experiment's name and the joint embedding size."""
+
+    name: str = param(help="experiment name, used for run folders and checkpoint metadata")
+    embed_dim: int = param(1024, "joint embedding size given to encoders that leave theirs unset", ge=1)
+    description: str = param("", "one line saying what this recipe reproduces")
+
+
+@attrs.frozen(kw_only=True)
+class DataSpec:
+    """The [data] table: where the data is and how it is evaluated."""
+
+    path: str = param("shapes", "dataset folder, or 'shapes' for the built-in dataset")
+    vocab: str = param("", "vocabulary JSON (default: DATA/vocab.json, else built from the train captions)")
+    train_split: str = param("train", "split to train on")
+    dev_split: str = param("dev", "split to validate on each epoch")
+    test_split: str = param("test", "split the final table is computed on ('testall' for COCO)")
+    protocol: str = param("f30k-1k", "evaluation protocol of the test split", choices=PROTOCOLS)
+    dev_images: int = param(1000, "validate on the first N dev images (the official code: 1000)", ge=1)
+
+
+@attrs.frozen(kw_only=True)
+class TrainSpec:
+    """The [train] table: optimisation schedule and reproducibility."""
+
+    epochs: int = param(30, "training epochs", ge=1)
+    batch_size: int = param(128, "captions per batch (each with its image)", ge=2)
+    lr: float = param(2e-4, "initial learning rate", gt=0.0)
+    lr_update: int = param(15, "multiply the learning rate by lr_decay every this many epochs", ge=1)
+    lr_decay: float = param(0.1, "learning rate factor applied every lr_update epochs", gt=0.0, le=1.0)
+    optimizer: Literal["adam", "adamw"] = param("adam", "optimiser (GPO uses adamw)", choices=("adam", "adamw"))
+    weight_decay: float = param(0.0, "weight decay (adamw: decoupled)", ge=0.0)
+    grad_clip: float = param(2.0, "clip the gradient norm of all parameters to this (0 = off)", ge=0.0)
+    seed: int = param(0, "seed of initialisation, shuffling and dropout", ge=0)
+    eval_batch_size: int = param(256, "items per batch when encoding for evaluation", ge=1)
+    log_every: int = param(50, "write a metrics line every this many iterations", ge=1)
+
+
+@attrs.frozen
+class Slot:
+    """One stage in a recipe: its spec and where it sits (``image.encoder``, ``match[0].cross``)."""
+
+    spec: Stage
+    path: str
+
+
+@attrs.frozen
+class Tower:
+    """One modality: encoder, optional intra-modal reasoners, optional pool to a global vector."""
+
+    encoder: Slot
+    reasoners: tuple[Slot, ...] = ()
+    pool: Slot | None = None
+
+
+@attrs.frozen
+class Match:
+    """One matching branch: [cross-attention] -> similarity -> [aggregate], times a weight."""
+
+    similarity: Slot
+    cross: Slot | None = None
+    aggregate: Slot | None = None
+    weight: float = 1.0
+    path: str = "match[0]"
+
+    def slots(self) -> list[Slot]:
+        return [s for s in (self.cross, self.similarity, self.aggregate) if s is not None]
+
+
+@attrs.frozen
+class Recipe:
+    """A fully structured recipe; ``to_dict()`` is the resolved form saved with every run."""
+
+    info: RecipeInfo
+    image: Tower
+    text: Tower
+    match: tuple[Match, ...]
+    loss: Slot
+    data: DataSpec
+    train: TrainSpec
+    source: str = "<recipe>"
+
+    def slots(self) -> list[Slot]:
+        out = []
+        for tower in (self.image, self.text):
+            out += [tower.encoder, *tower.reasoners] + ([tower.pool] if tower.pool else [])
+        for branch in self.match:
+            out += branch.slots()
+        return out + [self.loss]
+
+    def to_dict(self) -> dict[str, Any]:
+        def slot(s: Slot | None) -> dict[str, Any] | None:
+            return None if s is None else {"stage": s.spec.name, **unstructure(s.spec)}
+
+        def tower(t: Tower) -> dict[str, Any]:
+            out: dict[str, Any] = {"encoder": slot(t.encoder)}
+            if t.reasoners:
+                out["reasoners"] = [slot(r) for r in t.reasoners]
+            if t.pool:
+                out["pool"] = slot(t.pool)
+            return out
+
+        branches = []
+        for m in self.match:
+            branch = {k: slot(getattr(m, k)) for k in ("cross", "similarity", "aggregate") if getattr(m, k)}
+            branches.append({**branch, "weight": m.weight})
+        return {
+            "recipe": unstructure(self.info),
+            "image": tower(self.image),
+            "text": tower(self.text),
+            "match": branches,
+            "loss": slot(self.loss),
+            "data": unstructure(self.data),
+            "train": unstructure(self.train),
+        }
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+# Which stage kind each slot takes.
+SECTIONS = ("recipe", "image", "text", "match", "loss", "data", "train")
+TOWER_KEYS = {"encoder": "encoder", "reasoners": "reasoner", "pool": "aggregator"}
+MATCH_KEYS = {"cross": "cross", "similarity": "similarity", "aggregate": "aggregator", "weight": None}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
+    """Read a recipe file, apply ``--set KEY=VALUE`` overrides, structure and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ItmkitError(f"recipe not found: {path}") from None
+    except OSError as exc:
+        raise ItmkitError(f"cannot read recipe {path}: {exc.strerror}") from None
+    return parse_recipe(text, str(path), overrides, registry)
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
+    """Parse recipe TOML text (see ``load_recipe``)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ItmkitError(f"{source}: invalid TOML: {exc}") from None
+    raw, set_paths, problems = apply_overrides(raw, overrides)
+    recipe, found = structure_recipe(raw, source, registry or get_registry())
+    problems += found
+    if problems:
+        raise RecipeError(source, [_mark_override(p, set_paths) for p in problems])
+    return recipe
+
+
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """'match[0].aggregate.lambda_lse=6' -> (['match', 0, 'aggregate', 'lambda_lse'], 6)."""
+    if "=" not in item:
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    key, _, text = item.partition("=")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as a path: take it as a string
+    parts: list[str | int] = []
+    for segment in key.strip().split("."):
+        name, _, rest = segment.partition("[")
+        if name:
+            parts.append(int(name) if name.isdigit() else name)
+        if rest:
+            parts.append(int(rest.rstrip("]")))
+    if not parts:
+        raise ValueError(f"--set has an empty key: {item!r}")
+    return parts, value
+
+
+def format_path(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, str], list[Problem]]:
+    """Apply --set overrides to the raw dict; returns it, the set paths, and problems."""
+    raw = copy.deepcopy(raw)
+    set_paths: dict[str, str] = {}
+    problems: list[Problem] = []
+    for item in overrides:
+        try:
+            parts, value = parse_override(item)
+        except ValueError as exc:
+            problems.append(Problem("", str(exc)))
+            continue
+        if parts[0] not in SECTIONS:
+            problems.append(Problem(format_path(parts), f"--set {item}: no section {parts[0]!r}" + did_you_mean(str(parts[0]), SECTIONS)))
+            continue
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    size = len(node) if isinstance(node, list) else 0
+                    problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: there are only {size} entries here"))
+                    break
+                node = node[part]
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict) and not (isinstance(node, list) and isinstance(parts[i + 1], int)):
+                problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: {describe_value(node)} is not a table"))
+                break
+        else:
+            last = parts[-1]
+            if isinstance(last, int) or not isinstance(node, dict):
+                problems.append(Problem(format_path(parts), f"--set {item}: cannot set a list entry"))
+                continue
+            node[last] = value
+            set_paths[format_path(parts)] = item
+    return raw, set_paths, problems
+
+
+def _mark_override(problem: Problem, set_paths: dict[str, str]) -> Problem:
+    for path, item in set_paths.items():
+        if problem.path == path or problem.path.startswith(path + "."):
+            return Problem(problem.path, f"{problem.message} (from --set {item})")
+    return problem
+
+
+def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe | None, list[Problem]]:
+    """Structure a raw recipe dict, collecting every problem."""
+    problems: list[Problem] = []
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(Problem(key, f"unknown section [{key}]" + did_you_mean(key, SECTIONS)))
+
+    def section(name: str, cls: type, what: str, required: bool = False) -> Any:
+        if name not in raw and required:
+            problems.append(Problem(name, f"missing required section [{name}]"))
+            return None
+        value, found = structure(cls, raw.get(name, {}), name, what)
+        problems.extend(found)
+        return value
+
+    info = section("recipe", RecipeInfo, "[recipe]", required=True)
+    data = section("data", DataSpec, "[data]")
+    train = section("train", TrainSpec, "[train]")
+    embed_dim = info.embed_dim if info else 1024
+
+    def slot(table: Any, path: str, kind: str) -> Slot | None:
+        if not isinstance(table, dict):
+            problems.append(Problem(path, f"expected a table like {{ stage = \"...\", ... }} for a {kind} stage, got {describe_value(table)}"))
+            return None
+        name = table.get("stage")
+        if name is None:
+            problems.append(Problem(path, f"missing key 'stage' (the registered name of a {kind} stage)"))
+            return None
+        if name not in registry.stages:
+            candidates = [n for n, c in registry.stages.items() if c.kind == kind] or list(registry.stages)
+            problems.append(Problem(f"{path}.stage", f"unknown stage {name!r}" + did_you_mean(str(name), candidates)))
+            return None
+        cls = registry.stages[name]
+        if cls.kind != kind:
+            problems.append(Problem(f"{path}.stage", f"stage {name!r} is a {cls.kind}, but this slot takes a {kind}"))
+            return None
+        params = {k: v for k, v in table.items() if k != "stage"}
+        if "embed_dim" in {f.name for f in attrs.fields(cls)} and params.get("embed_dim") is None:
+            params["embed_dim"] = embed_dim
+        spec, found = structure(cls, params, path, f"stage {name} (plugin {registry.owners[name]})")
+        problems.extend(found)
+        return Slot(spec, path) if spec is not None else None
+
+    def tower(name: str) -> Tower | None:
+        table = raw.get(name)
+        if not isinstance(table, dict):
+            problems.append(Problem(name, f"missing required section [{name}]" if table is None else f"[{name}] must be a table"))
+            return None
+        for key in table:
+            if key not in TOWER_KEYS:
+                problems.append(Problem(f"{name}.{key}", f"unknown key {key!r} in [{name}]" + did_you_mean(key, TOWER_KEYS)))
+        if "encoder" not in table:
+            problems.append(Problem(f"{name}.encoder", f"missing required slot 'encoder' in [{name}]"))
+            encoder = None
+        else:
+            encoder = slot(table["encoder"], f"{name}.encoder", "encoder")
+        reasoners_raw = table.get("reasoners", [])
+        if not isinstance(reasoners_raw, list):
+            problems.append(Problem(f"{name}.reasoners", "expected a list of stage tables"))
+            reasoners_raw = []
+        reasoners = tuple(slot(r, f"{name}.reasoners[{i}]", "reasoner") for i, r in enumerate(reasoners_raw))
+        pool = slot(table["pool"], f"{name}.pool", "aggregator") if "pool" in table else None
+        if encoder is None or None in reasoners or ("pool" in table and pool is None):
+            return None
+        return Tower(encoder, reasoners, pool)
+
+    image, text = tower("image"), tower("text")
+
+    branches_raw = raw.get("match")
+    branches: list[Match] = []
+    if branches_raw is None:
+        problems.append(Problem("match", "missing required section [[match]] (at least one matching branch)"))
+    elif not isinstance(branches_raw, list) or not branches_raw:
+        problems.append(Problem("match", "expected one or more [[match]] tables"))
+    else:
+        for i, table in enumerate(branches_raw):
+            path = f"match[{i}]"
+            if not isinstance(table, dict):
+                problems.append(Problem(path, "expected a [[match]] table"))
+                continue
+            for key in table:
+                if key not in MATCH_KEYS:
+                    problems.append(Problem(f"{path}.{key}", f"unknown key {key!r} in [[match]]" + did_you_mean(key, MATCH_KEYS)))
+            if "similarity" not in table:
+                problems.append(Problem(f"{path}.similarity", "missing required slot 'similarity' in [[match]]"))
+                continue
+            slots = {k: slot(table[k], f"{path}.{k}", kind) for k, kind in MATCH_KEYS.items() if kind and k in table}
+            weight = table.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                problems.append(Problem(f"{path}.weight", f"expected float, got {describe_value(weight)}"))
+                continue
+            if any(v is None for v in slots.values()):
+                continue
+            branches.append(Match(slots["similarity"], slots.get("cross"), slots.get("aggregate"), float(weight), path))
+
+    loss = slot(raw["loss"], "loss", "loss") if "loss" in raw else None
+    if "loss" not in raw:
+        problems.append(Problem("loss", "missing required section [loss] (e.g. stage = \"core.triplet\")"))
+
+    if problems:
+        return None, problems
+    return Recipe(info, image, text, tuple(branches), loss, data, train, source), []

@@ -1,0 +1,200 @@
+"""The stage spec: a small frozen attrs class that names, validates, wires and builds a module.
+
+A stage has two halves. The ``nn.Module`` takes plain keyword arguments and knows nothing of
+itmkit. The spec (a subclass of ``Stage``) is what recipes, the registry and the CLI see: its
+registered ``name``, its ``kind``, the ``paper`` it implements, validated fields with help
+text, ``ports()`` whose annotations say what it consumes and whose result says what it
+produces, and ``build()`` returning the module sized from its input ports.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from typing import Any, ClassVar
+
+import attrs
+from torch import nn
+
+from itmkit.types import Port
+
+KINDS = ("encoder", "reasoner", "aggregator", "cross", "similarity", "loss", "rerank")
+
+# Names a ports() parameter may take, and what the builder feeds it.
+#   x      the previous stage's output in the same slot chain (raw input for an encoder)
+#   image  the image tower's output of the annotated kind (Local or Global)
+#   text   the text tower's output of the annotated kind
+PORT_PARAMS = ("x", "image", "text")
+
+
+class PortError(Exception):
+    """Raised by ``Stage.ports()`` when its inputs do not fit (a dim mismatch, say)."""
+
+
+def param(
+    default: Any = attrs.NOTHING,
+    help: str = "",
+    *,
+    choices: tuple[Any, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """An attrs field of a stage spec with help text and optional choices / range checks."""
+    metadata = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    return attrs.field(default=default, metadata=metadata, kw_only=True)
+
+
+class Stage:
+    """Base of every stage spec. Subclasses are ``@attrs.frozen`` classes of ``param()`` fields."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def ports(self, *args: Port, **kwargs: Port) -> Port:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must define ports()")
+
+    def build(self, **inputs: Port) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must define build()")
+
+    def pair_bytes(self, *, query_len: int, context_len: int) -> int:
+        """Bytes of working memory this stage needs per image x caption pair (scoring blocks)."""
+        return 64
+
+
+@attrs.frozen
+class ParamInfo:
+    """One documented parameter of a stage, for listings, docs and validation."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+    ge: float | None
+    gt: float | None
+    le: float | None
+
+    @property
+    def required(self) -> bool:
+        return self.default is attrs.NOTHING
+
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+    def constraint(self) -> str:
+        parts = []
+        if self.choices:
+            parts.append("one of " + ", ".join(repr(c) for c in self.choices))
+        for symbol, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le)):
+            if bound is not None:
+                parts.append(f"{symbol} {bound}")
+        return "; ".join(parts)
+
+
+def stage_params(cls: type) -> list[ParamInfo]:
+    """The documented parameters of an attrs spec class, in declaration order."""
+    attrs.resolve_types(cls)
+    out = []
+    for f in attrs.fields(cls):
+        meta = f.metadata
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        out.append(
+            ParamInfo(
+                name=f.name,
+                type=f.type,
+                default=default,
+                help=meta.get("help", ""),
+                choices=meta.get("choices"),
+                ge=meta.get("ge"),
+                gt=meta.get("gt"),
+                le=meta.get("le"),
+            )
+        )
+    return out
+
+
+@attrs.frozen
+class InputSpec:
+    """One input of ``ports()``: its name, the port classes it accepts, and whether it may be absent."""
+
+    name: str
+    accepts: tuple[type[Port], ...]
+    optional: bool
+
+    def describe(self) -> str:
+        kinds = " | ".join(p.__name__ for p in self.accepts)
+        return f"{self.name}: {kinds}{' (optional)' if self.optional else ''}"
+
+
+def stage_inputs(cls: type[Stage]) -> list[InputSpec]:
+    """Read the inputs a stage consumes from the annotations of its ``ports()`` method."""
+    hints = typing.get_type_hints(cls.ports)
+    signature = inspect.signature(cls.ports)
+    out = []
+    for name, parameter in signature.parameters.items():
+        if name == "self":
+            continue
+        members = _union_members(hints.get(name))
+        accepts = tuple(m for m in members if isinstance(m, type) and issubclass(m, Port))
+        optional = type(None) in members or parameter.default is not inspect.Parameter.empty
+        out.append(InputSpec(name, accepts, optional))
+    return out
+
+
+def stage_outputs(cls: type[Stage]) -> tuple[type[Port], ...]:
+    """The port classes ``ports()`` may return, from its return annotation."""
+    hints = typing.get_type_hints(cls.ports)
+    return tuple(m for m in _union_members(hints.get("return")) if isinstance(m, type))
+
+
+def check_stage_class(cls: type) -> list[str]:
+    """Problems that make a class unusable as a stage spec (for the registry's checks)."""
+    problems = []
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        return [f"{cls!r} is not a subclass of itmkit.Stage"]
+    if not attrs.has(cls):
+        problems.append(f"{cls.__name__} is not an attrs class (decorate it with @attrs.frozen)")
+    if not cls.name or "." not in cls.name:
+        problems.append(f"{cls.__name__}.name must be a dotted 'plugin.stage' name, got {cls.name!r}")
+    if cls.kind not in KINDS:
+        problems.append(f"{cls.__name__}.kind must be one of {', '.join(KINDS)}, got {cls.kind!r}")
+    if problems:
+        return problems
+    try:
+        inputs = stage_inputs(cls)
+    except Exception as exc:  # a broken annotation must not break the registry
+        return [f"{cls.__name__}.ports() annotations cannot be read: {exc}"]
+    for spec in inputs:
+        if spec.name not in PORT_PARAMS:
+            problems.append(f"{cls.__name__}.ports() parameter {spec.name!r} must be one of {PORT_PARAMS}")
+        if not spec.accepts:
+            problems.append(f"{cls.__name__}.ports() parameter {spec.name!r} has no port annotation")
+    return problems
+
+
+def type_name(tp: Any) -> str:
+    """A short readable name of a parameter type annotation."""
+    if isinstance(tp, type):
+        return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = ", ".join(type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
+        return f"{origin.__name__}[{args}]"
+    return str(tp)
+
+
+def _union_members(tp: Any) -> tuple[Any, ...]:
+    if tp is None:
+        return ()
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)

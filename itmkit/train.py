@@ -1,0 +1,164 @@
+"""The training loop: a readable loop over the assembled model.
+
+Each epoch: shuffled caption batches (order fixed by seed and epoch), loss, gradient clipping,
+an optimiser step; then validation on the dev split, ``metrics.jsonl`` lines, the best
+checkpoint by dev rSum, and ``last.safetensors`` holding everything ``--resume`` needs. At the
+end the best checkpoint is evaluated on the test split by the recipe's protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from itmkit.build import build_model
+from itmkit.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+from itmkit.data.loader import train_loader
+from itmkit.datasets import data_ports, open_named_split, resolve_data_dir, resolve_vocab
+from itmkit.evaluate import evaluate
+from itmkit.progress import task
+from itmkit.recipe import Recipe
+from itmkit.types import Regions, Tokens
+
+BEST, LAST = "model_best.safetensors", "last.safetensors"
+
+
+@attrs.frozen
+class TrainResult:
+    out_dir: Path
+    best_epoch: int
+    best_dev_rsum: float
+    test: dict[str, float]
+    seconds: float
+
+
+def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = recipe.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def learning_rate(recipe: Recipe, epoch: int) -> float:
+    """Step decay: lr * lr_decay ** (epoch // lr_update), as the SCAN-family code does."""
+    t = recipe.train
+    return t.lr * t.lr_decay ** (epoch // t.lr_update)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _keep_epochs_up_to(path: Path, last_epoch: int) -> None:
+    """On resume, drop metric lines of epochs that will be run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", -1) <= last_epoch]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def train(
+    recipe: Recipe,
+    *,
+    out_dir: str | Path,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    progress=None,
+    log=print,
+) -> TrainResult:
+    """Train ``recipe`` into ``out_dir``; returns the test metrics of the best dev checkpoint."""
+    start_time = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = recipe.train
+    device = torch.device(device)
+
+    with task(progress, "generate built-in data", None) as update:
+        data_dir = resolve_data_dir(recipe.data.path, progress=lambda name, done, total: update(done, total, info=name))
+    train_split = open_named_split(data_dir, recipe.data.train_split)
+    dev_split = open_named_split(data_dir, recipe.data.dev_split).truncate(recipe.data.dev_images)
+    vocab = resolve_vocab(recipe.data.vocab, data_dir, train_split)
+    ports = data_ports(train_split, vocab)
+
+    model = build_model(recipe, ports, seed=t.seed).to(device)
+    optimizer = make_optimizer(recipe, model)
+    metrics_path = out / "metrics.jsonl"
+    first_epoch, best_rsum, best_epoch = 0, -math.inf, -1
+
+    if resume and (out / LAST).exists():
+        state = load_checkpoint(out / LAST, device)
+        model.load_state_dict(state.model.state_dict())
+        optimizer_from_tensors(optimizer, state.trainer, state.meta["optimizer"])
+        torch.set_rng_state(state.trainer["rng.torch"])
+        first_epoch = int(state.meta["epoch"]) + 1
+        best_rsum, best_epoch = float(state.meta["best_rsum"]), int(state.meta["best_epoch"])
+        _keep_epochs_up_to(metrics_path, first_epoch - 1)
+        log(f"resuming {out / LAST} after epoch {first_epoch - 1} (best dev rsum {best_rsum:.2f})")
+    else:
+        metrics_path.unlink(missing_ok=True)
+        torch.manual_seed(t.seed)
+    atomic_write_text(out / "recipe.toml", recipe.to_toml())
+
+    meta = {"seed": t.seed, "protocol": recipe.data.protocol, "data": str(data_dir)}
+    iteration = first_epoch * (train_split.num_captions // t.batch_size)
+    for epoch in range(first_epoch, t.epochs):
+        lr = learning_rate(recipe, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        loader = train_loader(train_split, vocab, batch_size=t.batch_size, seed=t.seed, epoch=epoch)
+        loss_sum, batches = 0.0, 0
+        with task(progress, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as update:
+            for batch in loader:
+                batch = batch.to(device)
+                regions = Regions(batch.images, batch.image_lengths, batch.boxes, batch.image_sizes)
+                loss, _ = model(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids, epoch=epoch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                loss_sum += float(loss)
+                batches += 1
+                iteration += 1
+                update(batches, info=f"loss {loss_sum / batches:.3f}")
+                if iteration % t.log_every == 0:
+                    _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": float(loss), "lr": lr})
+
+        dev = evaluate(model, vocab, dev_split, "f30k-1k", device=device, batch_size=t.eval_batch_size, progress=progress)
+        record = {"epoch": epoch, "iteration": iteration, "split": "dev", "train_loss": loss_sum / max(batches, 1),
+                  "lr": lr, **dev}
+        _append_jsonl(metrics_path, record)
+        log(f"epoch {epoch + 1}/{t.epochs}: loss {record['train_loss']:.3f}  dev rsum {dev['rsum']:.2f}"
+            f"  (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})")
+        if dev["rsum"] > best_rsum:
+            best_rsum, best_epoch = dev["rsum"], epoch
+            save_checkpoint(out / BEST, model, vocab, epoch=str(epoch), rsum=str(dev["rsum"]), **meta)
+        optimizer_tensors, optimizer_blob = optimizer_to_tensors(optimizer)
+        trainer = {**optimizer_tensors, "rng.torch": torch.get_rng_state()}
+        save_checkpoint(out / LAST, model, vocab, trainer=trainer, epoch=str(epoch), rsum=str(dev["rsum"]),
+                        best_rsum=str(best_rsum), best_epoch=str(best_epoch), optimizer=optimizer_blob, **meta)
+
+    best = load_checkpoint(out / BEST, device)
+    test_split = open_named_split(data_dir, recipe.data.test_split)
+    test = evaluate(best.model, vocab, test_split, recipe.data.protocol, device=device,
+                    batch_size=t.eval_batch_size, progress=progress)
+    summary = {"split": recipe.data.test_split, "protocol": recipe.data.protocol, "best_epoch": best_epoch,
+               "best_dev_rsum": best_rsum, **test}
+    atomic_write_text(out / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
+    return TrainResult(out, best_epoch, best_rsum, test, time.perf_counter() - start_time)

@@ -1,0 +1,165 @@
+"""Ports: what flows between stages, at build time (a port class with a dim) and at run time.
+
+Build time: each stage's ``ports()`` method is annotated with the port classes it consumes and
+returns the port it produces, so ``itmkit build`` can check every connection before a tensor
+exists. Run time: stages exchange plain tensors or the small frozen containers below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+# --------------------------------------------------------------------------- build-time ports
+
+
+@attrs.frozen
+class Port:
+    """A typed connection between two stages; ``dim`` is the size of its last axis."""
+
+    dim: int
+
+    def describe(self) -> str:
+        """Compact form for tables and messages: ``Local[1024]``."""
+        return f"{type(self).__name__.removesuffix('Port')}[{self.dim}]"
+
+
+@attrs.frozen
+class RegionsPort(Port):
+    """Raw image input: precomputed region features (B, R, F); dim = F."""
+
+
+@attrs.frozen
+class TokensPort(Port):
+    """Raw text input: token ids (B, L); dim = vocabulary size."""
+
+
+@attrs.frozen
+class LocalPort(Port):
+    """A set of fragment vectors per item (regions or words): ``Local`` (B, N, D)."""
+
+
+@attrs.frozen
+class GlobalPort(Port):
+    """One vector per item: a (B, D) tensor."""
+
+
+@attrs.frozen
+class AlignedPort(Port):
+    """Query fragments of one side with their attended context from the other, per pair."""
+
+
+@attrs.frozen
+class PairSimsPort(Port):
+    """Per-fragment similarity vectors for every image x caption pair: ``PairSims`` (Ni, Nt, N, S)."""
+
+
+@attrs.frozen
+class ScorePort(Port):
+    """One score per image x caption pair: an (Ni, Nt) tensor."""
+
+    dim: int = 1
+
+
+@attrs.frozen
+class LossPort(Port):
+    """A scalar training loss."""
+
+    dim: int = 1
+
+
+PORT_KINDS: tuple[type[Port], ...] = (
+    RegionsPort,
+    TokensPort,
+    LocalPort,
+    GlobalPort,
+    AlignedPort,
+    PairSimsPort,
+    ScorePort,
+    LossPort,
+)
+
+# --------------------------------------------------------------------------- run-time values
+
+
+@attrs.frozen
+class Regions:
+    """Raw image input of an encoder: features (B, R, F) and the valid region count per image."""
+
+    feats: torch.Tensor
+    lengths: torch.Tensor
+    boxes: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return lengths_to_mask(self.lengths, self.feats.shape[1])
+
+
+@attrs.frozen
+class Tokens:
+    """Raw text input of an encoder: zero-padded token ids (B, L) and lengths (B,)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return lengths_to_mask(self.lengths, self.ids.shape[1])
+
+
+@attrs.frozen
+class Local:
+    """Fragment vectors (B, N, D) with a (B, N) bool mask of valid fragments."""
+
+    feats: torch.Tensor
+    mask: torch.Tensor
+    extras: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+    def select(self, rows: slice | torch.Tensor) -> Local:
+        """The items ``rows``, cut to the longest of them (padding beyond it is dropped)."""
+        mask = self.mask[rows]
+        width = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else 1
+        extras = {k: v[rows] if torch.is_tensor(v) else v for k, v in self.extras.items()}
+        return Local(self.feats[rows][:, :width], mask[:, :width], extras)
+
+
+@attrs.frozen
+class Aligned:
+    """Each query fragment of one side attending over the other side's fragments, per pair.
+
+    ``query`` is (Ni, Nt, Lq, D) or broadcastable to it (a side's fragments do not depend on
+    the pair); ``weights`` (Ni, Nt, Lq, Lc) are the attention weights over ``context``
+    (broadcastable to (Ni, Nt, Lc, D)). Keeping the weights instead of the attended vectors
+    lets a similarity head avoid materialising (Ni, Nt, Lq, D).
+    """
+
+    query: torch.Tensor
+    weights: torch.Tensor
+    context: torch.Tensor
+    query_mask: torch.Tensor  # (Ni, Nt, Lq) or broadcastable
+    query_side: str  # "text" or "image"
+
+    def attended(self) -> torch.Tensor:
+        """The attended context vectors (Ni, Nt, Lq, D)."""
+        return self.weights @ self.context
+
+
+@attrs.frozen
+class PairSims:
+    """Per-fragment similarities (Ni, Nt, N, S) for every pair, with a (Ni, Nt, N) mask."""
+
+    sims: torch.Tensor
+    mask: torch.Tensor
+
+
+def lengths_to_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """(B,) lengths -> (B, width) bool mask, True on valid positions."""
+    width = int(lengths.max()) if width is None else width
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
