@@ -49,12 +49,23 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
         raise
 
 
+_pause_seen = 0
+
+
 def _test_pause(path: Path) -> None:
-    """Fault-injection hook for the kill-during-write test: pause between write and rename."""
+    """Fault-injection hook for the kill-during-write test: pause between write and rename.
+
+    With ITMKIT_TEST_PAUSE_BEFORE_RENAME=MARKER set, the (SKIP+1)-th write of a file whose name
+    starts with ITMKIT_TEST_PAUSE_FILE writes MARKER and sleeps, so a test can SIGKILL it there.
+    """
+    global _pause_seen
     marker = os.environ.get("ITMKIT_TEST_PAUSE_BEFORE_RENAME")
-    if marker and path.name.startswith(os.environ.get("ITMKIT_TEST_PAUSE_FILE", "last")):
+    if not marker or not path.name.startswith(os.environ.get("ITMKIT_TEST_PAUSE_FILE", "last")):
+        return
+    _pause_seen += 1
+    if _pause_seen > int(os.environ.get("ITMKIT_TEST_PAUSE_SKIP", "0")):
         Path(marker).write_text(str(path))
-        time.sleep(float(os.environ.get("ITMKIT_TEST_PAUSE_SECONDS", "30")))
+        time.sleep(float(os.environ.get("ITMKIT_TEST_PAUSE_SECONDS", "60")))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -51,7 +51,8 @@ def t2i_ranks(sims: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
 
 
 def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
-    out = {f"{prefix}_r{k}": 100.0 * float(np.mean(ranks < k)) for k in (1, 5, 10)}
+    # 100 * count / n, in this order, so the floats equal the official code's to the last bit.
+    out = {f"{prefix}_r{k}": 100.0 * int(np.count_nonzero(ranks < k)) / len(ranks) for k in (1, 5, 10)}
     out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)) + 1)
     out[f"{prefix}_meanr"] = float(ranks.mean() + 1)
     return out

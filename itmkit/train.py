@@ -85,6 +85,8 @@ def train(
     start_time = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a run killed mid-write; the real files are intact
+        stale.unlink()
     t = recipe.train
     device = torch.device(device)
 
@@ -133,12 +135,12 @@ def train(
                 if t.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
-                loss_sum += float(loss)
+                loss_sum += loss.item()
                 batches += 1
                 iteration += 1
                 update(batches, info=f"loss {loss_sum / batches:.3f}")
                 if iteration % t.log_every == 0:
-                    _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": float(loss), "lr": lr})
+                    _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": loss.item(), "lr": lr})
 
         dev = evaluate(model, vocab, dev_split, "f30k-1k", device=device, batch_size=t.eval_batch_size, progress=progress)
         record = {"epoch": epoch, "iteration": iteration, "split": "dev", "train_loss": loss_sum / max(batches, 1),

@@ -210,7 +210,7 @@ def _rows_or_none(array: np.ndarray | None, start: int, stop: int) -> torch.Tens
     """Rows start..stop of an optional per-image array, as float32."""
     if array is None:
         return None
-    return torch.from_numpy(np.asarray(array[start:stop], dtype=np.float32))
+    return torch.from_numpy(np.array(array[start:stop], dtype=np.float32))  # a writable copy
 
 
 def image_batches(split: Split, *, batch_size: int) -> Iterator[ImageBatch]:

@@ -35,7 +35,10 @@ WITH_PHRASES = {
     "below": ("below it", "under it", "beneath it"),
     "near": ("next to it", "beside it", "near it"),
 }
-RELATION_WORDS = frozenset(w for phrases in RELATION_PHRASES.values() for p in phrases for w in p.split())
+# Words that can only come from a spatial relation or location (not "of", "to", "the").
+RELATION_WORDS = frozenset(
+    {"left", "right", "above", "over", "higher", "below", "under", "beneath", "underneath", "next", "near", "beside", "close"}
+)
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 
 
@@ -216,7 +219,21 @@ def _count_list(scene: Scene, rng: np.random.Generator) -> str | None:
 
 
 def _group(scene: Scene, rng: np.random.Generator) -> str | None:
-    """'two triangles, one red and one green' or 'two red shapes: a circle and a star'."""
+    """'two triangles, one red and one green' or 'two red shapes: a circle and a star'; short ones get more."""
+    grouped = _counted_group(scene, rng)
+    if grouped is None:
+        return None
+    text, members = grouped
+    if len(text.split()) >= 5:
+        return text
+    outside = [o for o in scene.objects if all(o is not m for m in members)]
+    if outside and rng.random() < 0.6:
+        return f"{text} and {_noun_phrase(outside[int(rng.integers(len(outside)))], rng)}"
+    return f"{text} on a {_pick(rng, BACKGROUND_WORDS[scene.background])} background"
+
+
+def _counted_group(scene: Scene, rng: np.random.Generator) -> tuple[str, list[SceneObject]] | None:
+    """Objects sharing a shape or a colour, counted, with those objects; None when no two share either."""
     by_shape = _groups(scene, "shape")
     by_colour = _groups(scene, "colour")
     if not by_shape and not by_colour:
@@ -226,16 +243,16 @@ def _group(scene: Scene, rng: np.random.Generator) -> str | None:
         noun = _plural(_pick(rng, SHAPE_WORDS.get(shape, (shape,))))
         counts = _counted([o.colour for o in members])
         if len(counts) == 1:
-            return f"{NUMBERS[len(members)]} {members[0].colour} {noun}"
+            return f"{NUMBERS[len(members)]} {members[0].colour} {noun}", members
         parts = [f"{NUMBERS[k]} {colour}" for colour, k in counts]
-        return f"{NUMBERS[len(members)]} {noun}, " + ", ".join(parts[:-1]) + " and " + parts[-1]
+        return f"{NUMBERS[len(members)]} {noun}, " + ", ".join(parts[:-1]) + " and " + parts[-1], members
     colour, members = by_colour[int(rng.integers(len(by_colour)))]
-    noun = _pick(rng, ("shapes", "objects"))
     counts = _counted([o.shape for o in members])
     if len(counts) == 1:
-        return f"{NUMBERS[len(members)]} {colour} {_plural(counts[0][0])}"
+        return f"{NUMBERS[len(members)]} {colour} {_plural(counts[0][0])}", members
+    noun = _pick(rng, ("shapes", "objects"))
     parts = [_with_article(shape) if k == 1 else f"{NUMBERS[k]} {_plural(shape)}" for shape, k in counts]
-    return f"{NUMBERS[len(members)]} {colour} {noun}: " + ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{NUMBERS[len(members)]} {colour} {noun}: " + ", ".join(parts[:-1]) + " and " + parts[-1], members
 
 
 def _groups(scene: Scene, attribute: str) -> list[tuple[str, list[SceneObject]]]:

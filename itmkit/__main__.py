@@ -1,0 +1,5 @@
+"""``python -m itmkit`` runs the command line."""
+
+from itmkit.cli import run
+
+run()

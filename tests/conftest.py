@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny built-in dataset and a tiny recipe that trains in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from itmkit.data.shapes import write_shapes
+
+TINY_SIZES = {"train": 300, "dev": 100, "test": 100}
+
+TINY_RECIPE = """
+[recipe]
+name = "tiny"
+embed_dim = 64
+
+[image]
+encoder = { stage = "core.precomp" }
+pool = { stage = "core.mean" }
+
+[text]
+encoder = { stage = "core.bigru", word_dim = 32, bidirectional = false }
+pool = { stage = "core.last" }
+
+[[match]]
+similarity = { stage = "core.cosine" }
+
+[loss]
+stage = "core.triplet"
+margin = 0.2
+max_violation = true
+warmup_epochs = 1
+
+[data]
+path = "DATA"
+
+[train]
+epochs = 3
+batch_size = 32
+lr = 2e-3
+lr_update = 2
+seed = 0
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """300/100/100 images of the built-in dataset, written once per test session."""
+    folder = tmp_path_factory.mktemp("shapes-tiny")
+    write_shapes(folder, seed=0, sizes=TINY_SIZES)
+    return folder
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_data) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE.replace("DATA", str(tiny_data)))
+    return path
