@@ -79,8 +79,12 @@ def _connect(slot: Slot, available: dict[str, dict[type[Port], tuple[Port, str]]
     try:
         output = slot.spec.ports(**inputs)
     except PortError as exc:
-        sides = ", ".join(f"{name}={port.describe()} from {sources[name]}" for name, port in inputs.items())
-        problems.append(Problem(slot.path, f"port mismatch in stage {slot.spec.name}: {exc} (inputs: {sides})"))
+        if inputs:
+            sides = "inputs: " + ", ".join(f"{name}={port.describe()} from {sources[name]}" for name, port in inputs.items())
+        else:
+            offered = [f"{port.describe()} from {src}" for offers in available.values() for port, src in offers.values()]
+            sides = "available here: " + (", ".join(offered) or "nothing")
+        problems.append(Problem(slot.path, f"port mismatch in stage {slot.spec.name}: {exc} ({sides})"))
         return None
     return Wire(slot, inputs, sources, output)
 

@@ -232,7 +232,7 @@ def stages(
     for cls in classes:
         inputs = ", ".join(s.describe() for s in stage_inputs(cls))
         outputs = " | ".join(p.__name__ for p in stage_outputs(cls))
-        table = Table(title=f"{cls.name}  [{cls.kind}]  ({registry.owners[cls.name]})", title_justify="left",
+        table = Table(title=escape(f"{cls.name}  [{cls.kind}]  ({registry.owners[cls.name]})"), title_justify="left",
                       caption=escape(f"{(cls.__doc__ or '').strip()}\npaper: {cls.paper}\nconsumes: {inputs}\nproduces: {outputs}"),
                       caption_justify="left")
         for column in ("parameter", "type", "default", "help"):
@@ -300,7 +300,7 @@ def run() -> None:
     except ItmkitError as exc:
         if _state["debug"] or os.environ.get("ITMKIT_DEBUG"):
             raise
-        err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
+        err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -88,8 +88,8 @@ def _register(pm: pluggy.PluginManager, module: object, info: PluginInfo) -> Plu
 def _collect_stages(pm: pluggy.PluginManager, registry: Registry, infos: list[PluginInfo]) -> None:
     """Call each plugin's ``register_stages`` hook on its own, so one failure stays its own."""
     by_name = {info.name: i for i, info in enumerate(infos)}
-    # pluggy returns implementations last-registered first; built-ins must claim names first.
-    for impl in reversed(pm.hook.register_stages.get_hookimpls()):
+    # get_hookimpls() lists implementations in registration order: built-ins claim names first.
+    for impl in pm.hook.register_stages.get_hookimpls():
         index = by_name[impl.plugin_name]
         info = infos[index]
         try:

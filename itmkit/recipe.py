@@ -233,13 +233,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
             if isinstance(part, int):
                 if not isinstance(node, list) or part >= len(node):
                     size = len(node) if isinstance(node, list) else 0
-                    problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: there are only {size} entries here"))
+                    entries = "entry" if size == 1 else "entries"
+                    problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: there {'is' if size == 1 else 'are'} only {size} {entries} here"))
                     break
                 node = node[part]
             else:
                 node = node.setdefault(part, {}) if isinstance(node, dict) else None
             if not isinstance(node, dict) and not (isinstance(node, list) and isinstance(parts[i + 1], int)):
-                problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: {describe_value(node)} is not a table"))
+                what = "a list (index it: match[0].…)" if isinstance(node, list) else describe_value(node)
+                problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: this is {what}, not a table"))
                 break
         else:
             last = parts[-1]
@@ -256,6 +258,10 @@ def _mark_override(problem: Problem, set_paths: dict[str, str]) -> Problem:
         if problem.path == path or problem.path.startswith(path + "."):
             return Problem(problem.path, f"{problem.message} (from --set {item})")
     return problem
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe | None, list[Problem]]:
@@ -292,7 +298,7 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
             return None
         cls = registry.stages[name]
         if cls.kind != kind:
-            problems.append(Problem(f"{path}.stage", f"stage {name!r} is a {cls.kind}, but this slot takes a {kind}"))
+            problems.append(Problem(f"{path}.stage", f"stage {name!r} is {_a(cls.kind)}, but this slot takes {_a(kind)}"))
             return None
         params = {k: v for k, v in table.items() if k != "stage"}
         if "embed_dim" in {f.name for f in attrs.fields(cls)} and params.get("embed_dim") is None:

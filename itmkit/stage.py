@@ -179,6 +179,8 @@ def check_stage_class(cls: type) -> list[str]:
 
 def type_name(tp: Any) -> str:
     """A short readable name of a parameter type annotation."""
+    if tp is type(None):
+        return "None"
     if isinstance(tp, type):
         return tp.__name__
     origin = typing.get_origin(tp)

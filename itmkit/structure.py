@@ -79,6 +79,9 @@ def describe_value(value: Any) -> str:
 
 def check_param(info: ParamInfo, value: Any, path: str) -> tuple[Any, list[Problem]]:
     """Type- and range-check one parameter value; returns the coerced value and problems."""
+    if info.choices is not None and isinstance(value, str) and value not in info.choices:
+        return value, [Problem(path, f"expected one of {', '.join(map(repr, info.choices))}, got {value!r}"
+                               + did_you_mean(value, map(str, info.choices)))]
     try:
         value = coerce(value, info.type)
     except _Mismatch:

@@ -123,7 +123,8 @@ def write_shapes(
                 render_image(name, index, seed=seed).save(folder / f"{image_id}.png")
     # The vocabulary must not see test captions; with neither train nor dev asked for, use what there is.
     sources = [n for n in ("train", "dev") if n in vocab_captions] or list(vocab_captions)
-    Vocabulary.build([c for n in sources for c in vocab_captions[n]], threshold=VOCAB_THRESHOLD).save(out / "vocab.json")
+    vocab = Vocabulary.build([c for n in sources for c in vocab_captions[n]], threshold=VOCAB_THRESHOLD)
+    vocab.save(out / "vocab.json")
     meta = {
         "dataset": "shapes",
         "generator_version": GENERATOR_VERSION,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from itertools import combinations
 
 import numpy as np
 from PIL import Image
@@ -13,43 +12,53 @@ from itmkit.data.shapes_scene import Scene
 CROP = 16  # each box is resampled to CROP x CROP cells
 SUPER = 2  # samples per cell side, averaged so that large boxes are not aliased
 COLOUR_LEVELS = np.array([0.15, 0.5, 0.85], dtype=np.float32)  # soft 3x3x3 colour histogram bin centres
-ORIENTATIONS = 8
+ORIENTATIONS = 8  # signed edge-direction bins, 45 degrees each
 PROJECTION_SEED = 20240617  # the extractor's one random draw, fixed forever: changing it changes every feature
 
 
 def make_regions(scene: Scene, rng: np.random.Generator, n_regions: int = 36) -> np.ndarray:
     """n_regions shuffled boxes (x1, y1, x2, y2): jittered objects, loose and part boxes, pair unions, random crops."""
     width, height = scene.width, scene.height
-    objects = [np.array(o.box, dtype=np.float64) for o in scene.objects]
+    objects = np.array([o.box for o in scene.objects], dtype=np.float64)  # (n, 4)
+    n = len(objects)
+    side = (objects[:, 2] - objects[:, 0])[:, None]
     # The detections themselves, off by a few percent of their size (at most 8%, so IoU stays above 0.7).
-    boxes = [box + np.clip(rng.normal(0.0, 0.04, 4), -0.08, 0.08) * (box[2] - box[0]) for box in objects]
-    for box in objects:  # a looser duplicate, as NMS leaves behind
-        centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) / 2 * rng.uniform(1.15, 1.5)
-        centre = centre + rng.normal(0.0, 2.0, 2)
-        boxes.append(np.concatenate([centre - half, centre + half]))
-    for box in objects:  # one half of the object: a part proposal
-        x1, y1, x2, y2 = box
-        mx, my = (x1 + x2) / 2, (y1 + y2) / 2
-        halves = ([x1, y1, mx, y2], [mx, y1, x2, y2], [x1, y1, x2, my], [x1, my, x2, y2])
-        boxes.append(np.array(halves[int(rng.integers(4))]) + rng.normal(0.0, 1.0, 4))
-    for a, b in combinations(objects, 2):  # groups of objects
-        boxes.append(np.concatenate([np.minimum(a[:2], b[:2]), np.maximum(a[2:], b[2:])]) + rng.normal(0.0, 1.5, 4))
-    boxes = boxes[:n_regions]
-    while len(boxes) < n_regions:  # background crops and stray proposals of any size
-        w, h = rng.uniform(10, 0.7 * width), rng.uniform(10, 0.7 * height)
-        x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-        boxes.append(np.array([x1, y1, x1 + w, y1 + h]))
-    out = np.clip(np.stack(boxes), 0, [width, height, width, height])
+    tight = objects + np.clip(rng.normal(0.0, 0.04, (n, 4)), -0.08, 0.08) * side
+    # A looser, shifted duplicate of each, as non-maximum suppression leaves behind.
+    centre = (objects[:, :2] + objects[:, 2:]) / 2 + rng.normal(0.0, 2.0, (n, 2))
+    half = side / 2 * rng.uniform(1.15, 1.5, (n, 1))
+    loose = np.concatenate([centre - half, centre + half], axis=1)
+    # One half of each object (left, right, top or bottom): a part proposal.
+    which = rng.integers(4, size=n)
+    part = objects.copy()
+    middle = (objects[:, :2] + objects[:, 2:]) / 2
+    axis = which // 2  # 0: split along x, 1: along y
+    keep_low = which % 2 == 0
+    part[keep_low, 2 + axis[keep_low]] = middle[keep_low, axis[keep_low]]
+    part[~keep_low, axis[~keep_low]] = middle[~keep_low, axis[~keep_low]]
+    part += rng.normal(0.0, 1.0, (n, 4))
+    # The union of every pair: proposals covering a group of objects.
+    i, j = np.triu_indices(n, k=1)
+    low, high = np.minimum(objects[i, :2], objects[j, :2]), np.maximum(objects[i, 2:], objects[j, 2:])
+    unions = np.concatenate([low, high], axis=1) + rng.normal(0.0, 1.5, (len(i), 4))
+    boxes = np.concatenate([tight, loose, part, unions])[:n_regions]
+    # Background crops and stray proposals of any size fill the rest.
+    extra = n_regions - len(boxes)
+    size = rng.uniform(10, [0.7 * width, 0.7 * height], (extra, 2))
+    corner = rng.uniform(0, 1, (extra, 2)) * ([width, height] - size)
+    boxes = np.concatenate([boxes, np.concatenate([corner, corner + size], axis=1)])
+    boxes = np.clip(boxes, 0, [width, height, width, height])
     # Keep every box at least 4 px wide and high, inside the image.
     for lo, hi, extent in ((0, 2, width), (1, 3, height)):
-        short = out[:, hi] - out[:, lo] < 4
-        out[short, lo] = np.clip(out[short, lo], 0, extent - 4)
-        out[short, hi] = out[short, lo] + 4
-    return out[rng.permutation(n_regions)].astype(np.float32)
+        short = boxes[:, hi] - boxes[:, lo] < 4
+        boxes[short, lo] = np.clip(boxes[short, lo], 0, extent - 4)
+        boxes[short, hi] = boxes[short, lo] + 4
+    return boxes[rng.permutation(n_regions)].astype(np.float32)
 
 
 def extract_features(image: Image.Image | np.ndarray, boxes: np.ndarray, dim: int = 256) -> np.ndarray:
-    """(R, dim) non-negative float32 features of the pixels inside each box; nothing but pixels and boxes go in."""
+    """(R, dim) non-negative float32 features of each box of an RGB image (uint8, or floats in [0, 1])."""
+    # Only pixels and boxes go in, never a scene's labels: what a model learns here it had to see.
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got an array of shape {pixels.shape}")
@@ -99,12 +108,15 @@ def _ring(pixels: np.ndarray, boxes: np.ndarray, gap: float = 3.0, per_side: int
     return pixels[yi, xi]
 
 
-def _handcrafted(crops: np.ndarray, coarse: np.ndarray, surround: np.ndarray, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+def _handcrafted(
+    crops: np.ndarray, coarse: np.ndarray, surround: np.ndarray, boxes: np.ndarray, width: int, height: int
+) -> np.ndarray:
     """Colour, foreground-shape and box-geometry statistics, all in [0, 1]-ish and non-negative."""
     r = len(crops)
     cells = crops.reshape(r, -1, 3)
     # Foreground: cells whose colour differs clearly from the surroundings (soft, so features vary smoothly).
-    distance = np.sqrt(((crops - surround[:, None, None, :]) ** 2).sum(axis=-1))  # (R, CROP, CROP)
+    difference = crops - surround[:, None, None, :]
+    distance = np.sqrt(np.einsum("rhwc,rhwc->rhw", difference, difference))  # (R, CROP, CROP)
     fg = np.clip((distance - 0.08) / 0.12, 0.0, 1.0)
     fg_flat = fg.reshape(r, -1)
     fill = fg_flat.mean(axis=1, keepdims=True)
@@ -121,7 +133,7 @@ def _handcrafted(crops: np.ndarray, coarse: np.ndarray, surround: np.ndarray, bo
     histogram = bins.mean(axis=1)
     fg_histogram = (coarse_weight @ bins)[:, 0]
 
-    layout = fg.reshape(r, 4, CROP // 4, 4, CROP // 4).mean(axis=(2, 4)).reshape(r, 16)
+    pooled = fg_flat @ _shape_pooling()  # (R, 16 + 5): a 4x4 layout grid, then 4 rings and the corners
     gy, gx = np.gradient(fg, axis=(1, 2))
     magnitude = np.hypot(gx, gy)
     angle = np.arctan2(gy, gx)  # signed, so an upward triangle differs from a downward one
@@ -131,23 +143,37 @@ def _handcrafted(crops: np.ndarray, coarse: np.ndarray, surround: np.ndarray, bo
     edge_total = orientation.sum(axis=1, keepdims=True)
     orientation /= np.maximum(edge_total, 1e-6)
     edge_density = edge_total / (fg_flat.sum(axis=1, keepdims=True) + CROP)
-    radius = np.hypot(*np.meshgrid(np.arange(CROP) - (CROP - 1) / 2, np.arange(CROP) - (CROP - 1) / 2))
-    ring_index = np.minimum((radius / (CROP / 2) * 4).astype(np.int64), 4).reshape(-1)  # 4 rings + the corners
-    radial = np.stack([fg_flat[:, ring_index == k].mean(axis=1) for k in range(5)], axis=1)
-    symmetry = np.stack([np.abs(fg - fg[:, ::-1]).mean(axis=(1, 2)), np.abs(fg - fg[:, :, ::-1]).mean(axis=(1, 2))], axis=1)
+    flips = (fg[:, ::-1], fg[:, :, ::-1])  # top-bottom and left-right mirror images
+    symmetry = np.stack([np.abs(fg - flipped).mean(axis=(1, 2)) for flipped in flips], axis=1)
 
     scale = np.array([width, height, width, height], dtype=np.float32)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     geometry = np.concatenate(
         [boxes / scale, np.stack([w / width, h / height, w * h / (width * height), w / (w + h)], axis=1)], axis=1
     )
+    # 107 values: colour (3 + 3 + 27 + 3 + 27 + 3), foreground shape (1 + 21 + 8 + 1 + 2), box geometry (8).
     return np.concatenate(
         [
             cells.mean(axis=1), cells.std(axis=1), histogram, fg_colour, fg_histogram, surround, fill,
-            layout, orientation, edge_density, radial, symmetry, geometry,
+            pooled, orientation, edge_density, symmetry, geometry,
         ],
         axis=1,
     ).astype(np.float32)
+
+
+@functools.cache
+def _shape_pooling() -> np.ndarray:
+    """(CROP * CROP, 21) averaging weights: 16 cells of a 4x4 grid, then 4 rings around the centre and the corners."""
+    rows, cols = np.mgrid[0:CROP, 0:CROP]
+    cell = (rows // (CROP // 4)) * 4 + cols // (CROP // 4)
+    radius = np.hypot(rows - (CROP - 1) / 2, cols - (CROP - 1) / 2)
+    ring = 16 + np.minimum((radius / (CROP / 2) * 4).astype(np.int64), 4)
+    weights = np.zeros((CROP * CROP, 21), dtype=np.float32)
+    weights[np.arange(CROP * CROP), cell.reshape(-1)] = 1
+    weights[np.arange(CROP * CROP), ring.reshape(-1)] = 1
+    weights /= weights.sum(axis=0)
+    weights.flags.writeable = False  # shared through the cache
+    return weights
 
 
 def _pool2(x: np.ndarray) -> np.ndarray:

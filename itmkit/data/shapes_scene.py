@@ -139,9 +139,7 @@ def _place(
     for _ in range(60):
         cx = float(rng.uniform(margin, width - margin))
         cy = float(rng.uniform(margin, height - margin))
-        if all(
-            max(abs(cx - o.cx), abs(cy - o.cy)) - (radius + o.radius) >= -2.0 for o in placed
-        ):
+        if all(max(abs(cx - o.cx), abs(cy - o.cy)) - (radius + o.radius) >= -2.0 for o in placed):
             return round(cx, 2), round(cy, 2), round(radius, 2)
     return None
 
@@ -152,13 +150,12 @@ def swap_attributes(scene: Scene, rng: np.random.Generator) -> Scene | None:
     for attribute in rng.permutation(["colour", "shape"]):
         fallback = None
         for _ in range(30):
-            order = rng.permutation(len(objects))
+            donors = [objects[j] for j in rng.permutation(len(objects))]  # object i takes donors[i]'s attribute
+            pairs = zip(objects, donors, strict=True)
             if attribute == "colour":
-                swapped = tuple(
-                    attrs.evolve(o, colour=objects[j].colour, rgb=objects[j].rgb) for o, j in zip(objects, order)
-                )
+                swapped = tuple(attrs.evolve(o, colour=d.colour, rgb=d.rgb) for o, d in pairs)
             else:
-                swapped = tuple(attrs.evolve(o, shape=objects[j].shape) for o, j in zip(objects, order))
+                swapped = tuple(attrs.evolve(o, shape=d.shape) for o, d in pairs)
             twin = attrs.evolve(scene, objects=swapped)
             if twin.bindings() != scene.bindings():
                 return twin
@@ -195,7 +192,9 @@ def _background(scene: Scene) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple[int, int, int]
+) -> None:
     """Paint one shape filling the square of half-side r around (cx, cy)."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)

@@ -18,7 +18,12 @@ SHAPE_WORDS = {
     "cross": ("cross", "cross", "plus sign"),
     "diamond": ("diamond", "diamond", "rhombus"),
 }
-BACKGROUND_WORDS = {"white": ("white",), "grey": ("grey", "gray"), "beige": ("beige", "cream"), "dark": ("dark", "black")}
+BACKGROUND_WORDS = {
+    "white": ("white",),
+    "grey": ("grey", "gray"),
+    "beige": ("beige", "cream"),
+    "dark": ("dark", "black"),
+}
 # "a is <phrase> b" for each relation of a to b.
 RELATION_PHRASES = {
     "left": ("left of", "to the left of", "on the left of"),
@@ -37,7 +42,8 @@ WITH_PHRASES = {
 }
 # Words that can only come from a spatial relation or location (not "of", "to", "the").
 RELATION_WORDS = frozenset(
-    {"left", "right", "above", "over", "higher", "below", "under", "beneath", "underneath", "next", "near", "beside", "close"}
+    ("left", "right", "above", "over", "higher", "below", "under", "beneath", "underneath")
+    + ("next", "near", "beside", "close")
 )
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 
@@ -161,7 +167,8 @@ def _relation(scene: Scene, rng: np.random.Generator) -> str | None:
 def _there_is(scene: Scene, rng: np.random.Generator) -> str | None:
     """'there is a large green triangle above a yellow star'."""
     a, b = _objects(scene, rng, 2)
-    lead = _pick(rng, ("there is", "there's", "we can see", "you can see", "an image of", "a picture of", "a drawing of"))
+    leads = ("there is", "there's", "we can see", "you can see", "an image of", "a picture of", "a drawing of")
+    lead = _pick(rng, leads)
     return f"{lead} {_related(a, b, rng)}"
 
 
