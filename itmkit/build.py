@@ -255,10 +255,10 @@ class ITMModel(nn.Module):
         positives = image_ids[:, None] == image_ids[None, :]
         return self.loss(scores, positives=positives, epoch=epoch), scores
 
-    def pair_bytes(self, query_len: int, context_len: int) -> int:
+    def pair_bytes(self, text_len: int, image_len: int) -> int:
         """Working memory of one image x caption pair across all branches (for block sizing)."""
         return sum(
-            w.slot.spec.pair_bytes(query_len=query_len, context_len=context_len)
+            w.slot.spec.pair_bytes(text_len=text_len, image_len=image_len)
             for b in self.wiring.branches for w in b
         )
 

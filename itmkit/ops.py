@@ -35,11 +35,16 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def masked_last(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """The last valid position of ``x`` along ``dim`` (the final state of a recurrent encoder)."""
-    last = (mask.long().sum(dim=dim) - 1).clamp(min=0)  # index of the last valid position
+    """The last valid position of ``x`` along ``dim`` (0 where nothing is valid).
+
+    The mask must be a prefix (valid positions first), as every itmkit mask is.
+    """
+    count = mask.long().sum(dim=dim)
+    last = (count - 1).clamp(min=0)  # index of the last valid position
     x = x.movedim(dim, -2)
     index = last[..., None, None].expand(*last.shape, 1, x.shape[-1])
-    return x.gather(-2, index).squeeze(-2)
+    picked = x.gather(-2, index).squeeze(-2)
+    return picked * (count > 0).unsqueeze(-1).to(picked.dtype)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:

@@ -80,9 +80,9 @@ class BlockPlan:
     captions: int
 
     @classmethod
-    def for_model(cls, model: ITMModel, n_images: int, n_captions: int, query_len: int, context_len: int,
+    def for_model(cls, model: ITMModel, n_images: int, n_captions: int, text_len: int, image_len: int,
                   budget: int = DEFAULT_BUDGET) -> BlockPlan:
-        pair = max(model.pair_bytes(query_len=query_len, context_len=context_len), 1)
+        pair = max(model.pair_bytes(text_len=text_len, image_len=image_len), 1)
         pairs = max(budget // pair, 1)
         bi = min(n_images, max(1, int(math.sqrt(pairs))))
         bt = min(n_captions, max(1, pairs // bi))

@@ -59,7 +59,7 @@ class Stage:
     def build(self, **inputs: Port) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must define build()")
 
-    def pair_bytes(self, *, query_len: int, context_len: int) -> int:
+    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
         """Bytes of working memory this stage needs per image x caption pair (scoring blocks)."""
         return 64
 

@@ -72,8 +72,8 @@ class Dot(Stage):
     def build(self, image: GlobalPort, text: GlobalPort) -> nn.Module:
         return DotHead(scale=self.scale)
 
-    def pair_bytes(self, *, query_len: int, context_len: int) -> int:
-        return 8 * query_len
+    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
+        return 8 * text_len
 
 
 class DotHead(nn.Module):
@@ -101,8 +101,8 @@ class Attend(Stage):
     def build(self, image: LocalPort, text: LocalPort) -> nn.Module:
         return AttendModule(smooth=self.smooth)
 
-    def pair_bytes(self, *, query_len: int, context_len: int) -> int:
-        return 4 * query_len * context_len
+    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
+        return 4 * text_len * image_len
 
 
 class AttendModule(nn.Module):
