@@ -98,7 +98,7 @@ def _build_ports(path: str, vocab_path: str):
     from itmkit.datasets import BUILTIN, data_ports, open_named_split, resolve_data_dir, resolve_vocab
 
     if path == BUILTIN or Path(path).is_dir():
-        folder = resolve_data_dir(path)
+        folder = resolve_data_dir(path, log=err.print)
         train = open_named_split(folder, "train")
         vocab = resolve_vocab(vocab_path, folder, train)
         ports = data_ports(train, vocab)
@@ -166,7 +166,7 @@ def eval_(
     protocol = protocol or first.data.protocol
     if protocol not in PROTOCOLS:
         raise ItmkitError(f"--protocol {protocol!r} is not known" + did_you_mean(protocol, PROTOCOLS))
-    folder = resolve_data_dir(data or first.data.path)
+    folder = resolve_data_dir(data or first.data.path, log=err.print)
     split_name = split or first.data.test_split
     the_split = open_named_split(folder, split_name)
     with make_progress() as progress:

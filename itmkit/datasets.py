@@ -21,7 +21,7 @@ def cache_home() -> Path:
     return Path(os.environ.get("ITMKIT_HOME") or Path.home() / ".cache" / "itmkit")
 
 
-def resolve_data_dir(path: str, progress=None) -> Path:
+def resolve_data_dir(path: str, progress=None, log=None) -> Path:
     """A dataset folder; 'shapes' is the built-in dataset, generated once into the cache."""
     if path != BUILTIN:
         folder = Path(path).expanduser()
@@ -32,6 +32,8 @@ def resolve_data_dir(path: str, progress=None) -> Path:
     if (folder / "shapes.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if log:
+        log(f"generating the built-in dataset into {folder} (once; about a minute)")
     # Generate beside the final place and rename, so a killed generation never leaves half a dataset.
     tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=folder.parent))
     try:

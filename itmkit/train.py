@@ -91,7 +91,8 @@ def train(
     device = torch.device(device)
 
     with task(progress, "generate built-in data", None) as update:
-        data_dir = resolve_data_dir(recipe.data.path, progress=lambda name, done, total: update(done, total, info=name))
+        data_dir = resolve_data_dir(recipe.data.path, progress=lambda name, done, total: update(done, total, info=name),
+                                    log=log)
     train_split = open_named_split(data_dir, recipe.data.train_split)
     dev_split = open_named_split(data_dir, recipe.data.dev_split).truncate(recipe.data.dev_images)
     vocab = resolve_vocab(recipe.data.vocab, data_dir, train_split)

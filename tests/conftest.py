@@ -38,8 +38,8 @@ path = "DATA"
 [train]
 epochs = 3
 batch_size = 32
-lr = 2e-3
-lr_update = 2
+lr = 3e-3
+lr_update = 3
 seed = 0
 """
 

@@ -30,15 +30,16 @@ def chance_rsum(n_images: int, per_image: int = 5) -> float:
 
 
 def test_training_learns_far_above_chance(tiny_recipe, tmp_path):
-    recipe = load_recipe(tiny_recipe, ["train.epochs=4"])
+    recipe = load_recipe(tiny_recipe, ["train.epochs=5"])
     result = train(recipe, out_dir=tmp_path / "run", log=lambda *a: None)
     chance = chance_rsum(100)
     assert chance == pytest.approx(31.5, abs=0.5)
     assert result.test["rsum"] > 3 * chance, result.test
-    assert result.test["i2t_r1"] > 3 * 1.0 and result.test["t2i_r1"] > 2 * 1.0
+    # R@1 by chance is about 1% both ways on 100 images (5 of 500 captions; 1 of 100 images)
+    assert result.test["i2t_r1"] >= 4.0 and result.test["t2i_r1"] >= 2.5, result.test
     # Run folder: resolved recipe, JSON-lines metrics with one dev line per epoch, best checkpoint.
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines if x.get("split") == "dev"] == [0, 1, 2, 3]
+    assert [x["epoch"] for x in lines if x.get("split") == "dev"] == [0, 1, 2, 3, 4]
     assert load_recipe(tmp_path / "run" / "recipe.toml").to_dict() == recipe.to_dict()
     best = load_checkpoint(tmp_path / "run" / "model_best.safetensors")
     assert int(best.meta["epoch"]) == result.best_epoch
