@@ -87,8 +87,8 @@ def build(
         table.add_column(column, justify="right" if column == "params" else "left")
     for row in stage_tree(model):
         table.add_row(escape(row["path"]), row["stage"], row["consumes"], row["produces"], f"{row['params']:,}")
-    table.caption = escape(f"total parameters: {count_parameters(model):,}   data: {note}")
     out.print(table)
+    out.print(escape(f"total parameters: {count_parameters(model):,}   data: {note}"), soft_wrap=True)
 
 
 def _build_ports(path: str, vocab_path: str):
@@ -291,6 +291,36 @@ def data_check(data_dir: Annotated[Path, typer.Argument(help="dataset folder")])
             err.print("[red]problem:[/red]", escape(p), highlight=False)
         raise ItmkitError(f"{data_dir}: {len(problems)} problem{'s' if len(problems) != 1 else ''} found")
     out.print("[green]no problems found[/green]")
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Annotated[Path, typer.Argument(help="dataset folder in the precomp layout")],
+    dst: Annotated[Path, typer.Argument(help="HDF5 file to write (e.g. DIR/data.h5)")],
+    splits: Annotated[Optional[str], typer.Option(help="comma list of splits (default: all)")] = None,
+) -> None:
+    """Copy a precomp dataset into the HDF5 layout, streaming the features."""
+    from itmkit.data.hdf5 import convert_precomp_to_hdf5
+
+    done = convert_precomp_to_hdf5(src, dst, splits.split(",") if splits else None)
+    out.print(f"wrote {', '.join(done)} to {dst}")
+
+
+@data_app.command("vocab")
+def data_vocab(
+    data_dir: Annotated[Path, typer.Argument(help="dataset folder")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="vocabulary JSON to write")],
+    splits: Annotated[str, typer.Option(help="comma list of splits whose captions count")] = "train,dev",
+    threshold: Annotated[int, typer.Option(help="keep words seen at least this often (official: 4)")] = 4,
+) -> None:
+    """Build a vocabulary in the official JSON format from a dataset's captions."""
+    from itmkit.data.split import open_split
+    from itmkit.data.vocab import Vocabulary
+
+    captions = [c for name in splits.split(",") for c in open_split(data_dir, name.strip()).captions]
+    vocab = Vocabulary.build(captions, threshold=threshold)
+    vocab.save(output)
+    out.print(f"wrote {len(vocab)} words to {output}")
 
 
 def run() -> None:

@@ -6,6 +6,8 @@ the shared pieces (aggregators, cosine head, losses) that the paper plugins comb
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 import torch
 import torch.nn.functional as F
@@ -166,54 +168,46 @@ def _pool_ports(x: LocalPort | PairSimsPort, stage: str) -> GlobalPort | ScorePo
 
 
 @attrs.frozen(kw_only=True)
-class Mean(Stage):
+class _Pooling(Stage):
+    """Shared spec of the masked pools; subclasses set ``how``, name, paper and docstring."""
+
+    kind = "aggregator"
+    how: ClassVar[str] = "mean"
+
+    normalize: bool = param(False, "l2-normalise the pooled global vector")
+
+    def ports(self, x: LocalPort | PairSimsPort) -> GlobalPort | ScorePort:
+        return _pool_ports(x, self.name)
+
+    def build(self, x: LocalPort | PairSimsPort) -> nn.Module:
+        return Pool(how=self.how, normalize=self.normalize)
+
+
+@attrs.frozen(kw_only=True)
+class Mean(_Pooling):
     """Average over the valid fragments: region/word vectors -> global vector, or pair sims -> score (SCAN AVG)."""
 
     name = "core.mean"
-    kind = "aggregator"
     paper = "Lee et al. 2018 (SCAN), Sec. 3.1 (AVG pooling)"
-
-    normalize: bool = param(False, "l2-normalise the pooled global vector")
-
-    def ports(self, x: LocalPort | PairSimsPort) -> GlobalPort | ScorePort:
-        return _pool_ports(x, self.name)
-
-    def build(self, x: LocalPort | PairSimsPort) -> nn.Module:
-        return Pool(how="mean", normalize=self.normalize)
+    how = "mean"
 
 
 @attrs.frozen(kw_only=True)
-class Max(Stage):
+class Max(_Pooling):
     """Element-wise max over the valid fragments (max pooling of VSE-style set encoders)."""
 
     name = "core.max"
-    kind = "aggregator"
     paper = "Faghri et al. 2018 (VSE++) / Chen et al. 2021 (GPO) max-pool baseline"
-
-    normalize: bool = param(False, "l2-normalise the pooled global vector")
-
-    def ports(self, x: LocalPort | PairSimsPort) -> GlobalPort | ScorePort:
-        return _pool_ports(x, self.name)
-
-    def build(self, x: LocalPort | PairSimsPort) -> nn.Module:
-        return Pool(how="max", normalize=self.normalize)
+    how = "max"
 
 
 @attrs.frozen(kw_only=True)
-class Last(Stage):
+class Last(_Pooling):
     """The last valid fragment: a uni-GRU's final state as the caption vector (VSE++ eq. 1)."""
 
     name = "core.last"
-    kind = "aggregator"
     paper = "Faghri et al. 2018 (VSE++), Sec. 3 (GRU final hidden state)"
-
-    normalize: bool = param(False, "l2-normalise the pooled global vector")
-
-    def ports(self, x: LocalPort | PairSimsPort) -> GlobalPort | ScorePort:
-        return _pool_ports(x, self.name)
-
-    def build(self, x: LocalPort | PairSimsPort) -> nn.Module:
-        return Pool(how="last", normalize=self.normalize)
+    how = "last"
 
 
 # ======================================================================= similarity heads

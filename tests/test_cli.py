@@ -34,12 +34,6 @@ VSEPP_PATH = ROOT / "recipes" / "vsepp.toml"
 ITMKIT = Path(sys.executable).with_name("itmkit")
 
 
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 40/10/10-image shapes dataset, written once per test session."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-shapes"
-    if not (folder / "shapes.json").exists():  # written last by write_shapes
-        write_shapes(folder, sizes={"train": 40, "dev": 10, "test": 10})
-    return folder
 
 
 @attrs.frozen
@@ -90,8 +84,8 @@ def title_names(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory) -> dict[str, Result]:
-    data = tiny_data(tmp_path_factory)
+def console(tmp_path_factory, tiny_data) -> dict[str, Result]:
+    data = tiny_data
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "ITMKIT_DEBUG")}
     env.update(NO_COLOR="1", ITMKIT_HOME=str(tmp_path_factory.mktemp("home")))
     commands = {
@@ -118,11 +112,11 @@ def test_help_lists_the_commands(console):
     assert "--debug" in result.stdout
 
 
-def test_build_prints_the_stage_tree_and_total(console, tmp_path_factory):
+def test_build_prints_the_stage_tree_and_total(console, tiny_data):
     result = console["build"]
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    data = tiny_data(tmp_path_factory)
+    data = tiny_data
     recipe = load_recipe(VSEPP_PATH)
     train = open_named_split(data, "train")
     ports = data_ports(train, resolve_vocab(recipe.data.vocab, data, train))
@@ -268,3 +262,25 @@ def test_data_synth_rejects_bad_sizes(tmp_path, sizes):
     message = assert_clean_failure(invoke("data", "synth", str(tmp_path / "out"), "--sizes", sizes))
     assert "--sizes expects NAME=COUNT pairs" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_data_convert_and_vocab_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from itmkit.cli import app
+    from itmkit.data.shapes import write_shapes
+    from itmkit.data.split import open_split
+    from itmkit.data.vocab import Vocabulary
+
+    src = tmp_path / "src"
+    write_shapes(src, sizes={"train": 12, "dev": 4})
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "convert", str(src), str(tmp_path / "h5" / "data.h5")])
+    assert result.exit_code == 0, result.output
+    a, b = open_split(src, "dev"), open_split(tmp_path / "h5", "dev")
+    assert a.captions == b.captions and np.array_equal(np.asarray(a.features), b.features[:])
+    result = runner.invoke(app, ["data", "vocab", str(src), "-o", str(tmp_path / "v.json"), "--threshold", "1"])
+    assert result.exit_code == 0, result.output
+    built = Vocabulary.load(tmp_path / "v.json")
+    assert built == Vocabulary.build(open_split(src, "train").captions + open_split(src, "dev").captions, threshold=1)
+    assert f"wrote {len(built)} words" in result.output

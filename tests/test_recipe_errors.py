@@ -18,7 +18,6 @@ import attrs
 import pytest
 
 from itmkit import cli
-from itmkit.data.shapes import write_shapes
 from itmkit.errors import ItmkitError
 
 # recipes/vsepp.toml as of this writing, kept here so that tuning that file cannot change these tests.
@@ -59,12 +58,6 @@ seed = 0
 ITMKIT = Path(sys.executable).with_name("itmkit")
 
 
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 40/10/10-image shapes dataset, written once per test session."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-shapes"
-    if not (folder / "shapes.json").exists():  # written last by write_shapes
-        write_shapes(folder, sizes={"train": 40, "dev": 10, "test": 10})
-    return folder
 
 
 def broken(old: str, new: str, text: str = VSEPP) -> str:
@@ -206,9 +199,9 @@ def run_cli(monkeypatch, capsys, *args: str) -> Result:
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory) -> dict[str, Result]:
+def console(tmp_path_factory, tiny_data) -> dict[str, Result]:
     """Run the END_TO_END recipes through the installed console script, all processes at once."""
-    data = tiny_data(tmp_path_factory)
+    data = tiny_data
     folder = tmp_path_factory.mktemp("broken")
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "ITMKIT_DEBUG")}
     env.update(NO_COLOR="1", ITMKIT_HOME=str(folder / "home"))
@@ -265,8 +258,8 @@ def test_each_problem_is_one_line_on_stderr(console):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tiny_data(tmp_path_factory)
+def data_dir(tiny_data) -> Path:
+    return tiny_data
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
