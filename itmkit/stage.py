@@ -9,6 +9,7 @@ produces, and ``build()`` returning the module sized from its input ports.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import types
 import typing
@@ -46,18 +47,20 @@ def param(
     return attrs.field(default=default, metadata=metadata, kw_only=True)
 
 
-class Stage:
+class Stage(abc.ABC):
     """Base of every stage spec. Subclasses are ``@attrs.frozen`` classes of ``param()`` fields."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
-    def ports(self, *args: Port, **kwargs: Port) -> Port:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must define ports()")
+    @abc.abstractmethod
+    def ports(self, *args: Port, **kwargs: Port) -> Port:
+        """The port this stage produces from its input ports (annotations: what it consumes)."""
 
-    def build(self, **inputs: Port) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must define build()")
+    @abc.abstractmethod
+    def build(self, **inputs: Port) -> nn.Module:
+        """The module, sized from the input ports ``ports()`` accepted."""
 
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
         """Bytes of working memory this stage needs per image x caption pair (scoring blocks)."""
