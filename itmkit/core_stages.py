@@ -235,7 +235,7 @@ class CosineHead(nn.Module):
 
         numerator = sum_c w_qc <q, c>;  ||attended||^2 = w G w^T with G the context Gram matrix.
         """
-        dots = x.query @ x.context.transpose(-1, -2)  # (Ni, Nt, Lq, Lc)
+        dots = x.dots if x.dots is not None else x.query @ x.context.transpose(-1, -2)  # (Ni, Nt, Lq, Lc)
         numerator = (x.weights * dots).sum(-1)
         gram = x.context @ x.context.transpose(-1, -2)  # (.., Lc, Lc)
         attended_sq = ((x.weights @ gram) * x.weights).sum(-1).clamp(min=0)

@@ -136,8 +136,9 @@ class Aligned:
 
     ``query`` is (Ni, Nt, Lq, D) or broadcastable to it (a side's fragments do not depend on
     the pair); ``weights`` (Ni, Nt, Lq, Lc) are the attention weights over ``context``
-    (broadcastable to (Ni, Nt, Lc, D)). Keeping the weights instead of the attended vectors
-    lets a similarity head avoid materialising (Ni, Nt, Lq, D).
+    (broadcastable to (Ni, Nt, Lc, D)). Keeping the weights (and the raw dot products the
+    attention already computed) instead of the attended vectors lets a similarity head avoid
+    materialising (Ni, Nt, Lq, D): see ``core.cosine``.
     """
 
     query: torch.Tensor
@@ -145,6 +146,8 @@ class Aligned:
     context: torch.Tensor
     query_mask: torch.Tensor  # (Ni, Nt, Lq) or broadcastable
     query_side: str  # "text" or "image"
+    dots: torch.Tensor | None = None  # <query, context> (Ni, Nt, Lq, Lc) if the attention computed it
+    context_mask: torch.Tensor | None = None  # (Ni, Nt, Lc) or broadcastable
 
     def attended(self) -> torch.Tensor:
         """The attended context vectors (Ni, Nt, Lq, D)."""
