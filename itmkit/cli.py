@@ -189,6 +189,23 @@ def eval_(
               f" x {len(loaded)} model(s): {pairs:,.0f} pairs/s")
 
 
+# ----------------------------------------------------------------------------------- import
+
+
+@app.command(name="import")
+def import_(
+    name: Annotated[str, typer.Argument(help="which paper's format: scan, bfan, pfan, ... (see `itmkit plugins`)")],
+    checkpoint: Annotated[Path, typer.Argument(help="the official model_best.pth.tar")],
+    vocab: Annotated[Path, typer.Option("--vocab", help="the official vocabulary JSON it was trained with")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="itmkit checkpoint to write (.safetensors)")],
+) -> None:
+    """Convert an official checkpoint into an itmkit checkpoint that `itmkit eval` uses directly."""
+    from itmkit.importing import get_importers, import_checkpoint
+
+    written = import_checkpoint(name, checkpoint, vocab, output, get_importers())
+    out.print(f"wrote {written}")
+
+
 # ------------------------------------------------------------------------- plugins / stages
 
 

@@ -11,3 +11,12 @@ hookimpl = pluggy.HookimplMarker("itmkit")
 @hookspec
 def register_stages() -> list[type]:
     """Return the ``Stage`` subclasses this plugin contributes."""
+
+
+@hookspec
+def register_importers() -> dict:
+    """Return ``{name: convert}`` converters of official checkpoints for ``itmkit import NAME``.
+
+    ``convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted`` (see
+    ``itmkit.importing``) maps the paper's options to a recipe and its weights to our stages.
+    """

@@ -48,6 +48,7 @@ class Registry:
 
     stages: dict[str, type[Stage]] = attrs.field(factory=dict)
     owners: dict[str, str] = attrs.field(factory=dict)
+    importers: dict[str, object] = attrs.field(factory=dict)  # name -> converter (itmkit.importing)
     plugins: list[PluginInfo] = attrs.field(factory=list)
 
     def get(self, name: str) -> type[Stage]:
@@ -114,6 +115,25 @@ def _collect_stages(pm: pluggy.PluginManager, registry: Registry, infos: list[Pl
         infos[index] = attrs.evolve(info, stages=tuple(names))
 
 
+def _collect_importers(pm: pluggy.PluginManager, registry: Registry, infos: list[PluginInfo]) -> None:
+    """Gather ``register_importers`` results; a duplicate name is an error naming both plugins."""
+    by_name = {info.name: i for i, info in enumerate(infos)}
+    owners: dict[str, str] = {}
+    for impl in pm.hook.register_importers.get_hookimpls():
+        index = by_name[impl.plugin_name]
+        try:
+            contributed = dict(impl.function() or {})
+        except Exception as exc:
+            infos[index] = attrs.evolve(infos[index], error=_short_error(exc))
+            continue
+        for name, convert in contributed.items():
+            if name in owners:
+                raise RegistryError(f"importer {name!r} is registered twice: by plugin {owners[name]!r}"
+                                    f" and by plugin {impl.plugin_name!r}")
+            owners[name] = impl.plugin_name
+            registry.importers[name] = convert
+
+
 def load_registry(extra_modules: Iterable[ModuleType] = ()) -> Registry:
     """Load built-in plugins, entry-point plugins (subject to the env filters) and extras."""
     from itmkit import __version__
@@ -153,6 +173,7 @@ def load_registry(extra_modules: Iterable[ModuleType] = ()) -> Registry:
 
     registry = Registry()
     _collect_stages(pm, registry, infos)
+    _collect_importers(pm, registry, infos)
     registry.plugins.extend(infos)
     return registry
 

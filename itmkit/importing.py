@@ -1,0 +1,126 @@
+"""Import the papers' official checkpoints (pickled ``model_best.pth.tar``) safely.
+
+They are read with ``torch.load(weights_only=True)`` and an allow-list of exactly one class,
+``argparse.Namespace`` (the pickled options), never with a full unpickler; Python-2 pickles
+are retried with ``encoding='latin1'``. Each plugin contributes a converter through the
+``register_importers`` hook that maps the options to a recipe and the weights to its stages;
+the key sets and shapes are checked explicitly, so no key is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from itmkit.build import DataPorts, build_model
+from itmkit.checkpoint import save_checkpoint
+from itmkit.data.vocab import Vocabulary
+from itmkit.errors import CheckpointError, did_you_mean
+from itmkit.recipe import parse_recipe
+
+ALLOWED_GLOBALS = [argparse.Namespace]
+
+
+@attrs.frozen
+class OfficialCheckpoint:
+    """An official checkpoint's contents: the per-module state dicts and the options."""
+
+    path: str
+    modules: list[dict[str, torch.Tensor]]  # the 'model' list: [img_enc, txt_enc, (sim_enc)]
+    options: dict[str, Any]  # vars(opt)
+    epoch: int | None
+    best_rsum: float | None
+
+
+@attrs.frozen
+class Converted:
+    """What a converter returns: a recipe (TOML text) and the model's state dict."""
+
+    recipe: str
+    state: dict[str, torch.Tensor]
+    data: DataPorts
+
+
+Converter = Callable[[OfficialCheckpoint, Vocabulary], Converted]
+
+
+def read_official(path: str | Path) -> OfficialCheckpoint:
+    """Load an official ``.pth.tar`` with the minimal allow-list (Python 2 pickles included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    raw = None
+    with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        for kwargs in ({}, {"encoding": "latin1"}):
+            try:
+                raw = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+                break
+            except UnicodeDecodeError:
+                continue
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(
+                    f"{path}: refused to unpickle: it holds objects outside the allow-list"
+                    f" (only argparse.Namespace is allowed): {exc}"
+                ) from None
+            except (RuntimeError, EOFError) as exc:
+                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: cannot decode the pickle, neither as UTF-8 nor as latin1")
+    if not isinstance(raw, Mapping) or "model" not in raw:
+        keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
+        raise CheckpointError(f"{path}: expected a dict with a 'model' entry (official layout), found {keys}")
+    modules = raw["model"]
+    if isinstance(modules, Mapping):  # a single state dict (IMRAM, MTFN)
+        modules = [modules]
+    opt = raw.get("opt")
+    options = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
+    return OfficialCheckpoint(str(path), [dict(m) for m in modules], options, raw.get("epoch"), raw.get("best_rsum"))
+
+
+def check_state(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Raise CheckpointError listing every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        lines = [f"{where}: the weights do not match the official layout"]
+        lines += [f"  missing: {k} {tuple(expected[k])}" for k in missing]
+        lines += [f"  unexpected: {k} {tuple(found[k].shape)}" for k in unexpected]
+        lines += [f"  shape of {k}: {tuple(found[k].shape)}, expected {tuple(expected[k])}" for k in wrong]
+        raise CheckpointError("\n".join(lines))
+
+
+def option(options: Mapping[str, Any], name: str, where: str) -> Any:
+    """An option the converter needs, or a clear error naming it."""
+    if name not in options:
+        raise CheckpointError(f"{where}: the checkpoint's options lack {name!r}" + did_you_mean(name, options))
+    return options[name]
+
+
+def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: str | Path, importers: Mapping[str, Converter]) -> Path:
+    """Convert an official checkpoint with the named importer and write an itmkit checkpoint."""
+    if name not in importers:
+        raise CheckpointError(f"no importer {name!r}" + did_you_mean(name, importers))
+    official = read_official(path)
+    vocab = Vocabulary.load(vocab_path)
+    converted = importers[name](official, vocab)
+    recipe = parse_recipe(converted.recipe, f"{path} [converted options]")
+    model = build_model(recipe, converted.data)
+    check_state(converted.state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, f"{path} -> {name}")
+    model.load_state_dict(converted.state, strict=True)
+    save_checkpoint(out, model, vocab, imported_from=str(path), epoch=str(official.epoch),
+                    official_best_rsum=str(official.best_rsum), protocol=recipe.data.protocol)
+    return Path(out)
+
+
+def get_importers() -> dict[str, Converter]:
+    """Every converter the loaded plugins contribute."""
+    from itmkit.plugins import get_registry
+
+    return get_registry().importers
