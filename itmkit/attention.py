@@ -37,20 +37,39 @@ def pair_layout(query: Local, context: Local, query_side: str) -> tuple[torch.Te
     return q, qm, c, cm
 
 
-def raw_feature_norm(attn: torch.Tensor, query_mask: torch.Tensor, how: str, eps: float = EPS) -> torch.Tensor:
-    """SCAN's normalisation of raw affinities (…, Lq, Lc) along the query axis (dim -2)."""
-    valid = query_mask.unsqueeze(-1)  # (…, Lq, 1)
+def block_dots(query: torch.Tensor, context: torch.Tensor, query_side: str) -> torch.Tensor:
+    """<q, c> for every fragment pair of every item pair, as ONE matrix product: (Ni, Nt, Lq, Lc).
+
+    Flattening both sides to (items * fragments, D) turns Ni * Nt tiny products into one large
+    GEMM, which runs near the machine's peak; the result is a permuted view, no copy.
+    """
+    (nq, lq, d), (nc, lc, _) = query.shape, context.shape
+    flat = query.reshape(nq * lq, d) @ context.reshape(nc * lc, d).T  # (nq*lq, nc*lc)
+    dots = flat.view(nq, lq, nc, lc)
+    # text queries: (Nt, L, Ni, R) -> (Ni, Nt, L, R); image queries: (Ni, R, Nt, L) -> (Ni, Nt, R, L)
+    return dots.permute(2, 0, 1, 3) if query_side == "text" else dots.permute(0, 2, 1, 3)
+
+
+def raw_feature_norm(attn: torch.Tensor, query_mask: torch.Tensor, how: str, eps: float = EPS, scale: float = 1.0) -> torch.Tensor:
+    """SCAN's normalisation of raw affinities (…, Lq, Lc) along the query axis (dim -2), times ``scale``.
+
+    Rows of padded queries must already be zero (``scan_attention`` zeroes padded query
+    vectors before the product), so they add nothing to the l1/l2 norms, exactly as slicing
+    each caption to its length does. Folding ``scale`` (lambda) into the per-column factor
+    saves a pass over the block.
+    """
     if how == "softmax":
-        return torch.softmax(attn.masked_fill(~valid, float("-inf")), dim=-2).masked_fill(~valid, 0.0)
+        valid = query_mask.unsqueeze(-1)
+        normed = torch.softmax(attn.masked_fill(~valid, float("-inf")), dim=-2).masked_fill(~valid, 0.0)
+        return normed * scale
     if how.startswith("clipped"):
         attn = F.leaky_relu(attn, 0.1)
-    attn = attn.masked_fill(~valid, 0.0)
     if how.endswith("l2norm"):
-        return attn / (attn.pow(2).sum(dim=-2, keepdim=True).sqrt() + eps)
+        return attn * (scale / (torch.linalg.vector_norm(attn, ord=2, dim=-2, keepdim=True) + eps))
     if how.endswith("l1norm"):
-        return attn / (attn.abs().sum(dim=-2, keepdim=True) + eps)
+        return attn * (scale / (torch.linalg.vector_norm(attn, ord=1, dim=-2, keepdim=True) + eps))
     if how in ("clipped", "no_norm"):
-        return attn
+        return attn * scale
     raise ValueError(f"raw_feature_norm must be one of {RAW_NORMS}, got {how!r}")
 
 
@@ -70,10 +89,14 @@ def scan_attention(
     eps: float = EPS,
 ) -> Aligned:
     """Every query fragment attending over the other side's fragments, for all Ni x Nt pairs (SCAN eq. 7-8)."""
+    query = Local(query.feats * query.mask.unsqueeze(-1), query.mask, query.extras)  # padded queries -> 0
     q, q_mask, c, c_mask = pair_layout(query, context, query_side)
-    dots = q @ c.transpose(-1, -2)  # (Ni, Nt, Lq, Lc) by broadcasting
+    dots = block_dots(query.feats, context.feats, query_side)
     q_mask_b = q_mask.expand(dots.shape[:-1])  # (Ni, Nt, Lq)
-    normed = raw_feature_norm(dots, q_mask_b, raw_norm, eps)
-    weights = masked_softmax(lambda_softmax * normed, c_mask.unsqueeze(-2).expand_as(dots))
+    logits = raw_feature_norm(dots, q_mask_b, raw_norm, eps, scale=lambda_softmax)
+    if bool(context.mask.all()):  # every context fragment valid (36 regions, say): plain softmax
+        weights = torch.softmax(logits, dim=-1)
+    else:
+        weights = masked_softmax(logits, c_mask.unsqueeze(-2).expand_as(dots))
     return Aligned(query=q, weights=weights, context=c, query_mask=q_mask_b, query_side=query_side,
                    dots=dots, context_mask=c_mask)

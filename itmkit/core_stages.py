@@ -237,8 +237,16 @@ class CosineHead(nn.Module):
         """
         dots = x.dots if x.dots is not None else x.query @ x.context.transpose(-1, -2)  # (Ni, Nt, Lq, Lc)
         numerator = (x.weights * dots).sum(-1)
-        gram = x.context @ x.context.transpose(-1, -2)  # (.., Lc, Lc)
-        attended_sq = ((x.weights @ gram) * x.weights).sum(-1).clamp(min=0)
+        gram = x.context @ x.context.transpose(-1, -2)  # (Ni, 1, Lc, Lc) or (1, Nt, Lc, Lc): per item
+        # w G w^T per query; einsum folds the pair axes into one batched product per context item
+        ni, nt = x.weights.shape[:2]
+        if gram.shape[0] == ni and gram.shape[1] == 1:  # context = images
+            wg = torch.einsum("itqc,icd->itqd", x.weights, gram[:, 0])
+        elif gram.shape[0] == 1 and gram.shape[1] == nt:  # context = captions
+            wg = torch.einsum("itqc,tcd->itqd", x.weights, gram[0])
+        else:
+            wg = x.weights @ gram
+        attended_sq = (wg * x.weights).sum(-1).clamp(min=0)
         norms = x.query.norm(dim=-1) * attended_sq.sqrt()
         return numerator / norms.clamp(min=self.eps)
 
