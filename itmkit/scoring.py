@@ -117,6 +117,9 @@ def score_all(
     plan = BlockPlan.for_model(model, n_images, n_texts, texts.local.feats.shape[1], images.local.feats.shape[1], budget)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     sims = torch.zeros(n_images, n_texts, dtype=torch.float32)
+    # Captions in order of length: each block is padded only to its own longest caption.
+    order = torch.argsort(texts.local.lengths, stable=True)
+    texts = texts.select(order)
     blocks = [(i, t) for i in range(0, n_images, plan.images) for t in range(0, n_texts, plan.captions)]
     mine = blocks[rank::world]
     start = time.perf_counter()
@@ -125,7 +128,7 @@ def score_all(
         i1, t1 = min(i0 + plan.images, n_images), min(t0 + plan.captions, n_texts)
         block_images = images.select(slice(i0, i1)).to(device)
         block_texts = texts.select(slice(t0, t1)).to(device)
-        sims[i0:i1, t0:t1] = model.score(block_images, block_texts).float().cpu()
+        sims[i0:i1, order[t0:t1]] = model.score(block_images, block_texts).float().cpu()
         done += (i1 - i0) * (t1 - t0)
         if progress:
             progress(done, n_images * n_texts // world)
