@@ -68,8 +68,10 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
                     f"{path}: refused to unpickle: it holds objects outside the allow-list"
                     f" (only argparse.Namespace is allowed): {exc}"
                 ) from None
-            except (RuntimeError, EOFError) as exc:
-                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+            except Exception as exc:  # the weights-only unpickler fails on junk with many error types
+                raise CheckpointError(
+                    f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+                ) from None
     if raw is None:
         raise CheckpointError(f"{path}: cannot decode the pickle, neither as UTF-8 nor as latin1")
     if not isinstance(raw, Mapping) or "model" not in raw:

@@ -1,0 +1,130 @@
+"""Import an official BFAN checkpoint (CrossmodalGroup/BFAN ``model_best.pth.tar``) into itmkit.
+
+The container is SCAN's: ``{epoch, model: [img_enc, txt_enc], best_rsum, opt, Eiters}``, with
+``opt`` the training ``argparse.Namespace``. The image encoder is ``fc`` (a Linear, or a
+``weight_norm`` Linear when ``--precomp_enc_type weight_norm``); the text encoder is ``embed``
+plus a GRU that is *always* bidirectional (``rnn.*`` and ``rnn.*_reverse``). BFAN has no
+attention weights: focal attention is parameter-free, so the options decide it (``lambda_softmax``,
+``focal_type``).
+
+The options become a recipe in the layout of ``recipes/bfan_*.toml`` (two [[match]] branches,
+t2i + i2t, weight 1 each, whose sum is BFAN's bidirectional score), and the weights are renamed
+to the model's keys. The official layout is checked first, key by key and shape by shape,
+against what the options imply, so nothing is dropped or guessed silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tomli_w
+import torch
+
+from itmkit.build import DataPorts
+from itmkit.data.vocab import Vocabulary
+from itmkit.errors import CheckpointError
+from itmkit.importing import Converted, OfficialCheckpoint, check_state, option
+
+FOCAL_TYPES = ("equal", "prob")
+ENCODER_TYPES = ("basic", "weight_norm")
+
+
+def official_image_layout(embed: int, img_dim: int, enc_type: str) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the official EncoderImagePrecomp / EncoderImageWeightNormPrecomp."""
+    if enc_type == "weight_norm":  # weight_norm(dim=None): a scalar gain and the direction
+        return {"fc.weight_g": (), "fc.weight_v": (embed, img_dim), "fc.bias": (embed,)}
+    return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
+
+
+def official_text_layout(vocab_size: int, word_dim: int, embed: int, num_layers: int) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the official EncoderText: embedding plus a bidirectional GRU."""
+    layout: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}
+    for layer in range(num_layers):
+        inputs = word_dim if layer == 0 else 2 * embed  # a stacked bi-GRU layer reads both directions
+        for suffix in ("", "_reverse"):
+            layout[f"rnn.weight_ih_l{layer}{suffix}"] = (3 * embed, inputs)
+            layout[f"rnn.weight_hh_l{layer}{suffix}"] = (3 * embed, embed)
+            layout[f"rnn.bias_ih_l{layer}{suffix}"] = (3 * embed,)
+            layout[f"rnn.bias_hh_l{layer}{suffix}"] = (3 * embed,)
+    return layout
+
+
+def _dataset(data_name: str) -> tuple[str, str, str]:
+    """(short name, protocol, test split) from the official ``data_name``."""
+    if data_name.startswith("coco"):
+        return "coco", "coco-1k-5fold", "testall"  # BFAN's testall.py: split='testall', fold5=True
+    return data_name.removesuffix("_precomp") or "f30k", "f30k-1k", "test"
+
+
+def recipe_table(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """The itmkit recipe (as a TOML table) equivalent to BFAN's training options."""
+
+    def opt(name: str) -> Any:
+        return option(options, name, where)
+
+    focal_type = opt("focal_type")
+    if focal_type not in FOCAL_TYPES:
+        raise CheckpointError(f"{where}: unknown focal_type {focal_type!r}; BFAN has {', '.join(FOCAL_TYPES)}")
+    data_name = str(opt("data_name"))
+    short, protocol, test_split = _dataset(data_name)
+    branch = {"lambda_softmax": float(opt("lambda_softmax")), "focal_type": focal_type}
+    return {
+        "recipe": {
+            "name": f"bfan-{short}-{focal_type}-imported",
+            "description": f"official BFAN-{focal_type} checkpoint ({data_name}) imported from {where}",
+            "embed_dim": int(opt("embed_size")),
+        },
+        "image": {"encoder": {"stage": "core.precomp", "normalize": not options.get("no_imgnorm", False)}},
+        "text": {"encoder": {
+            "stage": "core.bigru",
+            "word_dim": int(opt("word_dim")),
+            "num_layers": int(opt("num_layers")),
+            "bidirectional": True,
+            "normalize": not options.get("no_txtnorm", False),
+        }},
+        "match": [
+            {"cross": {"stage": "bfan.t2i", **branch}, "similarity": {"stage": "core.cosine"},
+             "aggregate": {"stage": "core.mean"}, "weight": 1.0},
+            {"cross": {"stage": "bfan.i2t", **branch}, "similarity": {"stage": "core.cosine"},
+             "aggregate": {"stage": "core.mean"}, "weight": 1.0},
+        ],
+        "loss": {"stage": "core.triplet", "margin": float(opt("margin")), "max_violation": bool(opt("max_violation"))},
+        "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
+        "train": {
+            "epochs": int(opt("num_epochs")),
+            "batch_size": int(options.get("batch_size", 128)),
+            "lr": float(opt("learning_rate")),
+            "lr_update": int(opt("lr_update")),
+            "grad_clip": float(options.get("grad_clip", 2.0)),
+        },
+    }
+
+
+def _fold_weight_norm(image: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """weight_norm(dim=None) keeps W = g * v / ||v||_F; a plain Linear takes W itself."""
+    g, v = image["fc.weight_g"], image["fc.weight_v"]
+    return {"fc.weight": g * v / v.norm(), "fc.bias": image["fc.bias"]}
+
+
+def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
+    """BFAN options -> recipe, official weights -> our keys, after checking the official layout."""
+    where = f"{official.path} (bfan)"
+    options = official.options
+    table = recipe_table(options, where)
+    if len(official.modules) != 2:
+        raise CheckpointError(f"{where}: expected 'model' = [img_enc, txt_enc] (2 state dicts),"
+                              f" found {len(official.modules)}")
+    image, text = official.modules
+    embed, img_dim = int(option(options, "embed_size", where)), int(option(options, "img_dim", where))
+    enc_type = options.get("precomp_enc_type", "basic")
+    if enc_type not in ENCODER_TYPES:
+        raise CheckpointError(f"{where}: unknown precomp_enc_type {enc_type!r}; BFAN has {', '.join(ENCODER_TYPES)}")
+    check_state(image, official_image_layout(embed, img_dim, enc_type), f"{where} image encoder (model[0])")
+    text_layout = official_text_layout(len(vocab), table["text"]["encoder"]["word_dim"], embed,
+                                       table["text"]["encoder"]["num_layers"])
+    check_state(text, text_layout, f"{where} text encoder (model[1]) with a vocabulary of {len(vocab)} words")
+    if enc_type == "weight_norm":
+        image = _fold_weight_norm(image)
+    state = {f"image.encoder.{k}": v.float() for k, v in image.items()}
+    state.update({f"text.encoder.{k}": v.float() for k, v in text.items()})
+    return Converted(tomli_w.dumps(table), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))

@@ -1,0 +1,147 @@
+"""Import official PFAN checkpoints (``model_best.pth.tar``) as itmkit models: ``itmkit import pfan``.
+
+PFAN's container is SCAN's: ``{'epoch', 'model': [img_enc, txt_enc], 'best_rsum', 'opt',
+'Eiters'}``. The image encoder holds ``fc`` [E, F+200], ``fc_att`` [200, F] and
+``position_embedding`` [257, 200] (a 16 x 16 grid plus the padding block, sizes fixed in the
+official code); the text encoder is SCAN's GRU. The options become a recipe: the
+``pfan.position`` encoder, ``core.bigru``, SCAN attention in the checkpoint's direction and,
+for text-to-image, ``pfan.cosine_max`` (the official score adds half of each word's largest
+attention weight) before ``core.mean``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tomli_w
+import torch
+
+from itmkit.attention import RAW_NORMS
+from itmkit.build import DataPorts
+from itmkit.data.vocab import Vocabulary
+from itmkit.errors import CheckpointError, did_you_mean
+from itmkit.importing import Converted, OfficialCheckpoint, check_state, option
+
+GRID, TOP_BLOCKS, POSITION_DIM = 16, 15, 200  # hard-coded in the official EncoderImagePrecomp
+MAX_ATTENTION_WEIGHT = 0.5  # official xattn_score_t2i: row_sim + 0.5 * max_attn
+# data_name -> (evaluation protocol, test split) as the official evalrank is called
+PROTOCOLS = {"f30k_precomp": ("f30k-1k", "test"), "coco_precomp": ("coco-1k-5fold", "testall")}
+# Options that only matter for training: when a checkpoint lacks one, train_attention.py's default.
+TRAIN_DEFAULTS = {"margin": 0.2, "max_violation": False, "learning_rate": 2e-4, "num_epochs": 30,
+                  "lr_update": 15, "batch_size": 128, "grad_clip": 2.0}
+
+
+def image_layout(embed: int, img_dim: int) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the official position-attention image encoder's state dict."""
+    return {
+        "fc.weight": (embed, img_dim + POSITION_DIM),
+        "fc.bias": (embed,),
+        "fc_att.weight": (POSITION_DIM, img_dim),
+        "fc_att.bias": (POSITION_DIM,),
+        "position_embedding.weight": (GRID * GRID + 1, POSITION_DIM),
+    }
+
+
+def text_layout(vocab_size: int, word_dim: int, embed: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the official text encoder (embedding + nn.GRU, gates r, z, n), SCAN's."""
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}
+    directions = ("", "_reverse") if bidirectional else ("",)
+    for layer in range(layers):
+        width = word_dim if layer == 0 else embed * len(directions)
+        for suffix in directions:
+            out[f"rnn.weight_ih_l{layer}{suffix}"] = (3 * embed, width)
+            out[f"rnn.weight_hh_l{layer}{suffix}"] = (3 * embed, embed)
+            out[f"rnn.bias_ih_l{layer}{suffix}"] = (3 * embed,)
+            out[f"rnn.bias_hh_l{layer}{suffix}"] = (3 * embed,)
+    return out
+
+
+def _aggregate(agg: str, cross: str, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """The aggregate slot for agg_func; t2i adds 0.5 * max attention, exact only for linear pools."""
+    if agg == "Mean":
+        return {"stage": "core.mean"}
+    if agg == "Sum":
+        return {"stage": "scan.sum"}
+    if cross == "t2i":
+        raise CheckpointError(
+            f"{where}: agg_func={agg!r} with cross_attn='t2i' is not supported: the official score is"
+            f" {agg}(cos) + 0.5 * {agg}(max attention), each pooled on its own, which pfan.cosine_max"
+            " (cos + 0.5 * max per word, then one pool) equals only for Mean and Sum; every PFAN README"
+            " recipe uses Mean"
+        )
+    if agg == "Max":
+        return {"stage": "core.max"}
+    if agg == "LogSumExp":
+        return {"stage": "scan.lse", "lambda_lse": float(option(options, "lambda_lse", where))}
+    raise CheckpointError(f"{where}: option agg_func={agg!r} is not supported"
+                          + did_you_mean(agg, ("Mean", "Sum", "Max", "LogSumExp")))
+
+
+def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
+    """Map PFAN's options to a recipe and its img_enc / txt_enc weights to our stages."""
+    where = f"{official.path} (PFAN options)"
+    opts = official.options
+    cross = option(opts, "cross_attn", where)
+    if cross not in ("t2i", "i2t"):
+        raise CheckpointError(f"{where}: option cross_attn={cross!r} is not supported" + did_you_mean(str(cross), ("t2i", "i2t")))
+    raw_norm = option(opts, "raw_feature_norm", where)
+    if raw_norm not in RAW_NORMS:
+        raise CheckpointError(f"{where}: option raw_feature_norm={raw_norm!r} is not supported" + did_you_mean(str(raw_norm), RAW_NORMS))
+    encoder_type = opts.get("precomp_enc_type", "basic")
+    if encoder_type != "basic":
+        raise CheckpointError(f"{where}: precomp_enc_type={encoder_type!r}: only 'basic' has PFAN's position"
+                              " attention (the official weight_norm encoder takes no boxes)")
+    lambda_softmax = float(option(opts, "lambda_softmax", where))
+    embed, word_dim, img_dim = (int(option(opts, k, where)) for k in ("embed_size", "word_dim", "img_dim"))
+    layers = int(option(opts, "num_layers", where))
+    bidirectional = bool(option(opts, "bi_gru", where))
+    no_imgnorm, no_txtnorm = bool(option(opts, "no_imgnorm", where)), bool(option(opts, "no_txtnorm", where))
+    data_name = str(opts.get("data_name", "precomp"))
+    aggregate = _aggregate(str(option(opts, "agg_func", where)), cross, opts, where)
+
+    if len(official.modules) != 2:
+        raise CheckpointError(f"{official.path}: a PFAN checkpoint's 'model' holds 2 state dicts"
+                              f" [img_enc, txt_enc], this one holds {len(official.modules)}")
+    img, txt = dict(official.modules[0]), dict(official.modules[1])
+    embedding = txt.get("embed.weight")
+    if embedding is not None and embedding.dim() == 2 and embedding.shape[0] != len(vocab):
+        raise CheckpointError(
+            f"{official.path}: the vocabulary has {len(vocab)} words but the checkpoint's word embedding"
+            f" (txt_enc embed.weight) has {embedding.shape[0]} rows; pass the vocabulary the model was trained"
+            " with (PFAN ships vocab/f30k_new_vocab.json, 8,531 words, and coco_precomp_vocab.json, 11,352)")
+    if "vocab_size" in opts and int(opts["vocab_size"]) != len(vocab):
+        raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
+                              f" has {len(vocab)} words; pass the vocabulary the model was trained with")
+    check_state(img, image_layout(embed, img_dim), f"{official.path}: model[0] (img_enc)")
+    check_state(txt, text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
+    state = {f"image.encoder.{k}": v for k, v in img.items()}
+    state.update({f"text.encoder.{k}": v for k, v in txt.items()})
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
+
+    protocol, test_split = PROTOCOLS.get(data_name, ("f30k-1k", "test"))
+    train = {k: opts.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+    similarity = ({"stage": "pfan.cosine_max", "max_weight": MAX_ATTENTION_WEIGHT} if cross == "t2i"
+                  else {"stage": "core.cosine"})
+    recipe = {
+        "recipe": {
+            "name": f"pfan-{data_name.removesuffix('_precomp')}-{cross}-imported",
+            "description": f"official PFAN checkpoint {official.path} (epoch {official.epoch},"
+                           f" best dev rsum {official.best_rsum}), converted by itmkit import pfan",
+            "embed_dim": embed,
+        },
+        "image": {"encoder": {"stage": "pfan.position", "grid": GRID, "top_blocks": TOP_BLOCKS,
+                              "position_dim": POSITION_DIM, "normalize": not no_imgnorm}},
+        "text": {"encoder": {"stage": "core.bigru", "word_dim": word_dim, "num_layers": layers,
+                             "bidirectional": bidirectional, "normalize": not no_txtnorm}},
+        "match": [{
+            "cross": {"stage": f"scan.{cross}", "lambda_softmax": lambda_softmax, "raw_feature_norm": raw_norm},
+            "similarity": similarity,
+            "aggregate": aggregate,
+        }],
+        "loss": {"stage": "core.triplet", "margin": float(train["margin"]), "max_violation": bool(train["max_violation"])},
+        "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
+        "train": {"epochs": int(train["num_epochs"]), "batch_size": int(train["batch_size"]),
+                  "lr": float(train["learning_rate"]), "lr_update": int(train["lr_update"]),
+                  "grad_clip": float(train["grad_clip"])},
+    }
+    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))

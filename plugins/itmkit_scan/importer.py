@@ -1,0 +1,144 @@
+"""Convert an official SCAN checkpoint (kuanghuei/SCAN ``model_best.pth.tar``) into an itmkit model.
+
+The official file is ``{'epoch', 'model': [img_enc, txt_enc], 'best_rsum', 'opt', 'Eiters'}``;
+``itmkit.importing.read_official`` unpickles it with an allow-list. Here the options become a
+recipe (encoders, one [[match]] branch, loss, schedule) and the two state dicts are checked key
+by key against the layout those options imply before they are renamed to our modules:
+
+    img_enc  fc.weight [E, img_dim], fc.bias [E]         -> image.encoder.fc.*
+             (precomp_enc_type=weight_norm: fc.weight_g, fc.weight_v, folded into fc.weight)
+    txt_enc  embed.weight [V, word_dim]                   -> text.encoder.embed.weight
+             rnn.{weight,bias}_{ih,hh}_l{k}[_reverse]     -> text.encoder.rnn.*
+
+Nothing is dropped: an unexpected key, a missing key or a wrong shape is a CheckpointError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tomli_w
+import torch
+
+from itmkit.attention import RAW_NORMS
+from itmkit.build import DataPorts
+from itmkit.data.vocab import Vocabulary
+from itmkit.errors import CheckpointError, did_you_mean
+from itmkit.importing import Converted, OfficialCheckpoint, check_state, option
+
+# agg_func -> the aggregate stage of the [[match]] branch
+AGGREGATES = {"LogSumExp": "scan.lse", "Mean": "core.mean", "Max": "core.max", "Sum": "scan.sum"}
+CROSS = {"t2i": "scan.t2i", "i2t": "scan.i2t"}
+ENCODER_TYPES = ("basic", "weight_norm")
+# data_name -> (evaluation protocol, test split) of the official evaluation
+PROTOCOLS = {"f30k_precomp": ("f30k-1k", "test"), "coco_precomp": ("coco-1k-5fold", "testall")}
+# Options that only matter for training: when a checkpoint lacks one, train.py's default is used.
+TRAIN_DEFAULTS = {"margin": 0.2, "max_violation": False, "learning_rate": 2e-4, "num_epochs": 30,
+                  "lr_update": 15, "batch_size": 128, "grad_clip": 2.0}
+
+
+def _choice(options: dict[str, Any], name: str, choices, where: str) -> Any:
+    value = option(options, name, where)
+    if value not in choices:
+        raise CheckpointError(f"{where}: option {name}={value!r} is not supported" + did_you_mean(str(value), choices))
+    return value
+
+
+def _check_modules(official: OfficialCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    if len(official.modules) != 2:
+        raise CheckpointError(f"{official.path}: a SCAN checkpoint's 'model' holds 2 state dicts"
+                              f" [img_enc, txt_enc], this one holds {len(official.modules)}")
+    return dict(official.modules[0]), dict(official.modules[1])
+
+
+def image_layout(embed: int, img_dim: int, encoder_type: str) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the official image encoder's state dict."""
+    if encoder_type == "weight_norm":  # weight_norm(nn.Linear, dim=None): one scalar gain g
+        return {"fc.weight_g": (1,), "fc.weight_v": (embed, img_dim), "fc.bias": (embed,)}
+    return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
+
+
+def text_layout(vocab_size: int, word_dim: int, embed: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the official text encoder (embedding + nn.GRU) state dict."""
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}
+    directions = ("", "_reverse") if bidirectional else ("",)
+    for layer in range(layers):
+        width = word_dim if layer == 0 else embed * len(directions)
+        for suffix in directions:
+            out[f"rnn.weight_ih_l{layer}{suffix}"] = (3 * embed, width)
+            out[f"rnn.weight_hh_l{layer}{suffix}"] = (3 * embed, embed)
+            out[f"rnn.bias_ih_l{layer}{suffix}"] = (3 * embed,)
+            out[f"rnn.bias_hh_l{layer}{suffix}"] = (3 * embed,)
+    return out
+
+
+def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+    """The weight a dim=None weight_norm layer uses: v * g / ||v|| (Frobenius norm of the whole matrix)."""
+    return weight_v * (weight_g.reshape(()) / weight_v.norm())
+
+
+def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
+    """Map SCAN's options to a recipe and its img_enc / txt_enc weights to our stages."""
+    where = f"{official.path} (SCAN options)"
+    opts = official.options
+    cross = _choice(opts, "cross_attn", CROSS, where)
+    agg = _choice(opts, "agg_func", AGGREGATES, where)
+    raw_norm = _choice(opts, "raw_feature_norm", RAW_NORMS, where)
+    encoder_type = _choice(opts, "precomp_enc_type", ENCODER_TYPES, where)
+    lambda_softmax = float(option(opts, "lambda_softmax", where))
+    embed, word_dim, img_dim = (int(option(opts, k, where)) for k in ("embed_size", "word_dim", "img_dim"))
+    layers = int(option(opts, "num_layers", where))
+    bidirectional = bool(option(opts, "bi_gru", where))
+    no_imgnorm, no_txtnorm = bool(option(opts, "no_imgnorm", where)), bool(option(opts, "no_txtnorm", where))
+    data_name = str(opts.get("data_name", "precomp"))
+
+    img, txt = _check_modules(official)
+    embedding = txt.get("embed.weight")
+    if embedding is not None and embedding.dim() == 2 and embedding.shape[0] != len(vocab):
+        raise CheckpointError(
+            f"{official.path}: the vocabulary has {len(vocab)} words but the checkpoint's word embedding"
+            f" (txt_enc embed.weight) has {embedding.shape[0]} rows; pass the vocabulary JSON the model was"
+            f" trained with (vocab/{data_name}_vocab.json: F30K 8481 words, COCO 11353)")
+    if "vocab_size" in opts and int(opts["vocab_size"]) != len(vocab):
+        raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
+                              f" has {len(vocab)} words; pass the vocabulary the model was trained with")
+    if "fc.weight_g" in img and img["fc.weight_g"].numel() == 1:
+        img["fc.weight_g"] = img["fc.weight_g"].reshape(1)  # PyTorch 0.3 saved the scalar gain as (1,)
+    check_state(img, image_layout(embed, img_dim, encoder_type), f"{official.path}: model[0] (img_enc)")
+    check_state(txt, text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
+
+    state = {"image.encoder.fc.bias": img["fc.bias"]}
+    if encoder_type == "weight_norm":
+        state["image.encoder.fc.weight"] = fold_weight_norm(img["fc.weight_g"], img["fc.weight_v"])
+    else:
+        state["image.encoder.fc.weight"] = img["fc.weight"]
+    state.update({f"text.encoder.{k}": v for k, v in txt.items()})
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
+
+    aggregate: dict[str, Any] = {"stage": AGGREGATES[agg]}
+    if agg == "LogSumExp":
+        aggregate["lambda_lse"] = float(option(opts, "lambda_lse", where))
+    protocol, test_split = PROTOCOLS.get(data_name, ("f30k-1k", "test"))
+    train = {k: opts.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+    recipe = {
+        "recipe": {
+            "name": f"scan-{data_name.removesuffix('_precomp')}-{cross}-{agg.lower()}-imported",
+            "description": f"official SCAN checkpoint {official.path} (epoch {official.epoch},"
+                           f" best dev rsum {official.best_rsum}), converted by itmkit import scan",
+            "embed_dim": embed,
+        },
+        "image": {"encoder": {"stage": "core.precomp", "normalize": not no_imgnorm}},
+        "text": {"encoder": {"stage": "core.bigru", "word_dim": word_dim, "num_layers": layers,
+                             "bidirectional": bidirectional, "normalize": not no_txtnorm}},
+        "match": [{
+            "cross": {"stage": CROSS[cross], "lambda_softmax": lambda_softmax, "raw_feature_norm": raw_norm},
+            "similarity": {"stage": "core.cosine"},
+            "aggregate": aggregate,
+        }],
+        "loss": {"stage": "core.triplet", "margin": float(train["margin"]), "max_violation": bool(train["max_violation"])},
+        "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
+        "train": {"epochs": int(train["num_epochs"]), "batch_size": int(train["batch_size"]),
+                  "lr": float(train["learning_rate"]), "lr_update": int(train["lr_update"]),
+                  "grad_clip": float(train["grad_clip"])},
+    }
+    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))
