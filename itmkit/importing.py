@@ -98,6 +98,20 @@ def check_state(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[
         raise CheckpointError("\n".join(lines))
 
 
+def gru_text_layout(vocab_size: int, word_dim: int, embed: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the SCAN-lineage official text encoder (``embed`` + ``nn.GRU``, gates r, z, n)."""
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}
+    directions = ("", "_reverse") if bidirectional else ("",)
+    for layer in range(layers):
+        width = word_dim if layer == 0 else embed * len(directions)  # a stacked layer reads every direction
+        for suffix in directions:
+            out[f"rnn.weight_ih_l{layer}{suffix}"] = (3 * embed, width)
+            out[f"rnn.weight_hh_l{layer}{suffix}"] = (3 * embed, embed)
+            out[f"rnn.bias_ih_l{layer}{suffix}"] = (3 * embed,)
+            out[f"rnn.bias_hh_l{layer}{suffix}"] = (3 * embed,)
+    return out
+
+
 def option(options: Mapping[str, Any], name: str, where: str) -> Any:
     """An option the converter needs, or a clear error naming it."""
     if name not in options:

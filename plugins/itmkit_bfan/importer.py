@@ -23,7 +23,7 @@ import torch
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError
-from itmkit.importing import Converted, OfficialCheckpoint, check_state, option
+from itmkit.importing import Converted, OfficialCheckpoint, check_state, gru_text_layout, option
 
 FOCAL_TYPES = ("equal", "prob")
 ENCODER_TYPES = ("basic", "weight_norm")
@@ -35,18 +35,6 @@ def official_image_layout(embed: int, img_dim: int, enc_type: str) -> dict[str, 
         return {"fc.weight_g": (), "fc.weight_v": (embed, img_dim), "fc.bias": (embed,)}
     return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
 
-
-def official_text_layout(vocab_size: int, word_dim: int, embed: int, num_layers: int) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the official EncoderText: embedding plus a bidirectional GRU."""
-    layout: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}
-    for layer in range(num_layers):
-        inputs = word_dim if layer == 0 else 2 * embed  # a stacked bi-GRU layer reads both directions
-        for suffix in ("", "_reverse"):
-            layout[f"rnn.weight_ih_l{layer}{suffix}"] = (3 * embed, inputs)
-            layout[f"rnn.weight_hh_l{layer}{suffix}"] = (3 * embed, embed)
-            layout[f"rnn.bias_ih_l{layer}{suffix}"] = (3 * embed,)
-            layout[f"rnn.bias_hh_l{layer}{suffix}"] = (3 * embed,)
-    return layout
 
 
 def _dataset(data_name: str) -> tuple[str, str, str]:
@@ -120,8 +108,8 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     if enc_type not in ENCODER_TYPES:
         raise CheckpointError(f"{where}: unknown precomp_enc_type {enc_type!r}; BFAN has {', '.join(ENCODER_TYPES)}")
     check_state(image, official_image_layout(embed, img_dim, enc_type), f"{where} image encoder (model[0])")
-    text_layout = official_text_layout(len(vocab), table["text"]["encoder"]["word_dim"], embed,
-                                       table["text"]["encoder"]["num_layers"])
+    text_layout = gru_text_layout(len(vocab), table["text"]["encoder"]["word_dim"], embed,
+                                  table["text"]["encoder"]["num_layers"], bidirectional=True)  # BFAN: always a bi-GRU
     check_state(text, text_layout, f"{where} text encoder (model[1]) with a vocabulary of {len(vocab)} words")
     if enc_type == "weight_norm":
         image = _fold_weight_norm(image)

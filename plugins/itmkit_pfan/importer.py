@@ -20,7 +20,7 @@ from itmkit.attention import RAW_NORMS
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.importing import Converted, OfficialCheckpoint, check_state, option
+from itmkit.importing import Converted, OfficialCheckpoint, check_state, gru_text_layout, option
 
 GRID, TOP_BLOCKS, POSITION_DIM = 16, 15, 200  # hard-coded in the official EncoderImagePrecomp
 MAX_ATTENTION_WEIGHT = 0.5  # official xattn_score_t2i: row_sim + 0.5 * max_attn
@@ -41,19 +41,6 @@ def image_layout(embed: int, img_dim: int) -> dict[str, tuple[int, ...]]:
         "position_embedding.weight": (GRID * GRID + 1, POSITION_DIM),
     }
 
-
-def text_layout(vocab_size: int, word_dim: int, embed: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the official text encoder (embedding + nn.GRU, gates r, z, n), SCAN's."""
-    out: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}
-    directions = ("", "_reverse") if bidirectional else ("",)
-    for layer in range(layers):
-        width = word_dim if layer == 0 else embed * len(directions)
-        for suffix in directions:
-            out[f"rnn.weight_ih_l{layer}{suffix}"] = (3 * embed, width)
-            out[f"rnn.weight_hh_l{layer}{suffix}"] = (3 * embed, embed)
-            out[f"rnn.bias_ih_l{layer}{suffix}"] = (3 * embed,)
-            out[f"rnn.bias_hh_l{layer}{suffix}"] = (3 * embed,)
-    return out
 
 
 def _aggregate(agg: str, cross: str, options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -113,7 +100,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
         raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
                               f" has {len(vocab)} words; pass the vocabulary the model was trained with")
     check_state(img, image_layout(embed, img_dim), f"{official.path}: model[0] (img_enc)")
-    check_state(txt, text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
+    check_state(txt, gru_text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
     state = {f"image.encoder.{k}": v for k, v in img.items()}
     state.update({f"text.encoder.{k}": v for k, v in txt.items()})
     state = {k: v.detach().float().contiguous() for k, v in state.items()}

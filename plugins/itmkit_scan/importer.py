@@ -24,7 +24,7 @@ from itmkit.attention import RAW_NORMS
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.importing import Converted, OfficialCheckpoint, check_state, option
+from itmkit.importing import Converted, OfficialCheckpoint, check_state, gru_text_layout, option
 
 # agg_func -> the aggregate stage of the [[match]] branch
 AGGREGATES = {"LogSumExp": "scan.lse", "Mean": "core.mean", "Max": "core.max", "Sum": "scan.sum"}
@@ -57,19 +57,6 @@ def image_layout(embed: int, img_dim: int, encoder_type: str) -> dict[str, tuple
         return {"fc.weight_g": (1,), "fc.weight_v": (embed, img_dim), "fc.bias": (embed,)}
     return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
 
-
-def text_layout(vocab_size: int, word_dim: int, embed: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the official text encoder (embedding + nn.GRU) state dict."""
-    out: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}
-    directions = ("", "_reverse") if bidirectional else ("",)
-    for layer in range(layers):
-        width = word_dim if layer == 0 else embed * len(directions)
-        for suffix in directions:
-            out[f"rnn.weight_ih_l{layer}{suffix}"] = (3 * embed, width)
-            out[f"rnn.weight_hh_l{layer}{suffix}"] = (3 * embed, embed)
-            out[f"rnn.bias_ih_l{layer}{suffix}"] = (3 * embed,)
-            out[f"rnn.bias_hh_l{layer}{suffix}"] = (3 * embed,)
-    return out
 
 
 def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
@@ -105,7 +92,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     if "fc.weight_g" in img and img["fc.weight_g"].numel() == 1:
         img["fc.weight_g"] = img["fc.weight_g"].reshape(1)  # PyTorch 0.3 saved the scalar gain as (1,)
     check_state(img, image_layout(embed, img_dim, encoder_type), f"{official.path}: model[0] (img_enc)")
-    check_state(txt, text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
+    check_state(txt, gru_text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
 
     state = {"image.encoder.fc.bias": img["fc.bias"]}
     if encoder_type == "weight_norm":
