@@ -58,7 +58,6 @@ def image_layout(embed: int, img_dim: int, encoder_type: str) -> dict[str, tuple
     return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
 
 
-
 def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
     """The weight a dim=None weight_norm layer uses: v * g / ||v|| (Frobenius norm of the whole matrix)."""
     return weight_v * (weight_g.reshape(()) / weight_v.norm())
