@@ -161,17 +161,23 @@ def wire(recipe: Recipe, data: DataPorts) -> Wiring:
 
 @attrs.frozen
 class Encoded:
-    """One side encoded: fragments (Local) and, if the tower has a pool, global vectors."""
+    """One side encoded: fragments (Local) and, if the tower has a pool, global vectors.
 
-    local: Local
+    A scoring gallery drops the half no branch reads, so either may be None there.
+    """
+
+    local: Local | None
     global_: torch.Tensor | None = None
 
     def select(self, rows: slice | torch.Tensor) -> Encoded:
-        return Encoded(self.local.select(rows), None if self.global_ is None else self.global_[rows])
+        return Encoded(None if self.local is None else self.local.select(rows),
+                       None if self.global_ is None else self.global_[rows])
 
     def to(self, device: torch.device | str) -> Encoded:
-        local = Local(self.local.feats.to(device), self.local.mask.to(device),
-                      {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.local.extras.items()})
+        local = None
+        if self.local is not None:
+            local = Local(self.local.feats.to(device), self.local.mask.to(device),
+                          {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.local.extras.items()})
         return Encoded(local, None if self.global_ is None else self.global_.to(device))
 
 
@@ -254,6 +260,11 @@ class ITMModel(nn.Module):
         scores = self.score(self.encode_images(images), self.encode_texts(texts))
         positives = image_ids[:, None] == image_ids[None, :]
         return self.loss(scores, positives=positives, epoch=epoch), scores
+
+    def reads(self, side: str) -> tuple[bool, bool]:
+        """Whether the branches read ``side``'s (fragments, pooled vectors): what scoring must keep."""
+        sources = {src for b in self.wiring.branches for w in b for src in w.sources.values()}
+        return f"[{side}] fragments" in sources, f"[{side}] pool" in sources
 
     def pair_bytes(self, text_len: int, image_len: int) -> int:
         """Working memory of one image x caption pair across all branches (for block sizing)."""

@@ -11,6 +11,7 @@ from itmkit.data.split import Split
 from itmkit.data.vocab import Vocabulary
 from itmkit.evaluation import protocol_metrics
 from itmkit.progress import task
+from itmkit.gallery import DEFAULT_GALLERY_BUDGET
 from itmkit.scoring import DEFAULT_BUDGET, ScoreStats, encode_images, encode_texts, score_all
 
 
@@ -22,18 +23,25 @@ def similarity_matrix(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     budget: int = DEFAULT_BUDGET,
+    gallery_budget: int = DEFAULT_GALLERY_BUDGET,
     progress=None,
     label: str = "",
 ) -> tuple[np.ndarray, ScoreStats]:
-    """(images, captions) scores of one model on a split: encode each side once, then score blocks."""
+    """(images, captions) scores of one model on a split: encode each side once, then score blocks.
+
+    Working memory: ``budget`` for a block plus at most ``gallery_budget`` of encodings per side
+    (the rest waits on disk), besides the 4-byte-per-pair matrix itself.
+    """
     was_training = model.training
     model.eval()
     try:
         with task(progress, f"encode {label}images", split.num_images) as update:
-            images = encode_images(model, image_batches(split, batch_size=batch_size), device, lambda d, t: update(d))
+            images = encode_images(model, image_batches(split, batch_size=batch_size), device,
+                                   lambda d, t: update(d), budget=gallery_budget)
         with task(progress, f"encode {label}captions", split.num_captions) as update:
-            texts = encode_texts(model, caption_batches(split, vocab, batch_size=batch_size), device, lambda d, t: update(d))
-        with task(progress, f"score {label}pairs", split.num_images * split.num_captions) as update:
+            texts = encode_texts(model, caption_batches(split, vocab, batch_size=batch_size, by_length=True), device,
+                                 lambda d, t: update(d), budget=gallery_budget)
+        with images, texts, task(progress, f"score {label}pairs", split.num_images * split.num_captions) as update:
             sims, stats = score_all(model, images, texts, device=device, budget=budget,
                                     progress=lambda d, t: update(d, t, info=""))
     finally:
@@ -47,9 +55,9 @@ def ensemble_similarity(members: list[tuple[ITMModel, Vocabulary]], split: Split
     for i, (model, vocab) in enumerate(members):
         label = f"model {i + 1}/{len(members)}: " if len(members) > 1 else ""
         sims, s = similarity_matrix(model, vocab, split, label=label, **kwargs)
-        total = sims.astype(np.float64) if total is None else total + sims
+        total = sims if total is None else np.add(total, sims, out=total)  # in place: one matrix in memory
         stats.append(s)
-    return (total / len(members)).astype(np.float32), stats
+    return total / np.float32(len(members)), stats
 
 
 def evaluate(model: ITMModel, vocab: Vocabulary, split: Split, protocol: str = "f30k-1k", **kwargs) -> dict[str, float]:

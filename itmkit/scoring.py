@@ -1,7 +1,8 @@
 """The scoring engine: every image against every caption, in blocks sized by a memory budget.
 
-Towers encode each image and each caption once; the matching branches then score blocks of
-Ni images x Nt captions, vectorised over both axes. Under torch.distributed each rank scores
+Towers encode each image and each caption once into a gallery per side (``itmkit.gallery``:
+compact, spilled to disk past a budget); the matching branches then score blocks of Ni images
+x Nt captions, vectorised over both axes. Under torch.distributed each rank scores
 its share of the image blocks and the blocks are summed across ranks.
 """
 
@@ -17,59 +18,44 @@ import torch
 import torch.distributed as dist
 
 from itmkit.build import Encoded, ITMModel
-from itmkit.types import Local, Regions, Tokens
+from itmkit.gallery import DEFAULT_GALLERY_BUDGET, Gallery
+from itmkit.types import Regions, Tokens
 
 DEFAULT_BUDGET = 512 * 2**20  # bytes of working memory for one block
 
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-def _concat(parts: list[Encoded]) -> Encoded:
-    """Join encoded batches, padding fragments to the longest."""
-    width = max(p.local.feats.shape[1] for p in parts)
-
-    def pad(t: torch.Tensor, value: float | bool) -> torch.Tensor:
-        extra = width - t.shape[1]
-        if extra == 0:
-            return t
-        shape = (t.shape[0], extra, *t.shape[2:])
-        return torch.cat([t, t.new_full(shape, value)], dim=1)
-
-    feats = torch.cat([pad(p.local.feats, 0.0) for p in parts])
-    mask = torch.cat([pad(p.local.mask, False) for p in parts])
-    extras = {}
-    for key, value in parts[0].local.extras.items():
-        if torch.is_tensor(value):
-            extras[key] = torch.cat([p.local.extras[key] for p in parts])
-    glob = None if parts[0].global_ is None else torch.cat([p.global_ for p in parts])
-    return Encoded(Local(feats, mask, extras), glob)
+def _gallery(model: ITMModel, side: str, budget: int) -> Gallery:
+    keep_local, keep_global = model.reads(side)
+    return Gallery(keep_local=keep_local, keep_global=keep_global, budget=budget)
 
 
 @torch.no_grad()
-def encode_images(model: ITMModel, batches, device: torch.device, progress: Progress | None = None) -> Encoded:
-    """Encode image batches (objects with .features, .lengths, .boxes, .image_sizes); kept on CPU."""
-    parts, done = [], 0
+def encode_images(model: ITMModel, batches, device: torch.device, progress: Progress | None = None, *,
+                  budget: int = DEFAULT_GALLERY_BUDGET) -> Gallery:
+    """Encode image batches (objects with .indices, .images, .image_lengths, .boxes, .image_sizes)."""
+    gallery = _gallery(model, "image", budget)
     for b in batches:
         regions = Regions(b.images.to(device), b.image_lengths.to(device),
                           None if b.boxes is None else b.boxes.to(device),
                           None if b.image_sizes is None else b.image_sizes.to(device))
-        parts.append(model.encode_images(regions).to("cpu"))
-        done += len(b.indices)
+        gallery.append(model.encode_images(regions), b.indices.tolist())
         if progress:
-            progress(done, -1)
-    return _concat(parts)
+            progress(len(gallery), -1)
+    return gallery
 
 
 @torch.no_grad()
-def encode_texts(model: ITMModel, batches, device: torch.device, progress: Progress | None = None) -> Encoded:
-    """Encode caption batches (objects with .tokens, .lengths); kept on CPU."""
-    parts, done = [], 0
+def encode_texts(model: ITMModel, batches, device: torch.device, progress: Progress | None = None, *,
+                 budget: int = DEFAULT_GALLERY_BUDGET) -> Gallery:
+    """Encode caption batches (objects with .indices, .tokens, .lengths); feed them shortest first."""
+    gallery = _gallery(model, "text", budget)
     for b in batches:
-        parts.append(model.encode_texts(Tokens(b.tokens.to(device), b.lengths.to(device))).to("cpu"))
-        done += len(b.indices)
+        gallery.append(model.encode_texts(Tokens(b.tokens.to(device), b.lengths.to(device))), b.indices.tolist())
         if progress:
-            progress(done, -1)
-    return _concat(parts)
+            progress(len(gallery), -1)
+    return gallery
 
 
 @attrs.frozen
@@ -104,34 +90,42 @@ class ScoreStats:
 @torch.no_grad()
 def score_all(
     model: ITMModel,
-    images: Encoded,
-    texts: Encoded,
+    images: Gallery | Encoded,
+    texts: Gallery | Encoded,
     *,
     device: torch.device | str = "cpu",
     budget: int = DEFAULT_BUDGET,
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, ScoreStats]:
-    """The (Ni, Nt) score matrix of every image against every caption, block by block."""
-    n_images = images.local.feats.shape[0]
-    n_texts = texts.local.feats.shape[0]
-    plan = BlockPlan.for_model(model, n_images, n_texts, texts.local.feats.shape[1], images.local.feats.shape[1], budget)
+    """The (Ni, Nt) score matrix of every image against every caption, block by block.
+
+    Captions are best stored shortest first (``encode_texts`` of length-ordered batches, or an
+    Encoded, which is ordered here): each block is then padded only to its own longest caption.
+    """
+    if isinstance(images, Encoded):
+        images = Gallery.of(images, budget=2**62)
+    if isinstance(texts, Encoded):
+        texts = Gallery.of(texts, by_length=True, budget=2**62)
+    n_images, n_texts = len(images), len(texts)
+    plan = BlockPlan.for_model(model, n_images, n_texts, texts.max_length, images.max_length, budget)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    sims = torch.zeros(n_images, n_texts, dtype=torch.float32)
-    # Captions in order of length: each block is padded only to its own longest caption.
-    order = torch.argsort(texts.local.lengths, stable=True)
-    texts = texts.select(order)
+    sims = np.zeros((n_images, n_texts), dtype=np.float32)
+    image_ids, text_ids = np.asarray(images.ids), np.asarray(texts.ids)
     blocks = [(i, t) for i in range(0, n_images, plan.images) for t in range(0, n_texts, plan.captions)]
     mine = blocks[rank::world]
     start = time.perf_counter()
     done = 0
+    loaded: tuple[int, Encoded] | None = None  # the current image block, read once per row of blocks
     for i0, t0 in mine:
         i1, t1 = min(i0 + plan.images, n_images), min(t0 + plan.captions, n_texts)
-        block_images = images.select(slice(i0, i1)).to(device)
-        block_texts = texts.select(slice(t0, t1)).to(device)
-        sims[i0:i1, order[t0:t1]] = model.score(block_images, block_texts).float().cpu()
+        if loaded is None or loaded[0] != i0:
+            loaded = (i0, images.block(i0, i1).to(device))
+        scores = model.score(loaded[1], texts.block(t0, t1).to(device)).float().cpu().numpy()
+        sims[np.ix_(image_ids[i0:i1], text_ids[t0:t1])] = scores
         done += (i1 - i0) * (t1 - t0)
         if progress:
             progress(done, n_images * n_texts // world)
     if world > 1:
-        dist.all_reduce(sims)  # each block was filled by exactly one rank
-    return sims.numpy(), ScoreStats(n_images * n_texts, time.perf_counter() - start)
+        total = torch.from_numpy(sims)
+        dist.all_reduce(total)  # each block was filled by exactly one rank
+    return sims, ScoreStats(n_images * n_texts, time.perf_counter() - start)

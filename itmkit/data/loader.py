@@ -228,10 +228,17 @@ def image_batches(split: Split, *, batch_size: int) -> Iterator[ImageBatch]:
         )
 
 
-def caption_batches(split: Split, vocab: Vocabulary, *, batch_size: int) -> Iterator[CaptionBatch]:
-    """Every caption of `split` in index order, `batch_size` at a time, padded per batch."""
-    for start in range(0, split.num_captions, batch_size):
-        indices = np.arange(start, min(start + batch_size, split.num_captions), dtype=np.int64)
-        encoded = [np.asarray(vocab.encode(split.captions[i]), dtype=np.int64) for i in indices]
-        tokens, lengths = pad_tokens(encoded)
+def caption_batches(split: Split, vocab: Vocabulary, *, batch_size: int, by_length: bool = False) -> Iterator[CaptionBatch]:
+    """Every caption of `split`, `batch_size` at a time, padded per batch.
+
+    In index order, or with ``by_length`` shortest first (stable), so that each batch, and each
+    scoring block cut from them, pads only to a length close to its own.
+    """
+    encoded = [np.asarray(vocab.encode(c), dtype=np.int64) for c in split.captions]
+    order = np.arange(len(encoded), dtype=np.int64)
+    if by_length:
+        order = np.argsort(np.array([len(e) for e in encoded]), kind="stable")
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        tokens, lengths = pad_tokens([encoded[i] for i in indices])
         yield CaptionBatch(indices=indices, tokens=tokens, lengths=lengths)
