@@ -21,6 +21,10 @@ from itmkit.ops import EPS
 from itmkit.types import Aligned, Local
 
 RAW_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm")
+# After these the normalised affinities lie in [-1, 1], so lambda * them cannot overflow exp()
+# and the context softmax may skip subtracting its maximum.
+BOUNDED_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm")
+MAX_UNSHIFTED_LAMBDA = 60.0  # exp(60) * thousands of fragments stays far below float32's max
 SIDES = ("text", "image")
 
 
@@ -37,37 +41,47 @@ def pair_layout(query: Local, context: Local, query_side: str) -> tuple[torch.Te
     return q, qm, c, cm
 
 
-def block_dots(query: torch.Tensor, context: torch.Tensor, query_side: str) -> torch.Tensor:
-    """<q, c> for every fragment pair of every item pair, as ONE matrix product: (Ni, Nt, Lq, Lc).
+def context_major_dots(query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """<q, c> for every fragment pair of every item pair, as ONE matrix product: (Nc, Lc, Nq, Lq).
 
     Flattening both sides to (items * fragments, D) turns Ni * Nt tiny products into one large
-    GEMM, which runs near the machine's peak; the result is a permuted view, no copy.
+    GEMM, which runs near the machine's peak. The layout keeps the query fragments innermost
+    (the raw-feature norm reduces over them) and each context item's fragments as rows, so the
+    attended-vector norms become one batched product per context item (``core.cosine``).
     """
     (nq, lq, d), (nc, lc, _) = query.shape, context.shape
-    flat = query.reshape(nq * lq, d) @ context.reshape(nc * lc, d).T  # (nq*lq, nc*lc)
-    dots = flat.view(nq, lq, nc, lc)
-    # text queries: (Nt, L, Ni, R) -> (Ni, Nt, L, R); image queries: (Ni, R, Nt, L) -> (Ni, Nt, R, L)
-    return dots.permute(2, 0, 1, 3) if query_side == "text" else dots.permute(0, 2, 1, 3)
+    return (context.reshape(nc * lc, d) @ query.reshape(nq * lq, d).T).view(nc, lc, nq, lq)
 
 
-def raw_feature_norm(attn: torch.Tensor, query_mask: torch.Tensor, how: str, eps: float = EPS, scale: float = 1.0) -> torch.Tensor:
-    """SCAN's normalisation of raw affinities (…, Lq, Lc) along the query axis (dim -2), times ``scale``.
+def to_pair_axes(t: torch.Tensor, query_side: str) -> torch.Tensor:
+    """A context-major (Nc, Lc, Nq, Lq) tensor as a (Ni, Nt, Lq, Lc) view (no copy)."""
+    return t.permute(0, 2, 3, 1) if query_side == "text" else t.permute(2, 0, 3, 1)
 
-    Rows of padded queries must already be zero (``scan_attention`` zeroes padded query
+
+def to_context_major(t: torch.Tensor, query_side: str) -> torch.Tensor:
+    """The inverse of ``to_pair_axes``: (Ni, Nt, Lq, Lc) -> (Nc, Lc, Nq, Lq) view."""
+    return t.permute(0, 3, 1, 2) if query_side == "text" else t.permute(1, 3, 0, 2)
+
+
+def raw_feature_norm(attn: torch.Tensor, query_valid: torch.Tensor, how: str, eps: float = EPS, scale: float = 1.0,
+                     dim: int = -2) -> torch.Tensor:
+    """SCAN's normalisation of raw affinities along the query axis ``dim``, times ``scale``.
+
+    Entries of padded queries must already be zero (``scan_attention`` zeroes padded query
     vectors before the product), so they add nothing to the l1/l2 norms, exactly as slicing
-    each caption to its length does. Folding ``scale`` (lambda) into the per-column factor
-    saves a pass over the block.
+    each caption to its length does; ``query_valid`` (broadcastable to ``attn``) masks them out
+    of the softmax variant. Folding ``scale`` (lambda) into the per-column factor saves a pass.
     """
     if how == "softmax":
-        valid = query_mask.unsqueeze(-1)
-        normed = torch.softmax(attn.masked_fill(~valid, float("-inf")), dim=-2).masked_fill(~valid, 0.0)
+        normed = torch.softmax(attn.masked_fill(~query_valid, float("-inf")), dim=dim).masked_fill(~query_valid, 0.0)
         return normed * scale
     if how.startswith("clipped"):
         attn = F.leaky_relu(attn, 0.1)
-    if how.endswith("l2norm"):
-        return attn * (scale / (torch.linalg.vector_norm(attn, ord=2, dim=-2, keepdim=True) + eps))
-    if how.endswith("l1norm"):
-        return attn * (scale / (torch.linalg.vector_norm(attn, ord=1, dim=-2, keepdim=True) + eps))
+    for suffix, order in (("l2norm", 2), ("l1norm", 1)):
+        if how.endswith(suffix):
+            factor = scale / (torch.linalg.vector_norm(attn, ord=order, dim=dim, keepdim=True) + eps)
+            # leaky_relu made a fresh tensor; outside autograd scale it in place
+            return attn.mul_(factor) if how.startswith("clipped") and not torch.is_grad_enabled() else attn * factor
     if how in ("clipped", "no_norm"):
         return attn * scale
     raise ValueError(f"raw_feature_norm must be one of {RAW_NORMS}, got {how!r}")
@@ -79,6 +93,24 @@ def masked_softmax(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.
     return torch.nan_to_num(out, nan=0.0)
 
 
+def context_softmax(logits: torch.Tensor, context_valid: torch.Tensor, *, bounded: bool) -> torch.Tensor:
+    """Softmax of context-major logits (Nc, Lc, Nq, Lq) over the context fragments (dim 1).
+
+    With ``bounded`` logits (|logit| <= 60) exp() cannot overflow, so the maximum is not
+    subtracted; outside autograd the passes then run in place on ``logits``. Padded context
+    fragments get weight 0; a query whose context has nothing valid gets all zeros.
+    """
+    all_valid = bool(context_valid.all())
+    if not bounded:
+        return torch.softmax(logits, dim=1) if all_valid else masked_softmax(logits, context_valid.expand_as(logits), dim=1)
+    in_place = not torch.is_grad_enabled()  # no graph would need the overwritten values
+    e = logits.exp_() if in_place else logits.exp()
+    if not all_valid:
+        e = e.mul_(context_valid) if in_place else e * context_valid
+    total = e.sum(dim=1, keepdim=True).clamp_(min=torch.finfo(e.dtype).tiny)
+    return e.div_(total) if in_place else e / total
+
+
 def scan_attention(
     query: Local,
     context: Local,
@@ -88,15 +120,16 @@ def scan_attention(
     raw_norm: str = "clipped_l2norm",
     eps: float = EPS,
 ) -> Aligned:
-    """Every query fragment attending over the other side's fragments, for all Ni x Nt pairs (SCAN eq. 7-8)."""
+    """Every query fragment attending over the other side's fragments, for all Ni x Nt pairs (SCAN eq. 7-8).
+
+    Weights and dots are (Ni, Nt, Lq, Lc) views of context-major tensors (``context_major_dots``).
+    """
     query = Local(query.feats * query.mask.unsqueeze(-1), query.mask, query.extras)  # padded queries -> 0
+    dots = context_major_dots(query.feats, context.feats)
+    logits = raw_feature_norm(dots, query.mask[None, None], raw_norm, eps, scale=lambda_softmax, dim=-1)
+    bounded = raw_norm in BOUNDED_NORMS and abs(lambda_softmax) <= MAX_UNSHIFTED_LAMBDA
+    weights = context_softmax(logits, context.mask[:, :, None, None], bounded=bounded)
     q, q_mask, c, c_mask = pair_layout(query, context, query_side)
-    dots = block_dots(query.feats, context.feats, query_side)
-    q_mask_b = q_mask.expand(dots.shape[:-1])  # (Ni, Nt, Lq)
-    logits = raw_feature_norm(dots, q_mask_b, raw_norm, eps, scale=lambda_softmax)
-    if bool(context.mask.all()):  # every context fragment valid (36 regions, say): plain softmax
-        weights = torch.softmax(logits, dim=-1)
-    else:
-        weights = masked_softmax(logits, c_mask.unsqueeze(-2).expand_as(dots))
-    return Aligned(query=q, weights=weights, context=c, query_mask=q_mask_b, query_side=query_side,
-                   dots=dots, context_mask=c_mask)
+    weights, dots = to_pair_axes(weights, query_side), to_pair_axes(dots, query_side)
+    return Aligned(query=q, weights=weights, context=c, query_mask=q_mask.expand(dots.shape[:-1]),
+                   query_side=query_side, dots=dots, context_mask=c_mask)

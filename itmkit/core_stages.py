@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from itmkit.attention import to_context_major
 from itmkit.hookspecs import hookimpl
 from itmkit.ops import EPS, cosine, l2norm, masked_last, masked_max, masked_mean, xavier_linear_
 from itmkit.stage import PortError, Stage, param
@@ -235,6 +236,9 @@ class CosineHead(nn.Module):
 
         numerator = sum_c w_qc <q, c>;  ||attended||^2 = w G w^T with G the context Gram matrix.
         """
+        fast = context_major_cosine(x, self.eps)
+        if fast is not None:
+            return fast
         dots = x.dots if x.dots is not None else x.query @ x.context.transpose(-1, -2)  # (Ni, Nt, Lq, Lc)
         numerator = (x.weights * dots).sum(-1)
         gram = x.context @ x.context.transpose(-1, -2)  # (Ni, 1, Lc, Lc) or (1, Nt, Lc, Lc): per item
@@ -249,6 +253,31 @@ class CosineHead(nn.Module):
         attended_sq = (wg * x.weights).sum(-1).clamp(min=0)
         norms = x.query.norm(dim=-1) * attended_sq.sqrt()
         return numerator / norms.clamp(min=self.eps)
+
+
+def context_major_cosine(x: Aligned, eps: float) -> torch.Tensor | None:
+    """``aligned_cosine`` on context-major weights and dots (as ``scan_attention`` lays them out).
+
+    Each context item's weights are then a (Lc, Nq * Lq) matrix, so w G w^T is one batched
+    product with its (Lc, Lc) Gram matrix and the sums run over rows. None if the layout differs.
+    """
+    if x.dots is None:
+        return None
+    w, d = to_context_major(x.weights, x.query_side), to_context_major(x.dots, x.query_side)
+    text_queries = x.query_side == "text"
+    context = x.context.squeeze(1) if text_queries else x.context.squeeze(0)  # (Nc, Lc, D)
+    query = x.query.squeeze(0) if text_queries else x.query.squeeze(1)  # (Nq, Lq, D)
+    nc, lc, nq, lq = w.shape
+    if not (w.is_contiguous() and d.is_contiguous() and context.shape[:2] == (nc, lc) and query.shape[:2] == (nq, lq)):
+        return None
+    w, d = w.view(nc, lc, nq * lq), d.view(nc, lc, nq * lq)
+    numerator = (w * d).sum(dim=1)
+    wg = torch.bmm(context @ context.transpose(1, 2), w)  # (Nc, Lc, Nq * Lq)
+    wg = wg.mul_(w) if not torch.is_grad_enabled() else wg * w
+    attended_sq = wg.sum(dim=1).clamp(min=0)
+    norms = query.norm(dim=-1).reshape(1, nq * lq) * attended_sq.sqrt()
+    cos = (numerator / norms.clamp(min=eps)).view(nc, nq, lq)
+    return cos if text_queries else cos.transpose(0, 1)
 
 
 @attrs.frozen(kw_only=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
 
 from itmkit.attention import RAW_NORMS, scan_attention
-from itmkit.core_stages import CosineHead
+from itmkit.core_stages import CosineHead, context_major_cosine
 from itmkit.ops import l2norm
 from itmkit.types import Local, lengths_to_mask
 
@@ -64,7 +65,8 @@ def _block(seed: int, n_images=4, n_captions=6, regions=7, words=9, dim=16):
 
 @pytest.mark.parametrize("raw_norm", RAW_NORMS)
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
-def test_block_attention_equals_the_per_caption_loop(raw_norm, direction):
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "scoring"])  # scoring works in place
+def test_block_attention_equals_the_per_caption_loop(raw_norm, direction, grad):
     images, captions, lengths = _block(seed=len(raw_norm) + (direction == "i2t"))
     smooth = 9.0 if direction == "t2i" else 4.0
     expected = official_scores(images, captions, lengths, direction, raw_norm, smooth)
@@ -73,8 +75,9 @@ def test_block_attention_equals_the_per_caption_loop(raw_norm, direction):
     cap = Local(captions, lengths_to_mask(lengths, captions.shape[1]))
     query, context = (cap, img) if direction == "t2i" else (img, cap)
     side = "text" if direction == "t2i" else "image"
-    aligned = scan_attention(query, context, query_side=side, lambda_softmax=smooth, raw_norm=raw_norm)
-    sims = CosineHead()(aligned)  # PairSims (Ni, Nt, Lq, 1), never materialising the attended vectors
+    with torch.set_grad_enabled(grad):
+        aligned = scan_attention(query, context, query_side=side, lambda_softmax=smooth, raw_norm=raw_norm)
+        sims = CosineHead()(aligned)  # PairSims (Ni, Nt, Lq, 1), never materialising the attended vectors
     per_query = sims.sims.squeeze(-1) * sims.mask
     ours = per_query.sum(-1) / sims.mask.sum(-1)
     assert ours.shape == expected.shape == (4, 6)
@@ -109,3 +112,24 @@ def test_float32_fast_path_is_within_1e5_of_the_reference():
     sims = CosineHead()(scan_attention(cap, img, query_side="text", lambda_softmax=9.0))
     ours = (sims.sims.squeeze(-1) * sims.mask).sum(-1) / sims.mask.sum(-1)
     torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("smooth", [4.0, 100.0])  # 100: past the unshifted-exp bound, the max is subtracted
+def test_the_context_major_cosine_equals_the_general_one(direction, smooth):
+    """core.cosine's batched Gram path (context-major layout) against its general path on copies."""
+    images, captions, lengths = _block(seed=11)
+    img = Local(images, torch.ones(images.shape[:2], dtype=torch.bool))
+    cap = Local(captions, lengths_to_mask(lengths, captions.shape[1]))
+    query, context = (cap, img) if direction == "t2i" else (img, cap)
+    side = "text" if direction == "t2i" else "image"
+    with torch.no_grad():
+        aligned = scan_attention(query, context, query_side=side, lambda_softmax=smooth)
+        assert context_major_cosine(aligned, 1e-8) is not None
+        fast = CosineHead().aligned_cosine(aligned)
+        copied = attrs.evolve(aligned, weights=aligned.weights.contiguous(), dots=aligned.dots.contiguous())
+        assert context_major_cosine(copied, 1e-8) is None  # another layout: the general path
+        torch.testing.assert_close(fast, CosineHead().aligned_cosine(copied), rtol=0, atol=1e-12)
+        expected = official_scores(images, captions, lengths, direction, "clipped_l2norm", smooth)
+    mask = aligned.query_mask.expand(fast.shape)
+    torch.testing.assert_close((fast * mask).sum(-1) / mask.sum(-1), expected, rtol=0, atol=1e-10)

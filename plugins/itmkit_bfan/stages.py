@@ -78,7 +78,11 @@ def focal_reassign(weights: torch.Tensor, context_mask: torch.Tensor, focal_type
     kept = weights * focal_keep(weights, context_mask, focal_type)
     total = kept.sum(dim=-1, keepdim=True)
     some = total > 0  # False only where alpha is uniform over the context (or the context is empty)
-    return torch.where(some, kept / total.masked_fill(~some, 1.0), weights)
+    reassigned = kept / total.masked_fill(~some, 1.0)
+    if torch.is_grad_enabled():  # out= does not record a graph
+        return torch.where(some, reassigned, weights)
+    # keep the weights' memory layout, which core.cosine's fast path relies on
+    return torch.where(some, reassigned, weights, out=torch.empty_like(weights))
 
 
 class FocalAttention(nn.Module):
