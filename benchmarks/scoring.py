@@ -1,8 +1,9 @@
 """Cross-attention scoring speed: itmkit's block engine against the official per-caption loop.
 
 Scores a gallery of Ni images x Nt captions (36 regions, d = 1024, caption lengths 8 to 20,
-random unit vectors) with each model, the way `itmkit eval` does (``score_all``), and with a
-faithful reference of the official algorithm (SCAN's ``shard_xattn_*``: shards of 128 images,
+random unit vectors) with each model, the way `itmkit eval` does (galleries filled batch by
+batch, captions shortest first, then ``score_all``), and with a faithful reference of the
+official algorithm (SCAN's ``shard_xattn_*`` and BFAN's ``shard_xattn``: shards of 128 images,
 one caption at a time sliced to its length and repeated over the shard). The reference is
 timed on a slice of the captions (it is slow; its pairs per second do not depend on how many
 captions it sees) and its scores are checked against ours on that slice. Each measurement runs
@@ -26,13 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from itmkit.build import DataPorts, Encoded, build_model
+from itmkit.gallery import Gallery
 from itmkit.ops import l2norm
 from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
-from itmkit.types import Local, lengths_to_mask
+from itmkit.types import Local
 
 HERE = Path(__file__).parent
 SHARD = 128  # the official evaluation's image shard
+BATCH = 128  # encoding batch, as `itmkit eval` fills its galleries
+DIM, REGIONS, MAX_LEN = 1024, 36, 20
 
 BASE = """
 [recipe]
@@ -60,30 +64,64 @@ cross = { stage = "scan.i2t", lambda_softmax = 4.0 }
 similarity = { stage = "core.cosine" }
 aggregate = { stage = "core.mean" }
 """,
+    "BFAN equal (t2i + i2t)": """
+[[match]]
+cross = { stage = "bfan.t2i", lambda_softmax = 20.0, focal_type = "equal" }
+similarity = { stage = "core.cosine" }
+aggregate = { stage = "core.mean" }
+[[match]]
+cross = { stage = "bfan.i2t", lambda_softmax = 20.0, focal_type = "equal" }
+similarity = { stage = "core.cosine" }
+aggregate = { stage = "core.mean" }
+""",
 }
 
 
-def gallery(n_images: int, n_captions: int, seed: int = 0) -> tuple[Encoded, Encoded]:
-    g = torch.Generator().manual_seed(seed)
-    images = l2norm(torch.randn(n_images, 36, 1024, generator=g))
-    lengths = torch.randint(8, 21, (n_captions,), generator=g)
-    captions = l2norm(torch.randn(n_captions, 20, 1024, generator=g))
-    mask = lengths_to_mask(lengths, 20)
-    captions = captions * mask.unsqueeze(-1)
-    return (Encoded(Local(images, torch.ones(n_images, 36, dtype=torch.bool))),
-            Encoded(Local(captions, mask)))
+def caption_lengths(n_captions: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(8, MAX_LEN + 1, (n_captions,), generator=torch.Generator().manual_seed(seed))
+
+
+def caption(i: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Caption ``i``'s (length, d) unit word vectors: the same whichever order they are made in."""
+    return l2norm(torch.randn(length, DIM, generator=torch.Generator().manual_seed(seed * 1_000_003 + i + 1)))
+
+
+def image_feats(n_images: int, seed: int = 0) -> torch.Tensor:
+    return l2norm(torch.randn(n_images, REGIONS, DIM, generator=torch.Generator().manual_seed(seed)))
+
+
+def galleries(n_images: int, n_captions: int) -> tuple[Gallery, Gallery]:
+    """Both sides as `itmkit eval` holds them: batches appended, captions shortest first."""
+    images = image_feats(n_images)
+    image_side = Gallery.of(Encoded(Local(images, torch.ones(n_images, REGIONS, dtype=torch.bool))), batch=BATCH)
+    lengths = caption_lengths(n_captions)
+    texts = Gallery()
+    order = torch.argsort(lengths, stable=True).tolist()
+    for start in range(0, n_captions, BATCH):
+        rows = order[start:start + BATCH]
+        width = int(lengths[rows].max())
+        feats = torch.zeros(len(rows), width, DIM)
+        for k, i in enumerate(rows):
+            feats[k, : int(lengths[i])] = caption(i, int(lengths[i]))
+        mask = torch.arange(width)[None] < lengths[rows][:, None]
+        texts.append(Encoded(Local(feats, mask)), rows)
+    return image_side, texts
 
 
 # ----------------------------------------------------------------- the official algorithm
 
 
-def official_attention(query, context, smooth, eps=1e-8):
-    """func_attention with clipped_l2norm: query (B, Lq, d), context (B, Lc, d)."""
+def official_attention(query, context, smooth, focal: bool = False, eps=1e-8):
+    """func_attention with clipped_l2norm: query (B, Lq, d), context (B, Lc, d); BFAN's focal-equal step if asked."""
     attn = torch.bmm(context, query.transpose(1, 2))
     attn = F.leaky_relu(attn, 0.1)
     attn = attn / (attn.pow(2).sum(dim=2, keepdim=True).sqrt() + eps)
     b, lc, lq = attn.shape
     attn = torch.softmax(attn.transpose(1, 2).contiguous().view(b * lq, lc) * smooth, dim=1).view(b, lq, lc)
+    if focal:  # keep the context items above the mean weight, renormalise
+        keep = (attn * lc - attn.sum(dim=-1, keepdim=True)) > 0
+        attn = attn * keep
+        attn = attn / attn.sum(dim=-1, keepdim=True)
     return torch.bmm(context.transpose(1, 2), attn.transpose(1, 2).contiguous()).transpose(1, 2)
 
 
@@ -91,19 +129,25 @@ def official_cosine(a, b, eps=1e-8):
     return (a * b).sum(2) / (a.norm(dim=2) * b.norm(dim=2)).clamp(min=eps)
 
 
-def reference_scores(name: str, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """shard_xattn_t2i / _i2t: for each shard of 128 images, for each caption, the official steps."""
-    out = torch.zeros(images.shape[0], captions.shape[0])
+def reference_column(name: str, shard: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """One caption (sliced to its length, repeated over the shard) against a shard of images."""
+    if name.startswith("scan.t2i"):
+        row = official_cosine(cap, official_attention(cap, shard, 9.0))
+        return torch.log(torch.exp(row * 6.0).sum(1)) / 6.0
+    if name.startswith("scan.i2t"):
+        return official_cosine(shard, official_attention(shard, cap, 4.0)).mean(1)
+    t2i = official_cosine(cap, official_attention(cap, shard, 20.0, focal=True)).mean(1)
+    i2t = official_cosine(shard, official_attention(shard, cap, 20.0, focal=True)).mean(1)
+    return t2i + i2t
+
+
+def reference_scores(name: str, images: torch.Tensor, captions: list[torch.Tensor]) -> torch.Tensor:
+    """shard_xattn: for each shard of 128 images, for each caption, the official steps."""
+    out = torch.zeros(images.shape[0], len(captions))
     for s0 in range(0, images.shape[0], SHARD):
         shard = images[s0:s0 + SHARD]
-        for i in range(captions.shape[0]):
-            cap = captions[i, : int(lengths[i])].unsqueeze(0).repeat(shard.shape[0], 1, 1)
-            if name.startswith("scan.t2i"):
-                row = official_cosine(cap, official_attention(cap, shard, 9.0))
-                out[s0:s0 + SHARD, i] = torch.log(torch.exp(row * 6.0).sum(1)) / 6.0
-            else:
-                row = official_cosine(shard, official_attention(shard, cap, 4.0))
-                out[s0:s0 + SHARD, i] = row.mean(1)
+        for i, cap in enumerate(captions):
+            out[s0:s0 + SHARD, i] = reference_column(name, shard, cap.unsqueeze(0).repeat(shard.shape[0], 1, 1))
     return out
 
 
@@ -117,7 +161,7 @@ def _peak_mb() -> float:
 def run_ours(name: str, n_images: int, n_captions: int, queue) -> None:
     torch.manual_seed(0)
     model = build_model(parse_recipe(BASE.format(match=MODELS[name])), DataPorts(2048, 100, 36)).eval()
-    images, texts = gallery(n_images, n_captions)
+    images, texts = galleries(n_images, n_captions)
     start = time.perf_counter()
     sims, _ = score_all(model, images, texts)
     seconds = time.perf_counter() - start
@@ -126,12 +170,12 @@ def run_ours(name: str, n_images: int, n_captions: int, queue) -> None:
 
 
 def run_reference(name: str, n_images: int, n_captions: int, n_ref: int, queue) -> None:
-    images, texts = gallery(n_images, n_captions)
-    captions = texts.local.feats[:n_ref]
-    lengths = texts.local.lengths[:n_ref]
+    images = image_feats(n_images)
+    lengths = caption_lengths(n_captions)[:n_ref]
+    captions = [caption(i, int(n)) for i, n in enumerate(lengths)]
     with torch.no_grad():
         start = time.perf_counter()
-        sims = reference_scores(name, images.local.feats, captions, lengths)
+        sims = reference_scores(name, images, captions)
         seconds = time.perf_counter() - start
     queue.put({"seconds": seconds, "pairs_per_second": n_images * n_ref / seconds, "peak_mb": _peak_mb(),
                "sims": sims.numpy()})

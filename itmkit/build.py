@@ -22,11 +22,12 @@ from itmkit.types import Aligned, GlobalPort, Local, LocalPort, Port, RegionsPor
 
 @attrs.frozen
 class DataPorts:
-    """What the data gives the encoders: feature size, vocabulary size, regions per image."""
+    """What the data gives the encoders: feature size, vocabulary size, regions per image, mask token."""
 
     feature_dim: int
     vocab_size: int
     num_regions: int | None = None
+    mask_id: int | None = None  # the vocabulary's mask token, if it has one (GPO's caption augmentation)
 
 
 @attrs.frozen
@@ -121,7 +122,7 @@ def wire(recipe: Recipe, data: DataPorts) -> Wiring:
         return wires, local, glob
 
     image_wires, image_local, image_global = tower("image", RegionsPort(data.feature_dim))
-    text_wires, text_local, text_global = tower("text", TokensPort(data.vocab_size))
+    text_wires, text_local, text_global = tower("text", TokensPort(data.vocab_size, data.mask_id))
 
     def side_offers(side: str, local: Port | None, glob: Port | None) -> dict[type[Port], tuple[Port, str]]:
         offers = {}

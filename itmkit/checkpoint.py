@@ -126,8 +126,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if missing:
         raise CheckpointError(f"{path}: not an itmkit checkpoint (metadata lacks {', '.join(missing)})")
     recipe = parse_recipe(meta["recipe"], f"{path} [recipe metadata]")
-    vocab = Vocabulary.from_json(json.loads(meta["vocab"]))
-    ports = DataPorts(int(meta["feature_dim"]), int(meta["vocab_size"]), int(meta["num_regions"]) if meta.get("num_regions") else None)
+    # The text encoder decides what the stored vocabulary is (a BERT encoder re-reads its tokenizer).
+    vocab = recipe.text.encoder.spec.vocabulary(lambda: Vocabulary.from_json(json.loads(meta["vocab"])))
+    if meta.get("vocab_sha256") and vocab.sha256() != meta["vocab_sha256"]:
+        raise CheckpointError(f"{path}: the caption vocabulary of {recipe.text.encoder.spec.name} differs from the"
+                              " one the model was trained with (sha256 mismatch): its tokenizer files changed")
+    ports = DataPorts(int(meta["feature_dim"]), int(meta["vocab_size"]), int(meta["num_regions"]) if meta.get("num_regions") else None,
+                      mask_id=getattr(vocab, "mask_id", None))
     model = build_model(recipe, ports)
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         keys = set(f.keys())

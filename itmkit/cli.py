@@ -80,7 +80,7 @@ def build(
     from itmkit.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    ports, note = _build_ports(data or r.data.path, r.data.vocab)
+    ports, note = _build_ports(r, data or r.data.path)
     model = build_model(r, ports, seed=r.train.seed)
     table = Table(title=f"{r.info.name}  ({recipe})")
     for column in ("slot", "stage", "consumes", "produces", "params"):
@@ -91,20 +91,23 @@ def build(
     out.print(escape(f"total parameters: {count_parameters(model):,}   data: {note}"), soft_wrap=True)
 
 
-def _build_ports(path: str, vocab_path: str):
+def _build_ports(recipe, path: str):
     """Data dims for ``build``: from the data when it is there, else the SCAN defaults."""
     from itmkit.build import DataPorts
     from itmkit.data.vocab import Vocabulary
-    from itmkit.datasets import BUILTIN, data_ports, open_named_split, resolve_data_dir, resolve_vocab
+    from itmkit.datasets import BUILTIN, data_ports, open_named_split, resolve_data_dir, text_vocabulary
 
     if path == BUILTIN or Path(path).is_dir():
         folder = resolve_data_dir(path, log=err.print)
         train = open_named_split(folder, "train")
-        vocab = resolve_vocab(vocab_path, folder, train)
+        vocab = text_vocabulary(recipe, folder, train)
         ports = data_ports(train, vocab)
         return ports, f"{folder} ({ports.feature_dim}-d regions, {ports.vocab_size} words)"
-    vocab_size = len(Vocabulary.load(vocab_path)) if vocab_path else 8481
-    return DataPorts(2048, vocab_size, 36), f"{path} not found: assuming 36 x 2048-d regions and {vocab_size} words"
+    words = Vocabulary.load(recipe.data.vocab) if recipe.data.vocab else None
+    vocab = recipe.text.encoder.spec.vocabulary(lambda: words)  # None when there is no vocabulary at all
+    vocab_size = len(vocab) if vocab is not None else 8481
+    ports = DataPorts(2048, vocab_size, 36, mask_id=getattr(vocab, "mask_id", None))
+    return ports, f"{path} not found: assuming 36 x 2048-d regions and {vocab_size} words"
 
 
 # ------------------------------------------------------------------------------------ train
@@ -196,7 +199,8 @@ def eval_(
 def import_(
     name: Annotated[str, typer.Argument(help="which paper's format: scan, bfan, pfan, ... (see `itmkit plugins`)")],
     checkpoint: Annotated[Path, typer.Argument(help="the official model_best.pth.tar")],
-    vocab: Annotated[Path, typer.Option("--vocab", help="the official vocabulary JSON it was trained with")],
+    vocab: Annotated[Path, typer.Option("--vocab", help="the official vocabulary JSON it was trained with"
+                                        " (a BERT text encoder: its local model directory)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="itmkit checkpoint to write (.safetensors)")],
 ) -> None:
     """Convert an official checkpoint into an itmkit checkpoint that `itmkit eval` uses directly."""

@@ -12,6 +12,7 @@ from itmkit.data.shapes import GENERATOR_VERSION, write_shapes
 from itmkit.data.split import Split, open_split
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import DataError
+from itmkit.recipe import Recipe
 
 BUILTIN = "shapes"
 
@@ -58,8 +59,18 @@ def resolve_vocab(vocab_path: str, data_dir: Path, train: Split) -> Vocabulary:
     return Vocabulary.build(train.captions, threshold=4)
 
 
+def text_vocabulary(recipe: Recipe, data_dir: Path, train: Split):
+    """What the recipe's captions are tokenised with: the data's words, as its text encoder takes them.
+
+    Usually the word vocabulary of ``resolve_vocab``; GPO's encoder appends ``<mask>`` to it, a
+    BERT encoder replaces it with its WordPiece tokenizer (``Stage.vocabulary``).
+    """
+    return recipe.text.encoder.spec.vocabulary(lambda: resolve_vocab(recipe.data.vocab, data_dir, train))
+
+
 def data_ports(split: Split, vocab: Vocabulary) -> DataPorts:
-    return DataPorts(feature_dim=split.feature_dim, vocab_size=len(vocab), num_regions=split.num_regions)
+    return DataPorts(feature_dim=split.feature_dim, vocab_size=len(vocab), num_regions=split.num_regions,
+                     mask_id=getattr(vocab, "mask_id", None))
 
 
 def open_named_split(data_dir: Path, name: str) -> Split:

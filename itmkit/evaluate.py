@@ -12,7 +12,7 @@ from itmkit.data.vocab import Vocabulary
 from itmkit.evaluation import protocol_metrics
 from itmkit.progress import task
 from itmkit.gallery import DEFAULT_GALLERY_BUDGET
-from itmkit.scoring import DEFAULT_BUDGET, ScoreStats, encode_images, encode_texts, score_all
+from itmkit.scoring import ScoreStats, encode_images, encode_texts, score_all
 
 
 def similarity_matrix(
@@ -22,14 +22,14 @@ def similarity_matrix(
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
-    budget: int = DEFAULT_BUDGET,
+    budget: int | None = None,
     gallery_budget: int = DEFAULT_GALLERY_BUDGET,
     progress=None,
     label: str = "",
 ) -> tuple[np.ndarray, ScoreStats]:
     """(images, captions) scores of one model on a split: encode each side once, then score blocks.
 
-    Working memory: ``budget`` for a block plus at most ``gallery_budget`` of encodings per side
+    Working memory: ``budget`` for a block (by default sized for the device) plus at most ``gallery_budget`` of encodings per side
     (the rest waits on disk), besides the 4-byte-per-pair matrix itself.
     """
     was_training = model.training

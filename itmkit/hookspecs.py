@@ -19,4 +19,6 @@ def register_importers() -> dict:
 
     ``convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted`` (see
     ``itmkit.importing``) maps the paper's options to a recipe and its weights to our stages.
+    A converter whose ``vocab`` is annotated ``Vocabulary | ModelDirectory`` also accepts a
+    directory as ``--vocab`` (a pretrained text encoder's files, e.g. BERT's).
     """

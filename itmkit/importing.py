@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,25 @@ class Converted:
     data: DataPorts
 
 
+@attrs.frozen
+class ModelDirectory:
+    """``--vocab`` naming a directory: a pretrained text encoder's files (BERT: config.json, vocab.txt).
+
+    Only a converter whose ``vocab`` parameter is annotated to accept it receives one.
+    """
+
+    path: Path
+
+
 Converter = Callable[[OfficialCheckpoint, Vocabulary], Converted]
+
+
+def _reads_model_directory(converter: Converter) -> bool:
+    try:
+        hint = typing.get_type_hints(converter).get("vocab")
+    except Exception:  # unresolvable annotations: treat as a plain vocabulary reader
+        return False
+    return hint is ModelDirectory or ModelDirectory in typing.get_args(hint)
 
 
 def read_official(path: str | Path) -> OfficialCheckpoint:
@@ -124,10 +143,23 @@ def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: 
     if name not in importers:
         raise CheckpointError(f"no importer {name!r}" + did_you_mean(name, importers))
     official = read_official(path)
-    vocab = Vocabulary.load(vocab_path)
-    converted = importers[name](official, vocab)
+    source = Path(vocab_path)
+    if source.is_dir():
+        if not _reads_model_directory(importers[name]):
+            raise CheckpointError(f"--vocab {source} is a directory; `itmkit import {name}` reads the official"
+                                  " vocabulary JSON")
+        words: Vocabulary | ModelDirectory = ModelDirectory(source)
+    else:
+        words = Vocabulary.load(source)
+    converted = importers[name](official, words)
     recipe = parse_recipe(converted.recipe, f"{path} [converted options]")
-    model = build_model(recipe, converted.data)
+    # What the model reads captions with, as its text encoder takes the words (GPO appends <mask>).
+    vocab = recipe.text.encoder.spec.vocabulary(lambda: words)
+    if isinstance(vocab, ModelDirectory):
+        raise CheckpointError(f"{path}: the converted text encoder {recipe.text.encoder.spec.name} does not read"
+                              f" a model directory; pass the official vocabulary JSON as --vocab")
+    data = attrs.evolve(converted.data, vocab_size=len(vocab), mask_id=getattr(vocab, "mask_id", None))
+    model = build_model(recipe, data)
     check_state(converted.state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, f"{path} -> {name}")
     model.load_state_dict(converted.state, strict=True)
     save_checkpoint(out, model, vocab, imported_from=str(path), epoch=str(official.epoch),

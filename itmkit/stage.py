@@ -13,6 +13,7 @@ import abc
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -65,6 +66,17 @@ class Stage(abc.ABC):
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
         """Bytes of working memory this stage needs per image x caption pair (scoring blocks)."""
         return 64
+
+    def vocabulary(self, words: Callable[[], Any]) -> Any:
+        """What captions are tokenised with when this stage is the text encoder.
+
+        ``words()`` gives the data's word vocabulary (``itmkit.data.vocab.Vocabulary``); it is
+        only read when called. The default is that vocabulary unchanged. A text encoder may extend
+        it (GPO appends ``<mask>``) or bring its own tokenizer instead (BERT's WordPiece): any
+        object with ``encode(caption) -> ids``, ``len()``, ``to_json()``, ``sha256()`` and
+        ``mask_id`` will do.
+        """
+        return words()
 
 
 @attrs.frozen

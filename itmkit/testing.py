@@ -61,7 +61,7 @@ SEED = 0
 # The sample ports offered to ports() for each port class it may accept.
 SAMPLE_PORTS: dict[type[Port], tuple[Port, ...]] = {
     RegionsPort: (RegionsPort(FEATURE_DIM),),
-    TokensPort: (TokensPort(VOCAB),),
+    TokensPort: (TokensPort(VOCAB, mask_id=VOCAB - 1),),  # a vocabulary whose last word is a mask token
     LocalPort: (LocalPort(DIM),),
     GlobalPort: (GlobalPort(DIM),),
     AlignedPort: (AlignedPort(DIM),),
@@ -415,8 +415,10 @@ def _pair_sims_problem(out: Any, port: PairSimsPort, x: Any, promised: str) -> s
     shape = out.sims.shape
     if out.sims.dim() != 4 or shape[:2] != (NI, NT) or shape[3] != port.dim:
         return f"PairSims sims have shape {tuple(shape)}, expected ({NI}, {NT}, N, {port.dim})"
-    if isinstance(x, Aligned) and shape[2] != x.query.shape[-2]:
-        return f"PairSims has {shape[2]} fragments per pair, the Aligned input has {x.query.shape[-2]} queries"
+    # One node per query fragment, or one more when a head puts a pair-level node first (SGRAF's global node).
+    if isinstance(x, Aligned) and shape[2] not in (x.query.shape[-2], x.query.shape[-2] + 1):
+        return (f"PairSims has {shape[2]} fragments per pair, the Aligned input has {x.query.shape[-2]} queries"
+                " (expected one per query, plus at most one pair-level node first)")
     if out.mask.dtype != torch.bool or out.mask.shape != shape[:3]:
         return f"PairSims mask is {out.mask.dtype} {tuple(out.mask.shape)}, expected bool {tuple(shape[:3])}"
     return None

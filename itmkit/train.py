@@ -26,7 +26,7 @@ from itmkit.checkpoint import (
     save_checkpoint,
 )
 from itmkit.data.loader import train_loader
-from itmkit.datasets import data_ports, open_named_split, resolve_data_dir, resolve_vocab
+from itmkit.datasets import data_ports, open_named_split, resolve_data_dir, text_vocabulary
 from itmkit.evaluate import evaluate
 from itmkit.progress import task
 from itmkit.recipe import Recipe
@@ -44,12 +44,33 @@ class TrainResult:
     seconds: float
 
 
+def parameter_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters, grouped by learning-rate scale.
+
+    A submodule with a float attribute ``lr_scale`` trains its parameters at that multiple of
+    the learning rate (GPO trains BERT at 0.1x); the innermost such module wins. One group
+    when nothing sets a scale.
+    """
+    scales: dict[int, float] = {}
+    for module in model.modules():  # parents before children, so the innermost scale is set last
+        scale = getattr(module, "lr_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            scales.update({id(p): float(scale) for p in module.parameters()})
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(scales.get(id(p), 1.0), []).append(p)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model)
+    for group in groups:
+        group["lr"] = t.lr * group["lr_scale"]
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def learning_rate(recipe: Recipe, epoch: int) -> float:
@@ -95,7 +116,7 @@ def train(
                                     log=log)
     train_split = open_named_split(data_dir, recipe.data.train_split)
     dev_split = open_named_split(data_dir, recipe.data.dev_split).truncate(recipe.data.dev_images)
-    vocab = resolve_vocab(recipe.data.vocab, data_dir, train_split)
+    vocab = text_vocabulary(recipe, data_dir, train_split)
     ports = data_ports(train_split, vocab)
 
     model = build_model(recipe, ports, seed=t.seed).to(device)
@@ -122,7 +143,7 @@ def train(
     for epoch in range(first_epoch, t.epochs):
         lr = learning_rate(recipe, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         model.train()
         loader = train_loader(train_split, vocab, batch_size=t.batch_size, seed=t.seed, epoch=epoch)
         loss_sum, batches = 0.0, 0

@@ -35,6 +35,8 @@ class RegionsPort(Port):
 class TokensPort(Port):
     """Raw text input: token ids (B, L); dim = vocabulary size."""
 
+    mask_id: int | None = None  # id of the vocabulary's mask token (GPO's <mask>), None if it has none
+
 
 @attrs.frozen
 class LocalPort(Port):

@@ -38,6 +38,7 @@ class Vocabulary:
     UNK = "<unk>"
     SPECIALS = (PAD, START, END, UNK)
     PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
+    MASK = "<mask>"  # not one of the four: GPO appends it for its caption augmentation
 
     def __init__(self, words: list[str]) -> None:
         if tuple(words[:4]) != self.SPECIALS:
@@ -70,6 +71,11 @@ class Vocabulary:
 
     def __repr__(self) -> str:
         return f"Vocabulary({len(self)} words)"
+
+    @property
+    def mask_id(self) -> int | None:
+        """The index of <mask>, or None when the vocabulary has none."""
+        return self.word2idx.get(self.MASK)
 
     def add_word(self, word: str) -> int:
         """The index of `word`, appending it first if absent (GPO appends '<mask>')."""

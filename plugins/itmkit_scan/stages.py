@@ -56,11 +56,10 @@ def _cross_ports(image: LocalPort, text: LocalPort) -> AlignedPort:
 
 
 def _cross_pair_bytes(text_len: int, image_len: int) -> int:
-    # float32 tensors of (queries x context) per pair alive at the peak: the raw dots (kept in
-    # Aligned for core.cosine), the clipped and normalised affinities, the scaled logits, the
-    # softmax weights, and in core.cosine weights*dots, weights@Gram and its product with the
-    # weights. That is 8; autograd keeps most of them during training.
-    return 8 * 4 * text_len * image_len
+    # float32 (queries x context) arrays per pair alive at the peak of a scoring block (no
+    # autograd, so the attention works in place): the raw dots kept in Aligned, the logits that
+    # become the weights, and in core.cosine weights * dots, then weights @ Gram.
+    return 4 * 4 * text_len * image_len
 
 
 @attrs.frozen(kw_only=True)

@@ -312,6 +312,6 @@ def test_no_tensor_of_the_forward_pass_exceeds_the_block_working_memory(cls):
 
 def test_pair_bytes_grows_with_both_lengths():
     spec = TextToImage()
-    assert spec.pair_bytes(text_len=12, image_len=36) == 8 * 4 * 12 * 36
+    assert spec.pair_bytes(text_len=12, image_len=36) == 4 * 4 * 12 * 36  # four float32 (words x regions) arrays
     assert ImageToText().pair_bytes(text_len=12, image_len=36) == spec.pair_bytes(text_len=12, image_len=36)
     assert LogSumExp().pair_bytes(text_len=12, image_len=36) >= 4 * 36
