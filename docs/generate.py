@@ -1,12 +1,14 @@
-"""Regenerate docs/recipes.md, the stage reference, from the registry: ``python docs/generate.py``.
+"""Regenerate docs/recipes.md from the registry and the recorded runs: ``python docs/generate.py``.
 
 It documents the built-in stages and the project's own plugins (the ``itmkit`` entry points in
-pyproject.toml), whatever else is installed. ``python docs/generate.py --check`` writes nothing and
+pyproject.toml), whatever else is installed, after a table of the recipes measured on the
+built-in data (``docs/results/*.json``, written by ``docs/record_result.py``). ``python docs/generate.py --check`` writes nothing and
 exits 1 when the file is out of date. tests/test_docs.py keeps the file in step with the code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tomllib
@@ -14,6 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "docs" / "recipes.md"
+RESULTS = ROOT / "docs" / "results"
+KIND_ORDER = ("baseline", "paper", "cross-paper")  # docs/record_result.py --kind
 
 
 def project_plugins() -> list[str]:
@@ -22,7 +26,7 @@ def project_plugins() -> list[str]:
     return sorted(pyproject.get("project", {}).get("entry-points", {}).get("itmkit", {}))
 
 
-def reference() -> str:
+def reference(header: str | None = None) -> str:
     """The stage reference of the built-ins and the project's plugins, as Markdown."""
     from itmkit.docs import stage_reference_markdown
     from itmkit.plugins import load_registry
@@ -47,11 +51,53 @@ def reference() -> str:
     failed = [f"{p.name}: {p.error}" for p in registry.plugins if p.error]
     if failed:
         raise SystemExit("plugins that failed to load:\n  " + "\n  ".join(failed))
-    return stage_reference_markdown(registry)
+    return stage_reference_markdown(registry) if header is None else stage_reference_markdown(registry, header)
+
+
+def papers_of(recipe_path: Path) -> list[str]:
+    """The plugins (papers) whose stages a recipe uses, built-in core stages left out."""
+    from itmkit.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    return sorted({slot.spec.name.split(".")[0] for slot in recipe.slots()} - {"core"})
+
+
+def results_section() -> str:
+    """The recorded built-in-data runs as one table: the baseline, one-paper recipes, then cross-paper ones."""
+    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    if not records:
+        return ""
+    rows = []
+    for r in records:
+        papers = papers_of(ROOT / r["recipe"])
+        m = r["metrics"]
+        rows.append((KIND_ORDER.index(r["kind"]), -m["rsum"], (
+            f"| [`{Path(r['recipe']).name}`](../{r['recipe']}) | {', '.join(papers) or 'VSE++ (core)'}"
+            f" | {r['best_epoch']} of {r['epochs']}"
+            f" | {m['i2t_r1']:.1f} / {m['i2t_r5']:.1f} / {m['i2t_r10']:.1f}"
+            f" | {m['t2i_r1']:.1f} / {m['t2i_r5']:.1f} / {m['t2i_r10']:.1f} | **{m['rsum']:.1f}**"
+            f" | {r['run_date']}, {r['note'] or '-'} |\n")))
+    lines = [
+        "## Measured on the built-in data\n\n",
+        "Test split of the built-in *shapes* data (1000 images, 5000 captions, `f30k-1k` protocol), each recipe\n",
+        "trained as it stands in `recipes/` on the 2-core CPU machine; recorded with `docs/record_result.py`.\n",
+        "The baseline first, then each paper's recipe, then the cross-paper combinations, each by rSum.\n\n",
+        "| recipe | papers | best epoch | i2t R@1 / R@5 / R@10 | t2i R@1 / R@5 / R@10 | rSum | run |\n",
+        "|---|---|---|---|---|---|---|\n",
+    ]
+    lines += [row for *_, row in sorted(rows)]
+    return "".join(lines) + "\n"
+
+
+def document() -> str:
+    """The whole of docs/recipes.md."""
+    from itmkit.docs import HEADER
+
+    return reference(HEADER + results_section())
 
 
 def main(argv: list[str]) -> int:
-    text = reference()
+    text = document()
     if "--check" in argv:
         if not TARGET.exists() or TARGET.read_text() != text:
             print(f"{TARGET} is out of date: run python docs/generate.py", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -39,16 +40,24 @@ def registry(monkeypatch):
     return registry
 
 
-def test_recipes_md_is_up_to_date(registry):
-    assert RECIPES_MD.is_file(), f"{RECIPES_MD} is missing: {REGENERATE}"
-    expected = stage_reference_markdown(registry)
-    assert RECIPES_MD.read_text() == expected, f"docs/recipes.md is out of date: {REGENERATE}"
-
-
-def test_generate_script_writes_what_the_test_expects(registry, tmp_path, monkeypatch):
+def _generate():
     spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
+    return generate
+
+
+def test_recipes_md_is_up_to_date(registry):
+    assert RECIPES_MD.is_file(), f"{RECIPES_MD} is missing: {REGENERATE}"
+    text = RECIPES_MD.read_text()
+    assert text == _generate().document(), f"docs/recipes.md is out of date: {REGENERATE}"
+    # the stage reference is all of it after the measured-results table
+    reference = stage_reference_markdown(registry)
+    assert text.endswith(reference[reference.index("\n## "):])
+
+
+def test_generate_script_writes_what_the_test_expects(registry, tmp_path, monkeypatch):
+    generate = _generate()
     assert generate.project_plugins() == project_plugins()
     assert generate.reference() == stage_reference_markdown(registry)
     # --check says so when the file is stale, and writes nothing
@@ -56,8 +65,18 @@ def test_generate_script_writes_what_the_test_expects(registry, tmp_path, monkey
     stale.write_text("old\n")
     monkeypatch.setattr(generate, "TARGET", stale)
     assert generate.main(["--check"]) == 1 and stale.read_text() == "old\n"
-    assert generate.main([]) == 0 and stale.read_text() == stage_reference_markdown(registry)
+    assert generate.main([]) == 0 and stale.read_text() == generate.document()
     assert generate.main(["--check"]) == 0
+
+
+def test_every_recorded_result_names_an_existing_recipe_and_appears_in_the_table():
+    generate = _generate()
+    records = [json.loads(p.read_text()) for p in sorted(generate.RESULTS.glob("*.json"))]
+    assert records, "docs/results has no recorded runs"
+    table = generate.results_section()
+    for r in records:
+        assert (ROOT / r["recipe"]).is_file(), r["recipe"]
+        assert f"**{r['metrics']['rsum']:.1f}**" in table
 
 
 def test_reference_documents_every_stage_and_parameter(registry):

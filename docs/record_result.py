@@ -1,0 +1,73 @@
+"""Record a finished training run's test metrics for docs/recipes.md: ``python docs/record_result.py RECIPE RUN_DIR``.
+
+Checks that the run was made with the recipe as it stands (the run folder's resolved
+``recipe.toml`` must equal the recipe file's resolved form), then writes
+``docs/results/<recipe stem>.json`` with the test metrics, the best dev epoch, the machine, the
+run's date and the commit at which it was recorded. ``python docs/generate.py`` renders every recorded result into docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+KINDS = ("baseline", "paper", "cross-paper")
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--minutes", type=float, help="wall-clock minutes of the run, if known")
+    parser.add_argument("--note", default="", help="one line on how the run went (machine load, resumes)")
+    parser.add_argument("--kind", choices=KINDS, default="paper",
+                        help="baseline, one paper's recipe, or a cross-paper combination (table order)")
+    args = parser.parse_args(argv)
+
+    from itmkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe).to_dict()
+    ran = load_recipe(args.run_dir / "recipe.toml").to_dict()
+    for d in (recipe, ran):
+        d["recipe"].pop("description", None)
+    if recipe != ran:
+        print(f"{args.run_dir} was trained with a different recipe than {args.recipe} as it stands", file=sys.stderr)
+        return 1
+    test = json.loads((args.run_dir / "test_metrics.json").read_text())
+    record = {
+        "kind": args.kind,
+        "recipe": args.recipe.relative_to(ROOT).as_posix() if args.recipe.is_absolute() else args.recipe.as_posix(),
+        "data": ran["data"]["path"],
+        "split": test["split"],
+        "protocol": test["protocol"],
+        "metrics": {k: round(float(test[k]), 2) for k in METRICS},
+        "best_epoch": int(test["best_epoch"]) + 1,
+        "epochs": ran["train"]["epochs"],
+        "minutes": args.minutes,
+        "machine": f"{platform.machine()}, {platform.system()}",
+        "run_date": date.fromtimestamp((args.run_dir / "test_metrics.json").stat().st_mtime).isoformat(),
+        "recorded_at_commit": _commit(),  # the recipe was checked equal to the run's at this commit
+        "note": args.note,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / f"{args.recipe.stem}.json"
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
