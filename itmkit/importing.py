@@ -117,6 +117,28 @@ def check_state(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[
         raise CheckpointError("\n".join(lines))
 
 
+def weight_norm_layout(prefix: str, out_dim: int, in_dim: int) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of ``weight_norm(nn.Linear, dim=None)``: one scalar gain, the direction, the bias."""
+    return {f"{prefix}.weight_g": (), f"{prefix}.weight_v": (out_dim, in_dim), f"{prefix}.bias": (out_dim,)}
+
+
+def scalar_gain(state: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """``state`` with a one-element weight-norm gain as a 0-d tensor.
+
+    PyTorch 0.3 saved the gain of ``weight_norm(dim=None)`` with shape (1,), 0.4 and later as a
+    0-d tensor: checkpoints of both ages exist (SCAN was trained on 0.3, BFAN on 0.4).
+    """
+    gain = state.get(key)
+    if gain is not None and gain.numel() == 1:
+        state = {**state, key: gain.reshape(())}
+    return state
+
+
+def fold_weight_norm(gain: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """The weight a dim=None weight-norm layer uses: direction * gain / ||direction|| (Frobenius)."""
+    return direction * (gain.reshape(()) / direction.norm())
+
+
 def gru_text_layout(vocab_size: int, word_dim: int, embed: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the SCAN-lineage official text encoder (``embed`` + ``nn.GRU``, gates r, z, n)."""
     out: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, word_dim)}

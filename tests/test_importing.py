@@ -189,3 +189,13 @@ def test_option_names_the_missing_option_with_a_did_you_mean():
     assert option({"lambda_lse": 6.0}, "lambda_lse", "ckpt") == 6.0
     with pytest.raises(CheckpointError, match=r"ckpt: the checkpoint's options lack 'lambda_lse' \(did you mean 'lambda_lse_'\?\)"):
         option({"lambda_lse_": 6.0}, "lambda_lse", "ckpt")
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["torch>=0.4", "torch 0.3"])
+def test_a_weight_norm_gain_of_either_torch_age_checks_and_folds(shape):
+    from itmkit.importing import fold_weight_norm, scalar_gain, weight_norm_layout
+
+    v = torch.randn(3, 5)
+    state = scalar_gain({"fc.weight_g": torch.full(shape, 2.0), "fc.weight_v": v, "fc.bias": torch.zeros(3)}, "fc.weight_g")
+    check_state(state, weight_norm_layout("fc", 3, 5), "test")  # no CheckpointError
+    torch.testing.assert_close(fold_weight_norm(state["fc.weight_g"], v), 2.0 * v / v.norm())

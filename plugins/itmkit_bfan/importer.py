@@ -23,7 +23,8 @@ import torch
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError
-from itmkit.importing import Converted, OfficialCheckpoint, check_state, gru_text_layout, option
+from itmkit.importing import (Converted, OfficialCheckpoint, check_state, fold_weight_norm, gru_text_layout, option,
+                              scalar_gain, weight_norm_layout)
 
 FOCAL_TYPES = ("equal", "prob")
 ENCODER_TYPES = ("basic", "weight_norm")
@@ -32,7 +33,7 @@ ENCODER_TYPES = ("basic", "weight_norm")
 def official_image_layout(embed: int, img_dim: int, enc_type: str) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the official EncoderImagePrecomp / EncoderImageWeightNormPrecomp."""
     if enc_type == "weight_norm":  # weight_norm(dim=None): a scalar gain and the direction
-        return {"fc.weight_g": (), "fc.weight_v": (embed, img_dim), "fc.bias": (embed,)}
+        return weight_norm_layout("fc", embed, img_dim)
     return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
 
 
@@ -88,12 +89,6 @@ def recipe_table(options: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def _fold_weight_norm(image: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """weight_norm(dim=None) keeps W = g * v / ||v||_F; a plain Linear takes W itself."""
-    g, v = image["fc.weight_g"], image["fc.weight_v"]
-    return {"fc.weight": g * v / v.norm(), "fc.bias": image["fc.bias"]}
-
-
 def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     """BFAN options -> recipe, official weights -> our keys, after checking the official layout."""
     where = f"{official.path} (bfan)"
@@ -107,12 +102,13 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     enc_type = options.get("precomp_enc_type", "basic")
     if enc_type not in ENCODER_TYPES:
         raise CheckpointError(f"{where}: unknown precomp_enc_type {enc_type!r}; BFAN has {', '.join(ENCODER_TYPES)}")
+    image = scalar_gain(image, "fc.weight_g")
     check_state(image, official_image_layout(embed, img_dim, enc_type), f"{where} image encoder (model[0])")
     text_layout = gru_text_layout(len(vocab), table["text"]["encoder"]["word_dim"], embed,
                                   table["text"]["encoder"]["num_layers"], bidirectional=True)  # BFAN: always a bi-GRU
     check_state(text, text_layout, f"{where} text encoder (model[1]) with a vocabulary of {len(vocab)} words")
     if enc_type == "weight_norm":
-        image = _fold_weight_norm(image)
+        image = {"fc.weight": fold_weight_norm(image["fc.weight_g"], image["fc.weight_v"]), "fc.bias": image["fc.bias"]}
     state = {f"image.encoder.{k}": v.float() for k, v in image.items()}
     state.update({f"text.encoder.{k}": v.float() for k, v in text.items()})
     return Converted(tomli_w.dumps(table), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))

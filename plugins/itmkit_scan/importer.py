@@ -24,7 +24,8 @@ from itmkit.attention import RAW_NORMS
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.importing import Converted, OfficialCheckpoint, check_state, gru_text_layout, option
+from itmkit.importing import (Converted, OfficialCheckpoint, check_state, fold_weight_norm, gru_text_layout, option,
+                              scalar_gain, weight_norm_layout)
 
 # agg_func -> the aggregate stage of the [[match]] branch
 AGGREGATES = {"LogSumExp": "scan.lse", "Mean": "core.mean", "Max": "core.max", "Sum": "scan.sum"}
@@ -54,13 +55,8 @@ def _check_modules(official: OfficialCheckpoint) -> tuple[dict[str, torch.Tensor
 def image_layout(embed: int, img_dim: int, encoder_type: str) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the official image encoder's state dict."""
     if encoder_type == "weight_norm":  # weight_norm(nn.Linear, dim=None): one scalar gain g
-        return {"fc.weight_g": (1,), "fc.weight_v": (embed, img_dim), "fc.bias": (embed,)}
+        return weight_norm_layout("fc", embed, img_dim)
     return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
-
-
-def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
-    """The weight a dim=None weight_norm layer uses: v * g / ||v|| (Frobenius norm of the whole matrix)."""
-    return weight_v * (weight_g.reshape(()) / weight_v.norm())
 
 
 def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
@@ -88,8 +84,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     if "vocab_size" in opts and int(opts["vocab_size"]) != len(vocab):
         raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
                               f" has {len(vocab)} words; pass the vocabulary the model was trained with")
-    if "fc.weight_g" in img and img["fc.weight_g"].numel() == 1:
-        img["fc.weight_g"] = img["fc.weight_g"].reshape(1)  # PyTorch 0.3 saved the scalar gain as (1,)
+    img = scalar_gain(img, "fc.weight_g")
     check_state(img, image_layout(embed, img_dim, encoder_type), f"{official.path}: model[0] (img_enc)")
     check_state(txt, gru_text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
 

@@ -19,7 +19,7 @@ from itmkit.errors import CheckpointError
 from itmkit.importing import get_importers, import_checkpoint
 from itmkit.types import Regions, Tokens, lengths_to_mask
 from itmkit.importing import gru_text_layout as text_layout
-from itmkit_scan.importer import fold_weight_norm
+from itmkit.importing import fold_weight_norm
 from itmkit_scan.tests import official
 
 EMBED, IMG_DIM, WORD_DIM = 8, 12, 6
