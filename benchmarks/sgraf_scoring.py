@@ -1,0 +1,145 @@
+"""SGRAF scoring speed: itmkit's block engine against the official per-caption loop, for SGR and SAF.
+
+Same gallery as ``scoring.py`` (36 regions, d = 1024, caption lengths 8 to 20, random unit
+vectors), scored by an SGRAF model (sim_dim 256, 3 SGR steps) with random weights in the
+official layout: once the way `itmkit eval` does (galleries, ``score_all``), once by a reference
+of the official evaluation (``shard_attn_scores``: shards of 100 images, one caption at a time
+repeated over the shard; the plugin's tests/official.py). The reference runs on the first
+captions only and its scores are checked against ours there. Each run is its own process.
+
+    python benchmarks/sgraf_scoring.py                 # 1000 x 5000; writes sgraf_results.json
+    python benchmarks/sgraf_scoring.py --images 200 --captions 500 --reference-captions 20 --out /tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from scoring import DIM, REGIONS, caption, caption_lengths, galleries, image_feats, in_process, peak_mb
+
+from itmkit.build import DataPorts, Encoded, build_model
+from itmkit.gallery import Gallery
+from itmkit.recipe import parse_recipe
+from itmkit.scoring import score_all
+from itmkit.types import Local
+from itmkit_sgraf.importer import rename_similarity
+from itmkit_sgraf.tests.fixtures import similarity_state
+from itmkit_sgraf.tests.official import forward_sim
+
+HERE = Path(__file__).parent
+SHARD = 100  # the official SGRAF evaluation's shard
+SIM_DIM, STEPS = 256, 3
+
+RECIPE = """
+[recipe]
+name = "bench-sgraf"
+embed_dim = 1024
+[image]
+encoder = {{ stage = "core.precomp" }}
+pool = {{ stage = "sgraf.visual_sa" }}
+[text]
+encoder = {{ stage = "core.bigru" }}
+pool = {{ stage = "sgraf.text_sa" }}
+[[match]]
+cross = {{ stage = "sgraf.t2i" }}
+similarity = {{ stage = "sgraf.vector", sim_dim = {sim_dim} }}
+aggregate = {{ stage = "sgraf.{module}"{steps} }}
+[loss]
+stage = "core.triplet"
+"""
+
+MODULES = ("SGR", "SAF")
+
+
+def official_weights(module: str) -> dict[str, torch.Tensor]:
+    return similarity_state(embed=DIM, sim_dim=SIM_DIM, regions=REGIONS, module=module, steps=STEPS, seed=0)
+
+
+def sgraf_model(module: str):
+    steps = f", steps = {STEPS}" if module == "SGR" else ""
+    recipe = parse_recipe(RECIPE.format(sim_dim=SIM_DIM, module=module.lower(), steps=steps))
+    model = build_model(recipe, DataPorts(2048, 100, REGIONS)).eval()
+    weights = {rename_similarity(k): v for k, v in official_weights(module).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith(("image.encoder", "text.encoder")) for k in missing)
+    return model
+
+
+@torch.no_grad()
+def pooled(model, images: Gallery, texts: Gallery) -> tuple[Gallery, Gallery]:
+    """Galleries with each tower's pool applied, as encoding through the model would give them."""
+    out = []
+    for gallery, pool in ((images, model.image.pool), (texts, model.text.pool)):
+        g = Gallery()
+        for part in gallery.parts:
+            local = part.data.local
+            g.append(Encoded(local, pool(local)), gallery.ids[part.start:part.start + part.size])
+        out.append(g)
+    return out[0], out[1]
+
+
+def run_ours(module: str, n_images: int, n_captions: int, queue) -> None:
+    model = sgraf_model(module)
+    images, texts = pooled(model, *galleries(n_images, n_captions))
+    start = time.perf_counter()
+    sims, _ = score_all(model, images, texts)
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "pairs_per_second": n_images * n_captions / seconds, "peak_mb": peak_mb(),
+               "sims": sims})
+
+
+def run_reference(module: str, n_images: int, n_captions: int, n_ref: int, queue) -> None:
+    sd = official_weights(module)
+    images = image_feats(n_images)
+    lengths = caption_lengths(n_captions)[:n_ref]
+    captions = torch.zeros(n_ref, int(lengths.max()), DIM)
+    for i, n in enumerate(lengths):
+        captions[i, : int(n)] = caption(i, int(n))
+    with torch.no_grad():
+        start = time.perf_counter()
+        sims = torch.cat([forward_sim(sd, images[s:s + SHARD], captions, lengths, module_name=module, sgr_step=STEPS)
+                          for s in range(0, n_images, SHARD)])
+        seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "pairs_per_second": n_images * n_ref / seconds, "peak_mb": peak_mb(),
+               "sims": sims.numpy()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--captions", type=int, default=5000)
+    parser.add_argument("--reference-captions", type=int, default=100)
+    parser.add_argument("--modules", nargs="*", default=list(MODULES), choices=MODULES)
+    parser.add_argument("--out", type=Path, default=HERE / "sgraf_results.json")
+    args = parser.parse_args()
+
+    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+                          f" torch {torch.__version__}", "images": args.images, "captions": args.captions,
+               "reference_captions": args.reference_captions, "sim_dim": SIM_DIM, "sgr_steps": STEPS, "models": {}}
+    for module in args.modules:
+        ours = in_process(run_ours, module, args.images, args.captions)
+        ref = in_process(run_reference, module, args.images, args.captions, args.reference_captions)
+        diff = float(abs(ours["sims"][:, : args.reference_captions] - ref["sims"]).max())
+        row = {
+            "ours_pairs_per_second": round(ours["pairs_per_second"]),
+            "ours_seconds": round(ours["seconds"], 1),
+            "ours_peak_mb": round(ours["peak_mb"]),
+            "reference_pairs_per_second": round(ref["pairs_per_second"]),
+            "reference_peak_mb": round(ref["peak_mb"]),
+            "speedup": round(ours["pairs_per_second"] / ref["pairs_per_second"], 2),
+            "max_abs_difference": diff,
+        }
+        results["models"][f"SGRAF-{module}"] = row
+        print(f"SGRAF-{module}: {row}", flush=True)
+        assert diff < 1e-5, f"SGRAF-{module}: scores differ from the reference by {diff}"
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
