@@ -31,6 +31,7 @@ GPU_BUDGET = 1024 * 2**20
 def default_budget(device: torch.device | str) -> int:
     return CPU_BUDGET if torch.device(device).type == "cpu" else GPU_BUDGET
 
+
 Progress = Callable[[int, int], None]  # (done, total)
 
 
