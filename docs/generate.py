@@ -56,10 +56,9 @@ def reference(header: str | None = None) -> str:
 
 def papers_of(recipe_path: Path) -> list[str]:
     """The plugins (papers) whose stages a recipe uses, built-in core stages left out."""
-    from itmkit.recipe import load_recipe
+    from itmkit.testing import recipe_plugins
 
-    recipe = load_recipe(recipe_path)
-    return sorted({slot.spec.name.split(".")[0] for slot in recipe.slots()} - {"core"})
+    return sorted(recipe_plugins(recipe_path))
 
 
 def results_section() -> str:

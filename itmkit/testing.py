@@ -72,6 +72,26 @@ SAMPLE_PORTS: dict[type[Port], tuple[Port, ...]] = {
 # --------------------------------------------------------------------------- random inputs
 
 
+def recipe_plugins(path) -> set[str]:
+    """The plugins whose stages a recipe file names (``scan`` for ``scan.t2i``), built-ins left out.
+
+    A plugin's tests use it to pick their own recipes from ``recipes/``, where cross-paper
+    recipes share a file-name prefix with them (``gpo_sgraf.toml``).
+    """
+    def stages(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("stage"), str):
+                yield node["stage"]
+            for value in node.values():
+                yield from stages(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from stages(value)
+
+    with open(path, "rb") as f:
+        return {name.split(".")[0] for name in stages(tomllib.load(f))} - {"core"}
+
+
 def _lengths(batch: int, width: int, g: torch.Generator) -> torch.Tensor:
     """Varied valid lengths in [1, width]: the first row full, every other row padded."""
     if width <= 1:
