@@ -117,6 +117,23 @@ def check_state(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[
         raise CheckpointError("\n".join(lines))
 
 
+def check_vocabulary_size(official: OfficialCheckpoint, text_state: Mapping[str, torch.Tensor], words: int,
+                          which: str) -> None:
+    """Refuse a vocabulary of ``words`` words unless the checkpoint's word embedding and vocab_size agree.
+
+    ``which`` finishes "pass the vocabulary ...": the files the paper ships.
+    """
+    embedding = text_state.get("embed.weight")
+    if embedding is not None and embedding.dim() == 2 and embedding.shape[0] != words:
+        raise CheckpointError(
+            f"{official.path}: the vocabulary has {words} words but the checkpoint's word embedding"
+            f" (txt_enc embed.weight) has {embedding.shape[0]} rows; pass the vocabulary {which}")
+    options = official.options
+    if "vocab_size" in options and int(options["vocab_size"]) != words:
+        raise CheckpointError(f"{official.path}: the options say vocab_size={options['vocab_size']}, the vocabulary"
+                              f" has {words} words; pass the vocabulary the model was trained with")
+
+
 def weight_norm_layout(prefix: str, out_dim: int, in_dim: int) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of ``weight_norm(nn.Linear, dim=None)``: one scalar gain, the direction, the bias."""
     return {f"{prefix}.weight_g": (), f"{prefix}.weight_v": (out_dim, in_dim), f"{prefix}.bias": (out_dim,)}

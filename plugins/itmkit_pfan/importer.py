@@ -20,7 +20,8 @@ from itmkit.attention import RAW_NORMS
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.importing import Converted, OfficialCheckpoint, check_state, gru_text_layout, option
+from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_vocabulary_size, gru_text_layout,
+                              option)
 
 GRID, TOP_BLOCKS, POSITION_DIM = 16, 15, 200  # hard-coded in the official EncoderImagePrecomp
 MAX_ATTENTION_WEIGHT = 0.5  # official xattn_score_t2i: row_sim + 0.5 * max_attn
@@ -90,15 +91,8 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
         raise CheckpointError(f"{official.path}: a PFAN checkpoint's 'model' holds 2 state dicts"
                               f" [img_enc, txt_enc], this one holds {len(official.modules)}")
     img, txt = dict(official.modules[0]), dict(official.modules[1])
-    embedding = txt.get("embed.weight")
-    if embedding is not None and embedding.dim() == 2 and embedding.shape[0] != len(vocab):
-        raise CheckpointError(
-            f"{official.path}: the vocabulary has {len(vocab)} words but the checkpoint's word embedding"
-            f" (txt_enc embed.weight) has {embedding.shape[0]} rows; pass the vocabulary the model was trained"
-            " with (PFAN ships vocab/f30k_new_vocab.json, 8,531 words, and coco_precomp_vocab.json, 11,352)")
-    if "vocab_size" in opts and int(opts["vocab_size"]) != len(vocab):
-        raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
-                              f" has {len(vocab)} words; pass the vocabulary the model was trained with")
+    check_vocabulary_size(official, txt, len(vocab), "the model was trained with (PFAN ships"
+                          " vocab/f30k_new_vocab.json, 8,531 words, and coco_precomp_vocab.json, 11,352)")
     check_state(img, image_layout(embed, img_dim), f"{official.path}: model[0] (img_enc)")
     check_state(txt, gru_text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")
     state = {f"image.encoder.{k}": v for k, v in img.items()}

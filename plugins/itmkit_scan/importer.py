@@ -24,8 +24,8 @@ from itmkit.attention import RAW_NORMS
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.importing import (Converted, OfficialCheckpoint, check_state, fold_weight_norm, gru_text_layout, option,
-                              scalar_gain, weight_norm_layout)
+from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_vocabulary_size, fold_weight_norm,
+                              gru_text_layout, option, scalar_gain, weight_norm_layout)
 
 # agg_func -> the aggregate stage of the [[match]] branch
 AGGREGATES = {"LogSumExp": "scan.lse", "Mean": "core.mean", "Max": "core.max", "Sum": "scan.sum"}
@@ -75,15 +75,8 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     data_name = str(opts.get("data_name", "precomp"))
 
     img, txt = _check_modules(official)
-    embedding = txt.get("embed.weight")
-    if embedding is not None and embedding.dim() == 2 and embedding.shape[0] != len(vocab):
-        raise CheckpointError(
-            f"{official.path}: the vocabulary has {len(vocab)} words but the checkpoint's word embedding"
-            f" (txt_enc embed.weight) has {embedding.shape[0]} rows; pass the vocabulary JSON the model was"
-            f" trained with (vocab/{data_name}_vocab.json: F30K 8481 words, COCO 11353)")
-    if "vocab_size" in opts and int(opts["vocab_size"]) != len(vocab):
-        raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
-                              f" has {len(vocab)} words; pass the vocabulary the model was trained with")
+    check_vocabulary_size(official, txt, len(vocab), f"JSON the model was trained with"
+                          f" (vocab/{data_name}_vocab.json: F30K 8481 words, COCO 11353)")
     img = scalar_gain(img, "fc.weight_g")
     check_state(img, image_layout(embed, img_dim, encoder_type), f"{official.path}: model[0] (img_enc)")
     check_state(txt, gru_text_layout(len(vocab), word_dim, embed, layers, bidirectional), f"{official.path}: model[1] (txt_enc)")

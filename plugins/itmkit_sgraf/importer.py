@@ -31,7 +31,8 @@ import torch
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.importing import Converted, OfficialCheckpoint, check_state, gru_text_layout, option
+from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_vocabulary_size, gru_text_layout,
+                              option)
 
 MODULES = {"SGR": "sgraf.sgr", "SAF": "sgraf.saf"}
 # data_name -> (evaluation protocol, test split) of the official evaluation
@@ -128,15 +129,8 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     data_name = str(opts.get("data_name", "precomp"))
 
     img, txt, sim = _modules(official)
-    embedding = txt.get("embed.weight")
-    if embedding is not None and embedding.dim() == 2 and embedding.shape[0] != len(vocab):
-        raise CheckpointError(
-            f"{official.path}: the vocabulary has {len(vocab)} words but the checkpoint's word embedding"
-            f" (txt_enc embed.weight) has {embedding.shape[0]} rows; pass the vocabulary JSON the model was"
-            f" trained with (vocab/{data_name}_vocab.json: F30K 8481 words, COCO 11353)")
-    if "vocab_size" in opts and int(opts["vocab_size"]) != len(vocab):
-        raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
-                              f" has {len(vocab)} words; pass the vocabulary the model was trained with")
+    check_vocabulary_size(official, txt, len(vocab), f"JSON the model was trained with"
+                          f" (vocab/{data_name}_vocab.json: F30K 8481 words, COCO 11353)")
     # VisualSA's BatchNorm1d(36) is hard-coded officially; read the region count from its weight.
     region_bn = sim.get("v_global_w.embedding_local.1.weight")
     regions = int(region_bn.shape[0]) if region_bn is not None and region_bn.dim() == 1 else 36
