@@ -63,17 +63,11 @@ def _cross_pair_bytes(text_len: int, image_len: int) -> int:
 
 
 @attrs.frozen(kw_only=True)
-class TextToImage(Stage):
-    """SCAN text-to-image attention (Lee et al. 2018, eq. 7-8): each word attends over the image regions."""
+class _Cross(Stage):
+    """What the two SCAN directions share: ports, module and memory; subclasses set the fields."""
 
-    name = "scan.t2i"
     kind = "cross"
-    paper = "Lee et al. 2018 (SCAN), Sec. 3.1 Text-Image Stacked Cross Attention, eq. 7-8"
     query_side: ClassVar[str] = "text"
-
-    lambda_softmax: float = param(9.0, "inverse softmax temperature lambda_1 of the attention (SCAN t-i: 9)", gt=0.0)
-    raw_feature_norm: str = param("clipped_l2norm", "normalisation of the raw word-region affinities over the"
-                                  " query axis before the softmax (SCAN: clipped_l2norm)", choices=RAW_NORMS)
 
     def ports(self, image: LocalPort, text: LocalPort) -> AlignedPort:
         return _cross_ports(image, text)
@@ -87,27 +81,29 @@ class TextToImage(Stage):
 
 
 @attrs.frozen(kw_only=True)
-class ImageToText(Stage):
+class TextToImage(_Cross):
+    """SCAN text-to-image attention (Lee et al. 2018, eq. 7-8): each word attends over the image regions."""
+
+    name = "scan.t2i"
+    paper = "Lee et al. 2018 (SCAN), Sec. 3.1 Text-Image Stacked Cross Attention, eq. 7-8"
+    query_side: ClassVar[str] = "text"
+
+    lambda_softmax: float = param(9.0, "inverse softmax temperature lambda_1 of the attention (SCAN t-i: 9)", gt=0.0)
+    raw_feature_norm: str = param("clipped_l2norm", "normalisation of the raw word-region affinities over the"
+                                  " query axis before the softmax (SCAN: clipped_l2norm)", choices=RAW_NORMS)
+
+
+@attrs.frozen(kw_only=True)
+class ImageToText(_Cross):
     """SCAN image-to-text attention (Lee et al. 2018, eq. 2-4): each region attends over the caption's words."""
 
     name = "scan.i2t"
-    kind = "cross"
     paper = "Lee et al. 2018 (SCAN), Sec. 3.1 Image-Text Stacked Cross Attention, eq. 2-4"
     query_side: ClassVar[str] = "image"
 
     lambda_softmax: float = param(4.0, "inverse softmax temperature lambda_1 of the attention (SCAN i-t: 4)", gt=0.0)
     raw_feature_norm: str = param("clipped_l2norm", "normalisation of the raw region-word affinities over the"
                                   " query axis before the softmax (SCAN: clipped_l2norm)", choices=RAW_NORMS)
-
-    def ports(self, image: LocalPort, text: LocalPort) -> AlignedPort:
-        return _cross_ports(image, text)
-
-    def build(self, image: LocalPort, text: LocalPort) -> nn.Module:
-        return StackedCrossAttention(query_side=self.query_side, lambda_softmax=self.lambda_softmax,
-                                     raw_feature_norm=self.raw_feature_norm)
-
-    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
-        return _cross_pair_bytes(text_len, image_len)
 
 
 # ============================================================================== aggregation
