@@ -17,7 +17,9 @@ gradients, padding that changes nothing, a safetensors round trip and a recipe r
 from __future__ import annotations
 
 import itertools
+import pickle
 import tomllib
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,6 +72,35 @@ SAMPLE_PORTS: dict[type[Port], tuple[Port, ...]] = {
 }
 
 # --------------------------------------------------------------------------- random inputs
+
+
+class Python2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch table can be extended
+    """Writes every ``str`` as Python 2 wrote its byte strings: SHORT_BINSTRING of raw latin-1 bytes.
+
+    Python 2's ``str`` was a byte string, so official checkpoints saved by Python 2.7 (SCAN's,
+    PyTorch 0.3) hold keys, option names and values such as ``logger_name`` as undecoded bytes.
+    A latin-1 'é' in them is not valid UTF-8, which is what makes the default ``torch.load`` fail
+    and ``encoding='latin1'`` necessary: importer tests write such files with ``save_like_python2``.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: str) -> None:
+        raw = obj.encode("latin1")
+        assert len(raw) < 256, "SHORT_BINSTRING holds at most 255 bytes"
+        self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+
+
+PYTHON2_PICKLE = types.ModuleType("python2_pickle")  # what torch.save accepts as pickle_module
+PYTHON2_PICKLE.Pickler, PYTHON2_PICKLE.dump = Python2Pickler, pickle.dump
+
+
+def save_like_python2(obj: Any, path) -> None:
+    """torch.save in the legacy format, protocol 2, with Python 2 byte strings throughout."""
+    torch.save(obj, path, pickle_module=PYTHON2_PICKLE, pickle_protocol=2, _use_new_zipfile_serialization=False)
 
 
 def recipe_plugins(path) -> set[str]:

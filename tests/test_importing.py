@@ -6,13 +6,13 @@ import argparse
 import collections
 import os
 import pickle
-import types
 
 import pytest
 import torch
 
 from itmkit.errors import CheckpointError
 from itmkit.importing import check_state, option, read_official
+from itmkit.testing import save_like_python2
 
 
 def official_dict(**opt) -> dict:
@@ -47,35 +47,6 @@ def test_reads_the_legacy_non_zip_format(tmp_path):
 
 
 # ----------------------------------------------------------------------- Python 2 pickles
-
-
-class Python2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch table we can extend
-    """Writes every ``str`` as Python 2 wrote its byte strings: SHORT_BINSTRING of raw latin-1 bytes.
-
-    Python 2's ``str`` was a byte string, so SCAN's checkpoints (Python 2.7, PyTorch 0.3) hold
-    keys, option names and values such as ``logger_name`` as undecoded bytes; Python 3 must be
-    told how to decode them. A path with a latin-1 'é' is not valid UTF-8, which is what makes
-    the default ``torch.load`` fail and ``encoding='latin1'`` necessary.
-    """
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj: str) -> None:
-        raw = obj.encode("latin1")
-        assert len(raw) < 256, "SHORT_BINSTRING holds at most 255 bytes"
-        self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        self.memoize(obj)
-
-    dispatch[str] = save_py2_str
-
-
-PYTHON2_PICKLE = types.ModuleType("python2_pickle")  # what torch.save accepts as pickle_module
-PYTHON2_PICKLE.Pickler, PYTHON2_PICKLE.dump = Python2Pickler, pickle.dump
-
-
-def save_like_python2(obj, path) -> None:
-    """torch.save in the legacy format, protocol 2, with Python 2 byte strings throughout."""
-    torch.save(obj, path, pickle_module=PYTHON2_PICKLE, pickle_protocol=2, _use_new_zipfile_serialization=False)
 
 
 # torch warns that pickle_load_args need weights_only=False, yet it does pass encoding= on to its

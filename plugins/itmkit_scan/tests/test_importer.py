@@ -7,7 +7,6 @@ import collections
 import pickle
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from itmkit.checkpoint import load_checkpoint
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError
 from itmkit.importing import get_importers, import_checkpoint
+from itmkit.testing import save_like_python2
 from itmkit.types import Regions, Tokens, lengths_to_mask
 from itmkit.importing import gru_text_layout as text_layout
 from itmkit.importing import fold_weight_norm
@@ -150,28 +150,12 @@ def test_weight_norm_folds_into_the_weight_the_layer_used():
 # ---------------------------------------------------------------------------------- Python 2
 
 
-class Python2Pickler(pickle._Pickler):
-    """Every str written as a Python 2 byte string (SHORT_BINSTRING), as SCAN's Python 2.7 code saved them."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_str(self, obj: str) -> None:
-        raw = obj.encode("latin1")
-        self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        self.memoize(obj)
-
-    dispatch[str] = save_str
-
-
 @pytest.mark.filterwarnings("ignore:pickle_load_args only works")
 def test_a_python2_legacy_checkpoint_imports(tmp_path, vocab_path):
-    module = types.ModuleType("python2_pickle")
-    module.Pickler, module.dump = Python2Pickler, pickle.dump
     opt = options(logger_name="runs/f30k_scan_pr\xe9cis/log")  # latin-1 bytes that are not UTF-8
     model = official_weights(opt)
     path = tmp_path / "model_best.pth.tar"
-    torch.save({"epoch": 11, "model": model, "best_rsum": 431.25, "opt": opt, "Eiters": 25000}, path,
-               pickle_module=module, pickle_protocol=2, _use_new_zipfile_serialization=False)
+    save_like_python2({"epoch": 11, "model": model, "best_rsum": 431.25, "opt": opt, "Eiters": 25000}, path)
     out = import_checkpoint("scan", path, vocab_path, tmp_path / "scan.safetensors", get_importers())
     images, ids, lengths = random_inputs(seed=4)
     torch.testing.assert_close(our_scores(out, images, ids, lengths), official_scores(opt, model, images, ids, lengths),

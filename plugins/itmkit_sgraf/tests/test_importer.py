@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import pickle
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from itmkit.checkpoint import load_checkpoint
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, DataError
 from itmkit.importing import get_importers, gru_text_layout, import_checkpoint
+from itmkit.testing import PYTHON2_PICKLE
 from itmkit.types import Regions, Tokens, lengths_to_mask
 from itmkit_sgraf.tests import official
 from itmkit_sgraf.tests.fixtures import as_dtype, similarity_state
@@ -177,27 +176,13 @@ def test_the_region_count_comes_from_the_checkpoint_and_other_data_is_refused(tm
 # ---------------------------------------------------------------------------------- Python 2
 
 
-class Python2Pickler(pickle._Pickler):
-    """Every str written as a Python 2 byte string (SHORT_BINSTRING), as the main branch's Python 2.7 saved them."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_str(self, obj: str) -> None:
-        raw = obj.encode("latin1")
-        self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        self.memoize(obj)
-
-    dispatch[str] = save_str
-
-
 @pytest.mark.filterwarnings("ignore:pickle_load_args only works")
 def test_a_python2_legacy_checkpoint_imports(tmp_path, vocab_path):
-    module = types.ModuleType("python2_pickle")
-    module.Pickler, module.dump = Python2Pickler, pickle.dump
     opt = options(logger_name="runs/f30k_sgraf_pr\xe9cis/log")  # latin-1 bytes that are not UTF-8
     model = official_weights(opt, tracked=False)
     path = tmp_path / "model_best.pth.tar"
-    save_official(path, opt, model=model, pickle_module=module, pickle_protocol=2, _use_new_zipfile_serialization=False)
+    save_official(path, opt, model=model, pickle_module=PYTHON2_PICKLE, pickle_protocol=2,
+                  _use_new_zipfile_serialization=False)
     out = import_checkpoint("sgraf", path, vocab_path, tmp_path / "sgraf.safetensors", get_importers())
     images, ids, lengths = random_inputs(seed=4)
     torch.testing.assert_close(our_scores(out, images, ids, lengths).double(),
