@@ -307,19 +307,28 @@ class GraphStep(nn.Module):
         self.query_w = nn.Linear(dim, dim)
         self.key_w = nn.Linear(dim, dim)
         self.update_w = nn.Linear(dim, dim)
+        # b_k adds b_k·q_i to every logit of query i alike, which the softmax over the keys
+        # cancels: it never changes an output, so it is kept (checkpoints have it) but not trained.
+        self.key_w.bias.requires_grad_(False)
 
-    def forward(self, nodes: torch.Tensor, key_mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        """nodes (…, M, S) -> updated nodes (…, M, S); only the first ``rows`` nodes if given."""
-        queries = nodes if rows is None else nodes[..., :rows, :]
-        # (W_q n_i + b_q)·(W_k n_j + b_k) = (n_iᵀ W_qᵀW_k + b_qᵀW_k)·n_j + (n_iᵀ W_qᵀb_k + b_q·b_k):
-        # one (S x S) product per query node serves both projections. The second term is the same
-        # for every key j (it cancels in the softmax); it is kept so the logits are the official ones.
-        wq, bq, wk, bk = self.query_w.weight, self.query_w.bias, self.key_w.weight, self.key_w.bias
-        mixed = F.linear(queries, wk.T @ wq, wk.T @ bq)  # (…, M|rows, S)
-        offset = F.linear(queries, (wq.T @ bk).unsqueeze(0), (bq @ bk).unsqueeze(0))  # (…, M|rows, 1)
-        logits = mixed @ nodes.transpose(-1, -2) + offset  # (…, M|rows, M)
-        edges = masked_softmax(logits, key_mask)  # over the valid nodes
-        return F.relu(self.update_w(edges @ nodes))
+    def forward(self, nodes: torch.Tensor, key_bias: torch.Tensor, *, first_only: bool = False) -> torch.Tensor:
+        """nodes (B, M, S), key_bias (B, 1, M) -> updated nodes (B, M, S), or node 0 alone (B, S)."""
+        dim = nodes.shape[-1]
+        # (W_q n_i + b_q)·(W_k n_j + b_k) = (W_kᵀ(W_q n_i + b_q))·n_j + b_k·(W_q n_i + b_q): the last
+        # term is the same for every key j (see __init__), so one (S x S) product per node serves
+        # both projections. W_r is applied before the edges mix the nodes
+        # (edges · (W_r N) = W_r (edges · N), each edge row sums to 1), which lets one GEMM of
+        # width 2S give both that and the query-key product.
+        wq, bq, wk = self.query_w.weight, self.query_w.bias, self.key_w.weight
+        if first_only:
+            queries = F.linear(nodes[:, 0], wk.T @ wq, wk.T @ bq).unsqueeze(1)  # (B, 1, S)
+            edges = torch.softmax(torch.baddbmm(key_bias, queries, nodes.transpose(1, 2)), dim=-1)
+            return F.relu(self.update_w((edges @ nodes).squeeze(1)), inplace=True)
+        both = F.linear(nodes, torch.cat([wk.T @ wq, self.update_w.weight]),
+                        torch.cat([wk.T @ bq, torch.zeros_like(bq)]))  # (B, M, 2S)
+        queries, updates = both[..., :dim], both[..., dim:]
+        edges = torch.softmax(torch.baddbmm(key_bias, queries, nodes.transpose(1, 2)), dim=-1)  # (B, M, M)
+        return F.relu(torch.baddbmm(self.update_w.bias, edges, updates), inplace=True)
 
 
 class GraphReasoning(nn.Module):
@@ -332,12 +341,16 @@ class GraphReasoning(nn.Module):
         _init(self)
 
     def forward(self, x: PairSims) -> torch.Tensor:
-        nodes = torch.where(x.mask.unsqueeze(-1), x.sims, 0.0)  # (Ni, Nt, M, S)
-        key_mask = x.mask.unsqueeze(-2)  # (Ni, Nt, 1, M)
-        for k, step in enumerate(self.steps):
-            # Only node 0 is read after the last step, so that step updates node 0 alone.
-            nodes = step(nodes, key_mask, rows=1 if k == len(self.steps) - 1 else None)
-        return torch.sigmoid(self.readout(nodes[..., 0, :])).squeeze(-1)
+        ni, nt, m, dim = x.sims.shape
+        nodes = torch.where(x.mask.unsqueeze(-1), x.sims, 0.0).reshape(ni * nt, m, dim)
+        # Padded nodes are never keys: a large finite negative logit gives them weight 0 exactly.
+        key_bias = torch.zeros(ni * nt, 1, m, dtype=nodes.dtype, device=nodes.device)
+        key_bias.masked_fill_(~x.mask.reshape(ni * nt, 1, m), torch.finfo(nodes.dtype).min / 4)
+        for step in self.steps[:-1]:
+            nodes = step(nodes, key_bias)
+        # Only node 0 is read after the last step, so that step updates node 0 alone.
+        node0 = self.steps[-1](nodes, key_bias, first_only=True)  # (B, S)
+        return torch.sigmoid(self.readout(node0)).view(ni, nt)
 
 
 def _vector_sims(x: PairSimsPort) -> ScorePort:
