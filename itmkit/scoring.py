@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from itmkit.allocator import reuse_freed_memory
 from itmkit.build import Encoded, ITMModel
 from itmkit.gallery import DEFAULT_GALLERY_BUDGET, Gallery
 from itmkit.types import Regions, Tokens
@@ -111,6 +112,7 @@ def score_all(
     Captions are best stored shortest first (``encode_texts`` of length-ordered batches, or an
     Encoded, which is ordered here): each block is then padded only to its own longest caption.
     """
+    reuse_freed_memory()
     if isinstance(images, Encoded):
         images = Gallery.of(images, budget=2**62)
     if isinstance(texts, Encoded):

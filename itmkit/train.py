@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import torch
 
+from itmkit.allocator import reuse_freed_memory
 from itmkit.build import build_model
 from itmkit.checkpoint import (
     atomic_write_text,
@@ -104,6 +105,7 @@ def train(
 ) -> TrainResult:
     """Train ``recipe`` into ``out_dir``; returns the test metrics of the best dev checkpoint."""
     start_time = time.perf_counter()
+    reuse_freed_memory()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a run killed mid-write; the real files are intact
