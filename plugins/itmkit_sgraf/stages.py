@@ -286,8 +286,8 @@ class Vector(Stage):
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
         # float32 (nodes x S) arrays per pair. Here: the output, the difference part (at most as
         # large, see SimilarityVectors), its projection and l2norm: 4. The aggregator after it
-        # keeps the output alive and adds a masked copy, the mixed query-key projection, a
-        # contiguous copy of the nodes, edges @ nodes and the update (sgraf.sgr): 6 at its peak.
+        # keeps the output alive and adds a masked copy, a 2S-wide projection and the updated
+        # nodes (sgraf.sgr): 5 at its peak; 6 are counted.
         # Only this stage knows S, so it counts the larger of the two for the branch; plus a copy
         # of the attention weights when the captions are the context. The spec cannot tell which
         # side queries (SGRAF's words, or regions after an i-t cross stage), so it counts nodes
