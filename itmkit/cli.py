@@ -24,6 +24,7 @@ app.add_typer(data_app, name="data")
 # Logs and pipes get wide tables rather than rich's 80-column default.
 out = Console(width=None if Console().is_terminal else 160)
 err = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 160)
+F30K_WORDS = 8481  # the SCAN Flickr30K vocabulary, four specials included: `build`'s guess without data
 _state = {"debug": False}
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. train.epochs=2 (repeatable)")]
@@ -103,11 +104,13 @@ def _build_ports(recipe, path: str):
         vocab = text_vocabulary(recipe, folder, train)
         ports = data_ports(train, vocab)
         return ports, f"{folder} ({ports.feature_dim}-d regions, {ports.vocab_size} words)"
-    words = Vocabulary.load(recipe.data.vocab) if recipe.data.vocab else None
-    vocab = recipe.text.encoder.spec.vocabulary(lambda: words)  # None when there is no vocabulary at all
-    vocab_size = len(vocab) if vocab is not None else 8481
-    ports = DataPorts(2048, vocab_size, 36, mask_id=getattr(vocab, "mask_id", None))
-    return ports, f"{path} not found: assuming 36 x 2048-d regions and {vocab_size} words"
+    if recipe.data.vocab:
+        words = Vocabulary.load(recipe.data.vocab)
+    else:  # stand-ins for Flickr30K's 8481 words, so that an encoder's vocabulary hook still applies
+        words = Vocabulary([*Vocabulary.SPECIALS, *(f"word{i}" for i in range(F30K_WORDS - 4))])
+    vocab = recipe.text.encoder.spec.vocabulary(lambda: words)
+    ports = DataPorts(2048, len(vocab), 36, mask_id=getattr(vocab, "mask_id", None))
+    return ports, f"{path} not found: assuming 36 x 2048-d regions and {len(vocab)} words"
 
 
 # ------------------------------------------------------------------------------------ train

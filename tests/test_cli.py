@@ -150,6 +150,15 @@ def test_build_without_data_folder_assumes_scan_dims(tmp_path):
     assert "x: Regions[2048]" in out and "x: Tokens[8481]" in out
 
 
+def test_build_without_data_applies_the_encoders_vocabulary_hook(tmp_path):
+    # gpo.bigru appends <mask> to the data's words, as the official GPO code does: 8481 + 1.
+    recipe = VSEPP_PATH.parent / "gpo_f30k_bigru.toml"
+    result = invoke("build", str(recipe), "--data", str(tmp_path / "absent"))
+    assert result.returncode == 0, result.stderr
+    assert "assuming 36 x 2048-d regions and 8482 words" in flat(result.stdout)
+    assert "x: Tokens[8482]" in flat(result.stdout)
+
+
 def test_stages_lists_every_registered_stage():
     result = invoke("stages")
     assert result.returncode == 0, result.stderr
