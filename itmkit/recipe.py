@@ -248,6 +248,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
             if isinstance(last, int) or not isinstance(node, dict):
                 problems.append(Problem(format_path(parts), f"--set {item}: cannot set a list entry"))
                 continue
+            if isinstance(node.get(last), str) and not isinstance(value, str):
+                value = item.partition("=")[2]  # a string key keeps the text: data.path=2024 is a folder name
             node[last] = value
             set_paths[format_path(parts)] = item
     return raw, set_paths, problems

@@ -198,6 +198,12 @@ def test_overrides_apply_through_the_same_validation():
     assert r.text.encoder.spec.word_dim == 50
 
 
+def test_override_of_a_string_key_keeps_the_text_even_when_it_reads_as_a_number():
+    raw = {"data": {"path": "builtin:shapes"}, "train": {"epochs": 3}}
+    new, _, problems = apply_overrides(raw, ["data.path=2024", "train.epochs=5"])
+    assert new == {"data": {"path": "2024"}, "train": {"epochs": 5}} and problems == []
+
+
 def test_override_by_dotted_index_is_the_same_as_brackets():
     a = parse_recipe(MINIMAL, overrides=["match.0.weight=0.25"])
     b = parse_recipe(MINIMAL, overrides=["match[0].weight=0.25"])
