@@ -169,7 +169,8 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], blob: str) -> None:
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], blob: str,
+                           source: str = "the checkpoint") -> None:
     """Restore what ``optimizer_to_tensors`` flattened."""
     info = json.loads(blob)
     state: dict[int, dict[str, Any]] = {}
@@ -180,4 +181,11 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for name, value in info["scalars"].items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
+    saved = [len(g["params"]) for g in info["param_groups"]]
+    expected = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != expected:
+        raise CheckpointError(
+            f"{source}: its optimizer state holds {saved} trainable parameters per group, this model has {expected};"
+            " it was written by a model with other trainable parameters (an older itmkit, or another recipe):"
+            " start the run afresh instead of resuming it")
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})

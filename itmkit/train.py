@@ -129,7 +129,7 @@ def train(
     if resume and (out / LAST).exists():
         state = load_checkpoint(out / LAST, device)
         model.load_state_dict(state.model.state_dict())
-        optimizer_from_tensors(optimizer, state.trainer, state.meta["optimizer"])
+        optimizer_from_tensors(optimizer, state.trainer, state.meta["optimizer"], str(out / LAST))
         torch.set_rng_state(state.trainer["rng.torch"])
         first_epoch = int(state.meta["epoch"]) + 1
         best_rsum, best_epoch = float(state.meta["best_rsum"]), int(state.meta["best_epoch"])

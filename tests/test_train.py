@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from itmkit.checkpoint import load_checkpoint
+from itmkit.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors
+from itmkit.errors import CheckpointError
 from itmkit.evaluation import retrieval_metrics
 from itmkit.recipe import load_recipe
 from itmkit.train import train
@@ -113,3 +115,16 @@ def test_eval_of_an_ensemble_is_the_mean_of_its_members(tiny_recipe, tmp_path):
     assert not np.allclose(sims["a"], sims["b"])
     # eval of one checkpoint reproduces the training run's own test figures
     assert json.loads(_run(["eval", str(ckpt_a), "--json"]).stdout)["rsum"] == a.test["rsum"]
+
+
+def test_resuming_an_optimizer_of_other_trainable_parameters_says_so():
+    # e.g. a run saved before a stage froze one of its parameters
+    two = torch.optim.Adam([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))])
+    sum(p.sum() for g in two.param_groups for p in g["params"]).backward()
+    two.step()
+    tensors, blob = optimizer_to_tensors(two)
+    one = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(CheckpointError, match=r"runs/x/last.safetensors: its optimizer state holds \[2\] trainable"
+                                              r" parameters per group, this model has \[1\]"):
+        optimizer_from_tensors(one, tensors, blob, "runs/x/last.safetensors")
+    optimizer_from_tensors(two, tensors, blob)  # the same parameters restore
