@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from itmkit.stage import PortError, Stage, check_stage_class, stage_inputs, stage_outputs, stage_params
 from itmkit.structure import structure, unstructure
@@ -101,6 +102,24 @@ PYTHON2_PICKLE.Pickler, PYTHON2_PICKLE.dump = Python2Pickler, pickle.dump
 def save_like_python2(obj: Any, path) -> None:
     """torch.save in the legacy format, protocol 2, with Python 2 byte strings throughout."""
     torch.save(obj, path, pickle_module=PYTHON2_PICKLE, pickle_protocol=2, _use_new_zipfile_serialization=False)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor storage any operator creates (views share their base's storage).
+
+    For memory tests of scoring: ``with torch.no_grad(), LargestAllocation() as r: ...; r.largest``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
 
 
 def recipe_plugins(path) -> set[str]:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from itmkit.attention import RAW_NORMS
 from itmkit.build import DataPorts, build_model
@@ -14,7 +13,7 @@ from itmkit.core_stages import Cosine, Max, Mean
 from itmkit.plugins import get_registry
 from itmkit.recipe import RecipeError, parse_recipe
 from itmkit.stage import PortError
-from itmkit.testing import CHECKS, check_stage, recipe_plugins
+from itmkit.testing import CHECKS, LargestAllocation, check_stage, recipe_plugins
 from itmkit.types import LocalPort, Local, PairSims, PairSimsPort, Regions, Tokens, lengths_to_mask
 from itmkit_scan.stages import ImageToText, LogSumExp, Sum, TextToImage
 from itmkit_scan.tests import official
@@ -282,21 +281,6 @@ def test_paper_recipes_carry_the_readme_arguments(name, cross, lambdas, schedule
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor storage any operator creates (views share their base's storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-        return out
 
 
 @pytest.mark.parametrize("cls", [TextToImage, ImageToText], ids=lambda c: c.name)
