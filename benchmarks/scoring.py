@@ -192,6 +192,23 @@ def in_process(target, *args) -> dict:
     return result
 
 
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def comparison(ours: dict, ref: dict, n_ref: int, speedup_digits: int = 1) -> dict:
+    """One model's row: both runs' speed and peak, the speed-up, and the largest gap on the reference's captions."""
+    return {
+        "ours_pairs_per_second": round(ours["pairs_per_second"]),
+        "ours_seconds": round(ours["seconds"], 1),
+        "ours_peak_mb": round(ours["peak_mb"]),
+        "reference_pairs_per_second": round(ref["pairs_per_second"]),
+        "reference_peak_mb": round(ref["peak_mb"]),
+        "speedup": round(ours["pairs_per_second"] / ref["pairs_per_second"], speedup_digits),
+        "max_abs_difference": float(abs(ours["sims"][:, :n_ref] - ref["sims"]).max()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -201,23 +218,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
 
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
-                          f" torch {torch.__version__}", "images": args.images, "captions": args.captions,
+    results = {"machine": machine(), "images": args.images, "captions": args.captions,
                "reference_captions": args.reference_captions, "models": {}}
     for name in args.models:
         ours = in_process(run_ours, name, args.images, args.captions, torch.float32)
         ref = in_process(run_reference, name, args.images, args.captions, args.reference_captions, torch.float32)
         gap = abs(ours["sims"][:, : args.reference_captions] - ref["sims"])
-        row = {
-            "ours_pairs_per_second": round(ours["pairs_per_second"]),
-            "ours_seconds": round(ours["seconds"], 1),
-            "ours_peak_mb": round(ours["peak_mb"]),
-            "reference_pairs_per_second": round(ref["pairs_per_second"]),
-            "reference_peak_mb": round(ref["peak_mb"]),
-            "speedup": round(ours["pairs_per_second"] / ref["pairs_per_second"], 1),
-            "max_abs_difference": float(gap.max()),
-            "pairs_over_1e-5": int((gap > 1e-5).sum()),
-        }
+        row = {**comparison(ours, ref, args.reference_captions), "pairs_over_1e-5": int((gap > 1e-5).sum())}
         if row["pairs_over_1e-5"]:
             # A threshold (BFAN keeps a fragment when its focal score is > 0) turns float32 rounding
             # into a different decision for the rare fragment within ~1e-7 of it. In float64 no

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from scoring import DIM, REGIONS, caption, caption_lengths, galleries, image_feats, in_process, peak_mb
+from scoring import (DIM, REGIONS, caption, caption_lengths, comparison, galleries, image_feats, in_process, machine,
+                     peak_mb)
 from torch.utils.flop_counter import FlopCounterMode
 
 from itmkit.build import DataPorts, Encoded, build_model
@@ -166,23 +166,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "sgraf_results.json")
     args = parser.parse_args()
 
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
-                          f" torch {torch.__version__}", "images": args.images, "captions": args.captions,
+    results = {"machine": machine(), "images": args.images, "captions": args.captions,
                "reference_captions": args.reference_captions, "sim_dim": SIM_DIM, "sgr_steps": STEPS, "models": {}}
     for module in args.modules:
         ours = in_process(run_ours, module, args.images, args.captions)
         ref = in_process(run_reference, module, args.images, args.captions, args.reference_captions)
-        diff = float(abs(ours["sims"][:, : args.reference_captions] - ref["sims"]).max())
         counts = in_process(run_counts, module)
         ceiling = counts["gemm_gflops"] * 1e9 / counts["ours"]
         row = {
-            "ours_pairs_per_second": round(ours["pairs_per_second"]),
-            "ours_seconds": round(ours["seconds"], 1),
-            "ours_peak_mb": round(ours["peak_mb"]),
-            "reference_pairs_per_second": round(ref["pairs_per_second"]),
-            "reference_peak_mb": round(ref["peak_mb"]),
-            "speedup": round(ours["pairs_per_second"] / ref["pairs_per_second"], 2),
-            "max_abs_difference": diff,
+            **comparison(ours, ref, args.reference_captions, speedup_digits=2),
             "ours_mflop_per_pair": round(counts["ours"] / 1e6, 2),
             "reference_mflop_per_pair": round(counts["reference"] / 1e6, 2),
             "gemm_gflops": round(counts["gemm_gflops"]),
@@ -193,6 +185,7 @@ def main() -> None:
         }
         results["models"][f"SGRAF-{module}"] = row
         print(f"SGRAF-{module}: {row}", flush=True)
+        diff = row["max_abs_difference"]
         assert diff < 1e-5, f"SGRAF-{module}: scores differ from the reference by {diff}"
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
