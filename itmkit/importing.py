@@ -2,8 +2,10 @@
 
 They are read with ``torch.load(weights_only=True)`` and an allow-list of exactly one class,
 ``argparse.Namespace`` (the pickled options), never with a full unpickler; Python-2 pickles
-are retried with ``encoding='latin1'``. Each plugin contributes a converter through the
-``register_importers`` hook that maps the options to a recipe and the weights to its stages;
+are retried with ``encoding='latin1'``. Every entry is checked here, once for every importer:
+'model' is a list of state dicts of finite tensors (nn.DataParallel's ``module.`` prefix
+removed), 'opt' a Namespace or dict, 'epoch' and 'best_rsum' numbers. Each plugin contributes
+a converter through the ``register_importers`` hook that maps the options to a recipe and the weights to its stages;
 the key sets and shapes are checked explicitly, so no key is ever dropped silently.
 """
 
@@ -26,6 +28,7 @@ from itmkit.errors import CheckpointError, did_you_mean
 from itmkit.recipe import parse_recipe
 
 ALLOWED_GLOBALS = [argparse.Namespace]
+DATA_PARALLEL = "module."  # the prefix nn.DataParallel gives every key of the model it wraps
 
 
 @attrs.frozen
@@ -94,18 +97,94 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
     if raw is None:
         raise CheckpointError(f"{path}: cannot decode the pickle, neither as UTF-8 nor as latin1")
     if not isinstance(raw, Mapping) or "model" not in raw:
-        keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
+        keys = sorted(map(str, raw)) if isinstance(raw, Mapping) else type(raw).__name__
         raise CheckpointError(f"{path}: expected a dict with a 'model' entry (official layout), found {keys}")
     modules = raw["model"]
     if isinstance(modules, Mapping):  # a single state dict (IMRAM, MTFN)
         modules = [modules]
-    opt = raw.get("opt")
-    options = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
-    return OfficialCheckpoint(str(path), [dict(m) for m in modules], options, raw.get("epoch"), raw.get("best_rsum"))
+    if not isinstance(modules, (list, tuple)) or not modules:
+        raise CheckpointError(f"{path}: entry 'model' is {_described(modules)}; expected a list of state dicts"
+                              " [img_enc, txt_enc, ...] (or one state dict)")
+    states = [_state_dict(path, i, m) for i, m in enumerate(modules)]
+    return OfficialCheckpoint(str(path), states, _options(path, raw.get("opt")), _number(path, raw, "epoch"),
+                              _number(path, raw, "best_rsum"))
+
+
+def _described(value: Any) -> str:
+    return "empty" if isinstance(value, (list, tuple, Mapping)) and not value else f"a {type(value).__name__}"
+
+
+def _state_dict(path: Path, index: int, module: Any) -> dict[str, torch.Tensor]:
+    """One entry of 'model' as a state dict of tensors, finite, with nn.DataParallel's prefix removed."""
+    where = f"{path}: entry 'model'[{index}]"
+    if not isinstance(module, Mapping):
+        raise CheckpointError(f"{where} is a {type(module).__name__}; expected a state dict (parameter name -> tensor)")
+    for key, value in module.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{where} has the key {key!r} ({type(key).__name__}); parameter names are strings")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{where} key {key!r} holds a {type(value).__name__}; expected a tensor")
+    state = strip_data_parallel(dict(module), where)
+    check_finite(state, where)
+    return state
+
+
+def strip_data_parallel(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Remove nn.DataParallel's ``module.`` prefix when every key has it.
+
+    The official repositories save ``model.state_dict()`` of whatever they trained, and a model
+    wrapped in nn.DataParallel (multi-GPU runs, VSE-infinity's BERT branch always) names every
+    parameter ``module.<name>``. Removing it here, once, serves every importer, present and future.
+    """
+    prefixed = [k.startswith(DATA_PARALLEL) for k in state]
+    if state and all(prefixed):
+        return {k[len(DATA_PARALLEL):]: v for k, v in state.items()}
+    if any(prefixed):
+        some = next(k for k in state if k.startswith(DATA_PARALLEL))
+        other = next(k for k in state if not k.startswith(DATA_PARALLEL))
+        raise CheckpointError(f"{where}: some keys have the nn.DataParallel prefix {DATA_PARALLEL!r} and some do not"
+                              f" (e.g. {some!r} and {other!r}); a state dict of one model has one or the other")
+    return state
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN or infinite weights, naming the tensor: they would score every pair as NaN, silently."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = ~torch.isfinite(value)
+            if bad.any():
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} holds {int(bad.sum())} non-finite value(s) (NaN or inf) of"
+                    f" {value.numel()}, the first at index {first}; the checkpoint is damaged or its training diverged")
+
+
+def _options(path: Path, opt: Any) -> dict[str, Any]:
+    if opt is None:
+        return {}
+    if isinstance(opt, argparse.Namespace):
+        opt = vars(opt)
+    if not isinstance(opt, Mapping):
+        raise CheckpointError(f"{path}: entry 'opt' is a {type(opt).__name__}; expected the training options"
+                              " (an argparse.Namespace or a dict)")
+    odd = next((k for k in opt if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{path}: entry 'opt' has the option name {odd!r} ({type(odd).__name__});"
+                              " option names are strings")
+    return dict(opt)
+
+
+def _number(path: Path, raw: Mapping, key: str) -> int | float | None:
+    value = raw.get(key)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()  # some forks save best_rsum as a 0-d tensor
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise CheckpointError(f"{path}: entry {key!r} is {_described(value)} ({value!r:.40}); expected a number")
 
 
 def check_state(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """Raise CheckpointError listing every missing, unexpected and mis-shaped key."""
+    """Raise CheckpointError listing every missing, unexpected and mis-shaped key, and the likely cause."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k]))
@@ -114,7 +193,27 @@ def check_state(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[
         lines += [f"  missing: {k} {tuple(expected[k])}" for k in missing]
         lines += [f"  unexpected: {k} {tuple(found[k].shape)}" for k in unexpected]
         lines += [f"  shape of {k}: {tuple(found[k].shape)}, expected {tuple(expected[k])}" for k in wrong]
+        lines.append(f"  likely cause: {likely_cause(found, expected, missing, unexpected, wrong)}")
         raise CheckpointError("\n".join(lines))
+
+
+def likely_cause(found: Mapping[str, Any], expected: Mapping[str, Any], missing: list[str], unexpected: list[str],
+                 wrong: list[str]) -> str:
+    """Why a state dict and the layout the options imply disagree, in the words a user can act on."""
+    if not found:
+        return "the state dict is empty"
+    if len(missing) == len(expected) and len(unexpected) == len(found):
+        heads = {k.split(".")[0] for k in found}
+        if len(heads) == 1 and {k.split(".", 1)[-1] for k in found} & set(expected):
+            return (f"every key starts with {next(iter(heads)) + '.'!r}, which the official model's names lack:"
+                    " the weights were saved from a wrapper around it")
+        return ("no key matches: the checkpoint is of another model (or another variant of it) than this importer"
+                " reads; check the importer name")
+    if wrong and not missing and not unexpected:
+        return ("the options disagree with the weights: the shapes follow from options such as embed_size, img_dim,"
+                " word_dim and the vocabulary size")
+    return ("the options disagree with the weights (options such as bi_gru, num_layers or precomp_enc_type choose"
+            " the layers), or the checkpoint is another variant of the model than the options say")
 
 
 def check_vocabulary_size(official: OfficialCheckpoint, text_state: Mapping[str, torch.Tensor], words: int,
@@ -198,6 +297,7 @@ def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: 
         raise CheckpointError(f"{path}: the converted text encoder {recipe.text.encoder.spec.name} does not read"
                               f" a model directory; pass the official vocabulary JSON as --vocab")
     data = attrs.evolve(converted.data, vocab_size=len(vocab), mask_id=getattr(vocab, "mask_id", None))
+    check_finite(converted.state, f"{path} -> {name}")  # a converter's arithmetic (weight norm) can make them
     model = build_model(recipe, data)
     check_state(converted.state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, f"{path} -> {name}")
     model.load_state_dict(converted.state, strict=True)

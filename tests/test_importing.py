@@ -131,7 +131,7 @@ def test_a_single_state_dict_under_model_is_one_module(tmp_path):
     path = tmp_path / "imram.pth.tar"
     torch.save({"model": {"module.fc.weight": torch.zeros(2, 2)}, "opt": {"embed_size": 2}}, path)
     official = read_official(path)
-    assert [list(m) for m in official.modules] == [["module.fc.weight"]]
+    assert [list(m) for m in official.modules] == [["fc.weight"]]  # the DataParallel prefix removed
     assert official.options == {"embed_size": 2} and official.epoch is None
 
 
@@ -149,6 +149,8 @@ def test_check_state_lists_every_missing_unexpected_and_misshaped_key():
         "  missing: embed.weight (9, 3)",
         "  unexpected: fc.extra (1,)",
         "  shape of fc.weight: (4, 5), expected (4, 6)",
+        "  likely cause: the options disagree with the weights (options such as bi_gru, num_layers or"
+        " precomp_enc_type choose the layers), or the checkpoint is another variant of the model than the options say",
     ]
 
 

@@ -15,8 +15,8 @@ The file is ``{'epoch', 'model': [img_enc, txt_enc], 'best_rsum', 'opt', 'Eiters
              gpool.*                                           -> text.pool.*
 
 The master (BERT) branch always trains inside nn.DataParallel, so its keys carry a ``module.``
-prefix, removed here; the bigru branch's region models have none. Every other key is checked
-against the layout the options imply: a missing, unexpected or mis-shaped key is an error.
+prefix, which ``read_official`` removes for every importer. Every key is checked against the
+layout the options imply: a missing, unexpected or mis-shaped key is an error.
 """
 
 from __future__ import annotations
@@ -61,15 +61,6 @@ def image_layout(embed: int, img_dim: int) -> dict[str, tuple[int, ...]]:
             "mlp.layers.0.weight": (half, img_dim), "mlp.layers.0.bias": (half,),
             "mlp.layers.1.weight": (embed, half), "mlp.layers.1.bias": (embed,),
             **batchnorm_layout("mlp.bns.0.", half), **batchnorm_layout("mlp.bns.1.", embed), **gpo_layout()}
-
-
-def strip_data_parallel(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Remove nn.DataParallel's ``module.`` prefix when every key has it."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    if any(k.startswith("module.") for k in state):
-        raise CheckpointError(f"{where}: some keys have the nn.DataParallel prefix 'module.' and some do not")
-    return state
 
 
 def _pop_position_ids(txt: dict[str, torch.Tensor], where: str) -> None:
@@ -117,8 +108,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary | ModelDirectory) ->
     if unnormalised:
         raise CheckpointError(f"{where}: {' and '.join(unnormalised)} set: the official score is then a dot product of"
                               " unnormalised vectors, which core.cosine does not compute")
-    img = strip_data_parallel(dict(official.modules[0]), f"{official.path}: model[0] (img_enc)")
-    txt = strip_data_parallel(dict(official.modules[1]), f"{official.path}: model[1] (txt_enc)")
+    img, txt = dict(official.modules[0]), dict(official.modules[1])
     variant = _variant(txt, official.path)
 
     check_state(img, image_layout(embed, img_dim), f"{official.path}: model[0] (img_enc)")
