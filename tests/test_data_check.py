@@ -104,7 +104,7 @@ def test_regions_and_dims_must_agree_between_splits(good):
 
 def test_features_must_be_float_and_3d(good):
     np.save(good / "dev_ims.npy", np.zeros((4, 3, 4), np.int64))
-    np.save(good / "test_ims.npy", np.zeros((4, 12), np.float32))
+    np.save(good / "test_ims.npy", np.zeros((4, 1, 2, 12), np.float32))  # 2-D would be global features
     problems = check_dataset(good)
     assert any(str(good / "dev_ims.npy") in p and "dtype int64" in p for p in problems)
     assert any(str(good / "test_ims.npy") in p and "3-D" in p for p in problems)

@@ -84,9 +84,10 @@ def test_wrong_caption_count_names_both_files_and_counts(tmp_path):
     assert "1 of them are empty (the first is number 12" in message
 
 
-def test_features_must_be_3d(tmp_path):
-    write_raw(tmp_path, "train", np.zeros((6, 12), np.float32), ["c"] * 30)
-    with pytest.raises(DataError, match=r"train_ims.npy should hold a 3-D array .* has shape \(6, 12\)"):
+def test_features_must_be_3d_or_2d(tmp_path):
+    # 2-D is one global feature per image (tests/test_global_features.py); other ranks are refused.
+    write_raw(tmp_path, "train", np.zeros((6, 2, 3, 4), np.float32), ["c"] * 30)
+    with pytest.raises(DataError, match=r"train_ims.npy should hold a 3-D array .* has shape \(6, 2, 3, 4\)"):
         precomp.read_split(tmp_path, "train")
 
 

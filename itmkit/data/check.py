@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from itmkit.data.split import BOX_LAYOUTS, SplitParts, available_splits, open_parts, split_problems
+from itmkit.data.split import BOX_LAYOUTS, SplitParts, available_splits, image_shape, open_parts, split_problems
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import DataError
 
@@ -51,7 +51,7 @@ def _empty_captions_problem(parts: SplitParts) -> str | None:
 def _split_checks(parts: SplitParts) -> list[str]:
     """The problems of one split on its own."""
     problems = split_problems(parts)
-    if len(parts.features.shape) == 3 and np.issubdtype(parts.features.dtype, np.floating):
+    if image_shape(parts) is not None and np.issubdtype(parts.features.dtype, np.floating):
         problems.append(_nonfinite_problem(parts))
     problems.append(_empty_captions_problem(parts))
     return [p for p in problems if p]
@@ -59,18 +59,18 @@ def _split_checks(parts: SplitParts) -> list[str]:
 
 def _cross_split_checks(opened: list[SplitParts]) -> list[str]:
     """Region counts and feature dims must agree across splits: one model reads them all."""
-    shaped = [p for p in opened if len(p.features.shape) == 3]
+    shaped = [(p, image_shape(p)) for p in opened if image_shape(p) is not None]  # 2-D global rows: R = 1
     if len(shaped) < 2:
         return []
-    first = shaped[0]
+    first, first_shape = shaped[0]
     problems = []
-    for other in shaped[1:]:
+    for other, shape in shaped[1:]:
         for axis, what in ((1, "regions per image"), (2, "feature dimensions")):
-            if other.features.shape[axis] != first.features.shape[axis]:
+            if shape[axis] != first_shape[axis]:
                 problems.append(
-                    f"Split {other.name!r} has {other.features.shape[axis]} {what} "
+                    f"Split {other.name!r} has {shape[axis]} {what} "
                     f"({other.file('features')}) but split {first.name!r} has "
-                    f"{first.features.shape[axis]} ({first.file('features')})."
+                    f"{first_shape[axis]} ({first.file('features')})."
                 )
     return problems
 

@@ -19,6 +19,8 @@ FORMAT = "itmkit-hdf5"
 VERSION = 1
 # Images copied per step when writing, so no whole split is ever held in memory.
 CHUNK_IMAGES = 256
+# Optional datasets of a split group besides features and captions.
+OPTIONAL_PARTS = ("boxes", "image_sizes", "region_counts", "caption_images")
 
 
 def find_file(data_dir: str | Path) -> Path | None:
@@ -86,7 +88,8 @@ def read_parts(path_or_dir: str | Path, split: str) -> SplitParts:
             f"splits present: {found}"
         )
     group = f[split]
-    files = {part: f"{path}:/{split}/{part}" for part in ("features", "captions", "boxes", "image_sizes")}
+    files = {part: f"{path}:/{split}/{part}" for part in OPTIONAL_PARTS + ("features", "captions")}
+    files["captions_per_image"] = f"{path}:/{split} attribute captions_per_image"
     if "captions" not in group:
         f.close()
         raise DataError(f"{files['captions']} does not exist (every split needs its captions)")
@@ -96,6 +99,9 @@ def read_parts(path_or_dir: str | Path, split: str) -> SplitParts:
         raise DataError(f"{files['captions']} should hold strings but has dtype {captions_ds.dtype}")
     captions = [str(c) for c in captions_ds.asstr()[()]]
     per_image = group.attrs.get("captions_per_image")
+    if per_image is not None and not isinstance(per_image, (int, np.integer)):
+        f.close()
+        raise DataError(f"{files['captions_per_image']} should be an integer, found {per_image!r}")
     return SplitParts(
         name=split,
         layout="hdf5",
@@ -106,6 +112,8 @@ def read_parts(path_or_dir: str | Path, split: str) -> SplitParts:
         image_sizes=group["image_sizes"][()] if "image_sizes" in group else None,
         files=files,
         declared_captions_per_image=None if per_image is None else int(per_image),
+        region_counts=group["region_counts"][()] if "region_counts" in group else None,
+        caption_index=group["caption_images"][()] if "caption_images" in group else None,
     )
 
 
@@ -142,22 +150,31 @@ def _write_group(
     boxes: np.ndarray | None,
     image_sizes: np.ndarray | None,
     compression: str | None,
+    region_counts: Any = None,
+    captions_per_image: int | None = None,
+    caption_images: Any = None,
 ) -> None:
     """Write one split group, replacing any old one only once the new one is complete."""
     captions = list(captions)
-    num_images, num_regions, feature_dim = (int(n) for n in features.shape)
+    num_images, *_ = features.shape
+    num_images = int(num_images)
+    stored = tuple(int(n) for n in features.shape)
     staging = f".{split}.partial"
     if staging in f:
         del f[staging]
     group = f.create_group(staging)
     try:
-        group.attrs["captions_per_image"] = 1 if len(captions) == num_images else CAPTIONS_PER_IMAGE
+        if caption_images is None:
+            # Declared for any k; without a declaration, the im_div rule of the reader.
+            if captions_per_image is None:
+                captions_per_image = 1 if len(captions) == num_images else CAPTIONS_PER_IMAGE
+            group.attrs["captions_per_image"] = int(captions_per_image)
         out = group.create_dataset(
             "features",
-            shape=(num_images, num_regions, feature_dim),
+            shape=stored,
             dtype=np.float32,
             # One image per chunk: a batch reads exactly the rows it needs.
-            chunks=(1, num_regions, feature_dim) if num_images else None,
+            chunks=(1, *stored[1:]) if num_images else None,
             compression=compression,
         )
         for start in range(0, num_images, CHUNK_IMAGES):
@@ -168,6 +185,10 @@ def _write_group(
             group.create_dataset("boxes", data=np.asarray(boxes))
         if image_sizes is not None:
             group.create_dataset("image_sizes", data=np.asarray(image_sizes))
+        if region_counts is not None:
+            group.create_dataset("region_counts", data=np.asarray(region_counts, dtype=np.int64))
+        if caption_images is not None:
+            group.create_dataset("caption_images", data=np.asarray(caption_images, dtype=np.int64))
     except BaseException:
         del f[staging]
         raise
@@ -185,14 +206,27 @@ def write_split(
     boxes: np.ndarray | None = None,
     image_sizes: np.ndarray | None = None,
     compression: str | None = None,
+    region_counts: Any = None,
+    captions_per_image: int | None = None,
+    caption_images: Any = None,
 ) -> None:
-    """Add or replace group /`split` (a new file is written atomically; an existing one in place)."""
+    """Add or replace group /`split` (a new file is written atomically; an existing one in place).
+
+    Optional declarations, as for precomp.write_split: ``region_counts`` (N_img,) valid regions
+    per zero-padded image (dataset `region_counts`); ``captions_per_image`` k (the group's
+    attribute); ``caption_images`` the image of each caption (dataset `caption_images`).
+    """
     path = Path(path)
     if not hasattr(features, "shape"):
         features = np.asarray(features, dtype=np.float32)
-    parts = ("features", "captions", "boxes", "image_sizes")
-    files = {part: f"{path}:/{split}/{part} (to be written)" for part in parts}
-    problems = array_problems(split, features, list(captions), boxes, image_sizes, files=files)
+    files = {part: f"{path}:/{split}/{part} (to be written)" for part in OPTIONAL_PARTS + ("features", "captions")}
+    files["captions_per_image"] = f"{path}:/{split} attribute captions_per_image (to be written)"
+    problems = array_problems(split, features, list(captions), boxes, image_sizes, files=files,
+                              region_counts=region_counts, captions_per_image=captions_per_image,
+                              caption_index=caption_images)
+    if captions_per_image is not None and caption_images is not None:
+        problems.append("give captions_per_image (k for every image) or caption_images (each caption's image), "
+                        "not both.")
     if problems:
         raise DataError("\n".join(problems))
     with _writable(path) as f:
@@ -204,6 +238,9 @@ def write_split(
             boxes=boxes,
             image_sizes=image_sizes,
             compression=compression,
+            region_counts=region_counts,
+            captions_per_image=captions_per_image,
+            caption_images=caption_images,
         )
 
 
@@ -232,5 +269,8 @@ def convert_precomp_to_hdf5(
                 boxes=split.boxes,
                 image_sizes=split.image_sizes,
                 compression=compression,
+                region_counts=split.region_counts,
+                captions_per_image=split.captions_per_image,
+                caption_images=split.caption_index,
             )
     return list(splits)

@@ -110,7 +110,7 @@ def _file_backed(split: Split) -> bool:
 
 
 class PairDataset(Dataset):
-    """One item per caption: the caption's token ids and the features of its image."""
+    """One item per caption: the caption's token ids and the features (and region count) of its image."""
 
     def __init__(self, split: Split, vocab: Vocabulary) -> None:
         self.split = split
@@ -151,6 +151,7 @@ class PairDataset(Dataset):
             "image": split.image_features(np.array([image]))[0],
             "tokens": self.tokens[index],
             "image_id": image,
+            "image_length": int(split.region_lengths(np.array([image]))[0]),
             "caption_id": index,
             "boxes": None if split.boxes is None else np.asarray(split.boxes[image], dtype=np.float32),
             "image_size": (
@@ -172,8 +173,8 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     tokens, lengths = pad_tokens([item["tokens"] for item in items])
     return Batch(
         images=images,
-        # Precomp regions are all real; a padded region layout would set fewer here.
-        image_lengths=torch.full((len(items),), images.shape[1], dtype=torch.long),
+        # Rows past an image's length are zero padding (a split with region counts): masked downstream.
+        image_lengths=torch.tensor([item["image_length"] for item in items], dtype=torch.long),
         tokens=tokens,
         lengths=lengths,
         image_ids=torch.tensor([item["image_id"] for item in items], dtype=torch.long),
@@ -222,7 +223,7 @@ def image_batches(split: Split, *, batch_size: int) -> Iterator[ImageBatch]:
         yield ImageBatch(
             indices=indices,
             images=images,
-            image_lengths=torch.full((len(indices),), images.shape[1], dtype=torch.long),
+            image_lengths=torch.from_numpy(split.region_lengths(indices)),
             boxes=_rows_or_none(split.boxes, start, stop),
             image_sizes=_rows_or_none(split.image_sizes, start, stop),
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from itmkit.data.split import Split, SplitParts, array_problems, assemble, atomic_path
+from itmkit.data.split import Split, SplitParts, array_problems, assemble, atomic_path, read_text, text_lines
 from itmkit.errors import DataError
 
 # Rows copied per step when writing features, so a memmap or HDF5 source is streamed.
@@ -23,6 +23,9 @@ def file_names(split: str) -> dict[str, str]:
         "boxes": f"{split}_boxes.npy",
         "image_sizes": f"{split}_sizes.npy",
         "ids": f"{split}_ids.txt",
+        "region_counts": f"{split}_region_counts.npy",
+        "captions_per_image": f"{split}_caps_per_image.txt",
+        "caption_images": f"{split}_cap_images.txt",
     }
 
 
@@ -35,16 +38,35 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def read_captions(path: Path) -> list[str]:
-    """One caption per line, stripped as the official loader does (`line.strip()`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f]
-    except FileNotFoundError:
-        raise DataError(f"captions file {path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start})") from None
-    except OSError as err:
-        raise DataError(f"cannot read captions file {path}: {err}") from None
+    """One caption per line, stripped as the official loader does (`line.strip()`); a BOM is dropped."""
+    return [line.strip() for line in text_lines(read_text(path, "captions file"))]
+
+
+def _read_ints(path: Path, what: str) -> list[int]:
+    """One integer per non-blank line of a small text file, with the line of a bad one named."""
+    values = []
+    for number, line in enumerate(text_lines(read_text(path, what)), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append(int(line.strip()))
+        except ValueError:
+            raise DataError(f"{what} {path}, line {number}: expected an integer, found {line.strip()!r}") from None
+    return values
+
+
+def read_captions_per_image(path: Path) -> int:
+    """The k of a `{split}_caps_per_image.txt`: one positive integer."""
+    values = _read_ints(path, "captions-per-image file")
+    if len(values) != 1 or values[0] < 1:
+        raise DataError(f"captions-per-image file {path} should hold one positive integer (captions k*i .. "
+                        f"k*i+k-1 describe image i), found {values[:3]}")
+    return values[0]
+
+
+def read_caption_images(path: Path) -> np.ndarray:
+    """A `{split}_cap_images.txt`: the image (0-based row of the features) of each caption, one per line."""
+    return np.array(_read_ints(path, "caption-to-image file"), dtype=np.int64)
 
 
 def read_parts(data_dir: str | Path, split: str) -> SplitParts:
@@ -58,6 +80,10 @@ def read_parts(data_dir: str | Path, split: str) -> SplitParts:
     captions = read_captions(paths["captions"])
     boxes = _load_npy(paths["boxes"]) if paths["boxes"].is_file() else None
     sizes = _load_npy(paths["image_sizes"]) if paths["image_sizes"].is_file() else None
+    # Small per-image and per-caption arrays: read whole.
+    counts = np.asarray(_load_npy(paths["region_counts"])) if paths["region_counts"].is_file() else None
+    per_image = paths["captions_per_image"]
+    index = paths["caption_images"]
     return SplitParts(
         name=split,
         layout="precomp",
@@ -67,6 +93,9 @@ def read_parts(data_dir: str | Path, split: str) -> SplitParts:
         boxes=boxes,
         image_sizes=sizes,
         files={part: str(path) for part, path in paths.items()},
+        declared_captions_per_image=read_captions_per_image(per_image) if per_image.is_file() else None,
+        region_counts=counts,
+        caption_index=read_caption_images(index) if index.is_file() else None,
     )
 
 
@@ -83,10 +112,11 @@ def _check_inputs(
     boxes: np.ndarray | None,
     image_sizes: np.ndarray | None,
     ids: Sequence[str] | None,
+    **declared: Any,
 ) -> None:
     """Refuse arrays that would make an inconsistent split, before any file is written."""
     files = {part: f"{data_dir / name} (to be written)" for part, name in file_names(split).items()}
-    problems = array_problems(split, features, list(captions), boxes, image_sizes, files=files)
+    problems = array_problems(split, features, list(captions), boxes, image_sizes, files=files, **declared)
     broken = [i for i, c in enumerate(captions) if "\n" in c or "\r" in c]
     if broken:
         problems.append(
@@ -94,6 +124,9 @@ def _check_inputs(
         )
     if ids is not None and len(ids) != features.shape[0]:
         problems.append(f"{len(ids)} image ids were given for {features.shape[0]} images.")
+    if declared.get("captions_per_image") is not None and declared.get("caption_index") is not None:
+        problems.append("give captions_per_image (k for every image) or caption_images (each caption's image), "
+                        "not both.")
     if problems:
         raise DataError("\n".join(problems))
 
@@ -130,12 +163,22 @@ def write_split(
     boxes: np.ndarray | None = None,
     image_sizes: np.ndarray | None = None,
     ids: Sequence[str] | None = None,
+    region_counts: Sequence[int] | np.ndarray | None = None,
+    captions_per_image: int | None = None,
+    caption_images: Sequence[int] | np.ndarray | None = None,
 ) -> None:
-    """Write `split` in the precomp layout (features as float32), each file atomically."""
+    """Write `split` in the precomp layout (features as float32), each file atomically.
+
+    Optional declarations: ``region_counts`` (N_img,) the valid regions of each zero-padded
+    image (`{split}_region_counts.npy`); ``captions_per_image`` k for any k
+    (`{split}_caps_per_image.txt`); ``caption_images`` the image of each caption when the count
+    varies (`{split}_cap_images.txt`). Without them the im_div rule (1 or 5 per image) applies.
+    """
     if not hasattr(features, "shape"):
         features = np.asarray(features, dtype=np.float32)
     data_dir = Path(data_dir)
-    _check_inputs(data_dir, split, features, captions, boxes, image_sizes, ids)
+    _check_inputs(data_dir, split, features, captions, boxes, image_sizes, ids, region_counts=region_counts,
+                  captions_per_image=captions_per_image, caption_index=caption_images)
     data_dir.mkdir(parents=True, exist_ok=True)
     names = file_names(split)
     _write_npy(data_dir / names["features"], features, np.float32)
@@ -146,3 +189,12 @@ def write_split(
         _write_npy(data_dir / names["image_sizes"], image_sizes)
     if ids is not None:
         _write_lines(data_dir / names["ids"], [str(i) for i in ids])
+    # A declaration left from an earlier write would now describe other data: replace or remove it.
+    for part in ("region_counts", "captions_per_image", "caption_images"):
+        (data_dir / names[part]).unlink(missing_ok=True)
+    if region_counts is not None:
+        _write_npy(data_dir / names["region_counts"], np.asarray(region_counts), np.int64)
+    if captions_per_image is not None:
+        _write_lines(data_dir / names["captions_per_image"], [str(int(captions_per_image))])
+    if caption_images is not None:
+        _write_lines(data_dir / names["caption_images"], [str(int(i)) for i in caption_images])

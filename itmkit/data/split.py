@@ -19,6 +19,34 @@ BOX_LAYOUTS = {4: "xyxy", 30: "pfan"}
 CAPTIONS_PER_IMAGE = 5
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a UTF-8 file, without a leading byte-order mark, lines ending in '\\n'.
+
+    Every text file under itmkit.data (captions, vocabularies, caption declarations) is read
+    here. Editors on Windows start UTF-8 files with a BOM (U+FEFF); read as plain UTF-8 it
+    would stick to the first word ('\\ufeffa' -> <unk>) or break JSON, so 'utf-8-sig' drops
+    it. Newlines are universal, as when iterating over an open file.
+    """
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    except OSError as err:
+        raise DataError(f"cannot read {what} {path}: {err}") from None
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of `text` as iterating over a file gives them, without their line ends."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the end of the last line, not an empty line
+    return lines
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
@@ -73,27 +101,116 @@ class RowPrefix:
         return self.base[(key, *rest)]
 
 
+class ImageRows:
+    """Image rows of a feature array stored another way, read lazily: (N_img, R, F) to the Split.
+
+    Two layouts of VSE++'s precomp data need it: a 2-D array (rows, F) of one global feature per
+    image is read as one region, (N_img, 1, F); and with ``repeat`` = k each image's row is
+    stored k times in a row (one per caption), so image i is rows k*i .. k*i+k-1. Those rows are
+    read with the image and must be identical: a difference is a DataError naming the rows,
+    never a silent choice of one of them.
+    """
+
+    def __init__(self, base: Any, *, repeat: int = 1, file: str = "features") -> None:
+        self.base = base
+        self.repeat = repeat
+        self.file = file
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        rest = tuple(self.base.shape[1:])
+        return (int(self.base.shape[0]) // self.repeat, *((1, *rest) if len(rest) == 1 else rest))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, tuple):  # the image axis is selected here, the others once read
+            key, rest = key[0], key[1:]
+            rows = self[key]
+            return rows[rest] if isinstance(key, (int, np.integer)) else rows[(slice(None), *rest)]
+        if isinstance(key, (int, np.integer)):
+            n = self.shape[0]
+            if not -n <= key < n:
+                raise IndexError(f"image {key} is out of range for {n} images")
+            return self.rows(np.array([int(key) % n]))[0]
+        if isinstance(key, slice):
+            return self.rows(np.arange(*key.indices(self.shape[0])))
+        return self.rows(np.asarray(key, dtype=np.int64))
+
+    def rows(self, images: np.ndarray) -> np.ndarray:
+        """The features of `images` (any order, repeats allowed), checking their repeated rows."""
+        images = np.asarray(images, dtype=np.int64).reshape(-1)
+        if images.size == 0:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        unique, inverse = np.unique(images, return_inverse=True)
+        rows = (unique[:, None] * self.repeat + np.arange(self.repeat)).reshape(-1)  # increasing, as h5py needs
+        if rows[-1] - rows[0] + 1 == rows.size:
+            data = np.asarray(self.base[int(rows[0]) : int(rows[-1]) + 1])
+        else:
+            data = np.asarray(self.base[rows])
+        data = data.reshape(len(unique), self.repeat, *data.shape[1:])
+        if self.repeat > 1:
+            differ = ~(data == data[:, :1]).reshape(len(unique), -1).all(axis=1)
+            if differ.any():
+                image = int(unique[np.flatnonzero(differ)[0]])
+                first = image * self.repeat
+                raise DataError(
+                    f"{self.file}: rows {first}..{first + self.repeat - 1} should repeat the feature of image "
+                    f"{image} (one row per caption, as VSE++'s precomp data stores it) but differ; "
+                    f"store one row per image, or repeat each row exactly {self.repeat} times"
+                )
+        return data[:, 0].reshape(len(unique), *self.shape[1:])[inverse]
+
+
 # eq=False: fields hold arrays, whose == is elementwise; two splits are equal only if identical.
 @attrs.frozen(eq=False)
 class Split:
-    """One split: image features (N_img, R, F) on disk, captions 5i..5i+4 for image i."""
+    """One split: image features (N_img, R, F) on disk, captions grouped by image in memory.
+
+    Captions describe images in order: with ``captions_per_image`` = k, captions k*i .. k*i+k-1
+    describe image i; when the count varies (``captions_per_image`` None), ``caption_index``
+    holds the image of each caption, non-decreasing. ``region_counts`` holds how many of the R
+    rows of each image are regions (the rest are zero padding); None means all of them.
+    """
 
     name: str
     features: Any
     captions: list[str]
     boxes: np.ndarray | None = None
     image_sizes: np.ndarray | None = None
-    captions_per_image: int = CAPTIONS_PER_IMAGE
+    captions_per_image: int | None = CAPTIONS_PER_IMAGE
     source: str = ""
+    region_counts: np.ndarray | None = None
+    caption_index: np.ndarray | None = None
 
     def __attrs_post_init__(self) -> None:
-        expected = self.num_images * self.captions_per_image
-        if len(self.captions) != expected:
-            raise DataError(
-                f"split {self.name!r} of {self.source or 'memory'}: {len(self.captions)} captions "
-                f"for {self.num_images} images at {self.captions_per_image} per image "
-                f"(expected {expected})"
-            )
+        where = f"split {self.name!r} of {self.source or 'memory'}"
+        if self.caption_index is not None:
+            problems = caption_index_problems(self.caption_index, self.num_images, len(self.captions), where)
+            if problems:
+                raise DataError(" ".join(problems))
+        elif self.captions_per_image is None or self.captions_per_image < 1:
+            raise DataError(f"{where}: captions_per_image must be a positive int, or give caption_index")
+        else:
+            expected = self.num_images * self.captions_per_image
+            if len(self.captions) != expected:
+                raise DataError(
+                    f"{where}: {len(self.captions)} captions for {self.num_images} images at "
+                    f"{self.captions_per_image} per image (expected {expected})"
+                )
+        if self.region_counts is not None:
+            problems = region_count_problems(self.region_counts, self.num_images, self.num_regions, where)
+            if problems:
+                raise DataError(" ".join(problems))
 
     @property
     def num_images(self) -> int:
@@ -118,9 +235,25 @@ class Split:
             return None
         return BOX_LAYOUTS.get(int(self.boxes.shape[-1]))
 
+    @property
+    def caption_images(self) -> np.ndarray:
+        """(C,) int64: the image each caption describes (what the metrics take)."""
+        if self.caption_index is not None:
+            return np.asarray(self.caption_index, dtype=np.int64)
+        return np.arange(self.num_captions, dtype=np.int64) // self.captions_per_image
+
     def image_of_caption(self, caption_index: int) -> int:
         """The image that caption `caption_index` describes."""
+        if self.caption_index is not None:
+            return int(self.caption_index[caption_index])
         return caption_index // self.captions_per_image
+
+    def region_lengths(self, indices: np.ndarray) -> np.ndarray:
+        """(k,) int64: how many regions the images at `indices` have (R unless counts are stored)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.region_counts is None:
+            return np.full(indices.shape, self.num_regions, dtype=np.int64)
+        return np.asarray(self.region_counts, dtype=np.int64)[indices]
 
     def image_features(self, indices: np.ndarray) -> np.ndarray:
         """Float32 features (k, R, F) of the images at `indices`, reading only those rows."""
@@ -156,12 +289,19 @@ class Split:
             features = RowPrefix(features.base, num_images)
         else:
             features = RowPrefix(features, num_images)
+        if self.caption_index is not None:
+            # Captions are grouped by image, so the first images' captions are a prefix.
+            num_captions = int(np.searchsorted(self.caption_index, num_images, side="left"))
+        else:
+            num_captions = num_images * self.captions_per_image
         return attrs.evolve(
             self,
             features=features,
-            captions=self.captions[: num_images * self.captions_per_image],
+            captions=self.captions[:num_captions],
             boxes=None if self.boxes is None else self.boxes[:num_images],
             image_sizes=None if self.image_sizes is None else self.image_sizes[:num_images],
+            region_counts=None if self.region_counts is None else self.region_counts[:num_images],
+            caption_index=None if self.caption_index is None else self.caption_index[:num_captions],
         )
 
     def reopen(self) -> Split:
@@ -183,7 +323,9 @@ class SplitParts:
     boxes: np.ndarray | None = None
     image_sizes: np.ndarray | None = None
     files: dict[str, str] = attrs.field(factory=dict)  # part -> how messages name it
-    declared_captions_per_image: int | None = None  # an HDF5 attribute; else the im_div rule
+    declared_captions_per_image: int | None = None  # a small file / an HDF5 attribute; else the im_div rule
+    region_counts: np.ndarray | None = None  # (N_img,) valid regions per image, when stored
+    caption_index: np.ndarray | None = None  # (C,) the image of each caption, when stored
 
     def file(self, part: str) -> str:
         """How messages name the file (or HDF5 dataset) holding `part`."""
@@ -198,35 +340,130 @@ def _empty_note(captions: list[str]) -> str:
     return f" {len(empty)} of them are empty (the first is number {empty[0] + 1}, counting from 1)."
 
 
+def region_count_problems(counts: Any, num_images: int, num_regions: int, file: str) -> list[str]:
+    """What is wrong with per-image region counts (1-D integers in 1..R, one per image), as sentences."""
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or counts.shape[0] != num_images:
+        return [f"{file} should hold one region count per image, shape ({num_images},), but has shape "
+                f"{tuple(counts.shape)}."]
+    if counts.size and not (np.issubdtype(counts.dtype, np.integer) or counts.dtype == bool):
+        if not np.issubdtype(counts.dtype, np.floating) or not np.all(np.isfinite(counts)) \
+                or not np.all(counts == np.round(counts)):
+            return [f"{file} should hold integer region counts but has dtype {counts.dtype} with non-integer "
+                    f"values."]
+    bad = np.flatnonzero((counts < 1) | (counts > num_regions))
+    if bad.size:
+        first = int(bad[0])
+        return [f"{file} has {bad.size} region count(s) outside 1..{num_regions} (the regions stored per "
+                f"image): image {first} has {counts[first]}."]
+    return []
+
+
+def caption_index_problems(index: Any, num_images: int, num_captions: int, file: str) -> list[str]:
+    """What is wrong with a caption -> image index (non-decreasing, every image described), as sentences."""
+    index = np.asarray(index)
+    if index.ndim != 1 or index.shape[0] != num_captions:
+        return [f"{file} should give the image of each of the {num_captions} captions, shape ({num_captions},), "
+                f"but has shape {tuple(index.shape)}."]
+    if index.size and not np.issubdtype(index.dtype, np.integer):
+        return [f"{file} should hold integer image indices but has dtype {index.dtype}."]
+    if index.size == 0:
+        return [] if num_images == 0 else [f"{file} gives no captions for {num_images} images."]
+    outside = np.flatnonzero((index < 0) | (index >= num_images))
+    if outside.size:
+        first = int(outside[0])
+        return [f"{file}: caption {first} is given image {index[first]}, outside 0..{num_images - 1}."]
+    back = np.flatnonzero(np.diff(index) < 0)
+    if back.size:
+        first = int(back[0]) + 1
+        return [f"{file}: caption {first} is given image {index[first]} after caption {first - 1} was given "
+                f"image {index[first - 1]}; captions must be grouped by image, in image order."]
+    counts = np.bincount(index, minlength=num_images)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        return [f"{file}: {missing.size} image(s) have no caption (the first is image {int(missing[0])}); "
+                f"every image needs at least one for image-to-text retrieval."]
+    return []
+
+
+def repeated_rows(parts: SplitParts) -> int:
+    """k if the features store each image's row k times in a row (VSE++'s layout), else 1.
+
+    That layout has one row per caption: as many rows as captions. With k declared it is the
+    only reading; without, k = 5 is taken when rows 0..4 are identical (a legacy one-caption-
+    per-image file would not repeat them). Only 2-D global features are stored this way.
+    """
+    shape = tuple(parts.features.shape)
+    if len(shape) != 2 or parts.caption_index is not None or shape[0] != len(parts.captions):
+        return 1
+    k = parts.declared_captions_per_image or CAPTIONS_PER_IMAGE
+    if k < 2 or shape[0] % k or shape[0] == 0:
+        return 1
+    if parts.declared_captions_per_image is not None:
+        return k
+    first = np.asarray(parts.features[:k])
+    return k if bool((first == first[:1]).all()) else 1
+
+
+def image_shape(parts: SplitParts) -> tuple[int, int, int] | None:
+    """(N_img, R, F) as the Split will see the features (2-D global rows as R = 1), or None if unreadable."""
+    shape = tuple(parts.features.shape)
+    if len(shape) == 3:
+        return shape  # type: ignore[return-value]
+    if len(shape) == 2:
+        return (shape[0] // repeated_rows(parts), 1, shape[1])
+    return None
+
+
 def split_problems(parts: SplitParts) -> list[str]:
     """Every way the parts of one split disagree with each other or with the layout, as sentences."""
     problems = []
     features_file = parts.file("features")
-    shape = tuple(parts.features.shape)
-    if len(shape) != 3:
+    shape = image_shape(parts)
+    if shape is None:
         return [
-            f"{features_file} should hold a 3-D array (images, regions, feature dim) "
-            f"but has shape {shape}."
+            f"{features_file} should hold a 3-D array (images, regions, feature dim) or a 2-D array "
+            f"(images, feature dim) of global features, but has shape {tuple(parts.features.shape)}."
         ]
     if not np.issubdtype(parts.features.dtype, np.floating):
         problems.append(f"{features_file} should hold floats (float32) but has dtype {parts.features.dtype}.")
     num_images, num_regions, _ = shape
     num_captions = len(parts.captions)
-    if parts.declared_captions_per_image is not None:
-        expected = num_images * parts.declared_captions_per_image
-        if num_captions != expected:
+    repeat = repeated_rows(parts)
+    rows_note = f" ({num_images * repeat} rows, each image's repeated {repeat} times)" if repeat > 1 else ""
+    if parts.caption_index is not None:
+        problems.extend(caption_index_problems(parts.caption_index, num_images, num_captions,
+                                               parts.file("caption_images")))
+        if parts.declared_captions_per_image is not None and not problems:
+            k = parts.declared_captions_per_image
+            if not np.array_equal(parts.caption_index, np.arange(num_captions) // k):
+                problems.append(
+                    f"{parts.file('captions_per_image')} declares {k} captions per image but "
+                    f"{parts.file('caption_images')} gives other images; keep one of the two."
+                )
+    elif parts.declared_captions_per_image is not None:
+        k = parts.declared_captions_per_image
+        expected = num_images * k
+        if k < 1:
+            problems.append(f"{parts.file('captions_per_image')} declares {k} captions per image; expected a "
+                            f"positive integer.")
+        elif num_captions != expected:
             problems.append(
                 f"{parts.file('captions')} has {num_captions} captions but {features_file} has "
-                f"{num_images} images at {parts.declared_captions_per_image} per image "
+                f"{num_images} images{rows_note} at {k} per image "
                 f"(expected {expected}).{_empty_note(parts.captions)}"
             )
     elif num_captions not in (num_images, CAPTIONS_PER_IMAGE * num_images):
         problems.append(
             f"{parts.file('captions')} has {num_captions} captions but {features_file} has "
             f"{num_images} images; expected {CAPTIONS_PER_IMAGE * num_images} "
-            f"({CAPTIONS_PER_IMAGE} per image) or {num_images} (1 per image)."
+            f"({CAPTIONS_PER_IMAGE} per image) or {num_images} (1 per image), or declare the count "
+            f"(a captions-per-image file or a caption-to-image index, see docs/data.md)."
             f"{_empty_note(parts.captions)}"
         )
+    if parts.region_counts is not None:
+        problems.extend(region_count_problems(parts.region_counts, num_images, num_regions,
+                                              parts.file("region_counts")))
     if parts.boxes is not None:
         boxes_shape = tuple(parts.boxes.shape)
         if len(boxes_shape) != 3 or boxes_shape[:2] != (num_images, num_regions) or boxes_shape[2] not in BOX_LAYOUTS:
@@ -253,6 +490,9 @@ def array_problems(
     image_sizes: np.ndarray | None,
     *,
     files: dict[str, str],
+    region_counts: Any = None,
+    captions_per_image: int | None = None,
+    caption_index: Any = None,
 ) -> list[str]:
     """split_problems for arrays about to be written; `files` names where each part is going."""
     parts = SplitParts(
@@ -264,8 +504,30 @@ def array_problems(
         boxes=boxes,
         image_sizes=image_sizes,
         files=files,
+        declared_captions_per_image=captions_per_image,
+        region_counts=None if region_counts is None else np.asarray(region_counts),
+        caption_index=None if caption_index is None else np.asarray(caption_index),
     )
     return split_problems(parts)
+
+
+def _image_features(parts: SplitParts) -> Any:
+    """The features as (N_img, R, F) rows: 3-D as stored, 2-D global rows as one region each."""
+    features = parts.features
+    if len(features.shape) == 3:
+        return features
+    repeat = repeated_rows(parts)
+    if repeat == 1 and isinstance(features, np.ndarray):
+        return features[:, None, :]  # a view: a memmap stays a memmap, nothing is read
+    return ImageRows(features, repeat=repeat, file=parts.file("features"))
+
+
+def _uniform_count(index: np.ndarray, num_images: int) -> int | None:
+    """k if `index` gives every image exactly k captions in order, else None."""
+    if num_images == 0 or len(index) % num_images:
+        return None
+    k = len(index) // num_images
+    return k if np.array_equal(index, np.arange(len(index)) // k) else None
 
 
 def assemble(parts: SplitParts) -> Split:
@@ -273,20 +535,33 @@ def assemble(parts: SplitParts) -> Split:
     problems = split_problems(parts)
     if problems:
         raise DataError("\n".join(problems))
-    num_images = int(parts.features.shape[0])
-    if parts.declared_captions_per_image is not None:
+    features = _image_features(parts)
+    num_images = int(features.shape[0])
+    index = None
+    if parts.caption_index is not None:
+        index = np.asarray(parts.caption_index, dtype=np.int64)
+        per_image = _uniform_count(index, num_images)
+        if per_image is not None:
+            index = None  # k per image after all: the fast path, and captions_per_image is an int
+    elif parts.declared_captions_per_image is not None:
         per_image = parts.declared_captions_per_image
     else:
         # The official im_div rule: as many captions as images means one per image.
         per_image = 1 if len(parts.captions) == num_images else CAPTIONS_PER_IMAGE
+    if repeated_rows(parts) > 1:
+        ImageRows(parts.features, repeat=repeated_rows(parts), file=parts.file("features")).rows(
+            np.array([0, num_images - 1]))  # the first and last images' rows must repeat; the rest as read
+    counts = None if parts.region_counts is None else np.asarray(parts.region_counts, dtype=np.int64)
     return Split(
         name=parts.name,
-        features=parts.features,
+        features=features,
         captions=parts.captions,
         boxes=parts.boxes,
         image_sizes=parts.image_sizes,
         captions_per_image=per_image,
         source=parts.source,
+        region_counts=counts,
+        caption_index=index,
     )
 
 
