@@ -178,7 +178,7 @@ def eval_(
     with make_progress() as progress:
         sims, stats = ensemble_similarity([(x.model, x.vocab) for x in loaded], the_split, device=dev,
                                           batch_size=first.train.eval_batch_size, progress=progress)
-    metrics = protocol_metrics(sims, protocol, the_split.captions_per_image)
+    metrics = protocol_metrics(sims, protocol, the_split.caption_images)
     if save_sims:
         import io
 

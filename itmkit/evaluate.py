@@ -62,4 +62,4 @@ def ensemble_similarity(members: list[tuple[ITMModel, Vocabulary]], split: Split
 
 def evaluate(model: ITMModel, vocab: Vocabulary, split: Split, protocol: str = "f30k-1k", **kwargs) -> dict[str, float]:
     sims, _ = similarity_matrix(model, vocab, split, **kwargs)
-    return protocol_metrics(sims, protocol, split.captions_per_image)
+    return protocol_metrics(sims, protocol, split.caption_images)

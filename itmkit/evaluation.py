@@ -25,27 +25,51 @@ def _descending_order(rows: np.ndarray) -> np.ndarray:
     return np.argsort(rows, axis=1)[:, ::-1]
 
 
-def i2t_ranks(sims: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
-    """For each image, the best (lowest) rank among its captions in its sorted caption list."""
+def _owners(captions_per_image: int | np.ndarray) -> int | np.ndarray:
+    """k when every image has k consecutive captions (the fast path), else the image of each caption."""
+    if isinstance(captions_per_image, (int, np.integer)):
+        return int(captions_per_image)
+    index = np.asarray(captions_per_image, dtype=np.int64)
+    n = len(index)
+    if n and index[-1] >= 0 and n % (int(index[-1]) + 1) == 0:
+        k = n // (int(index[-1]) + 1)
+        if np.array_equal(index, np.arange(n) // k):
+            return k
+    return index
+
+
+def _image_of(owners: int | np.ndarray, captions: np.ndarray) -> np.ndarray:
+    """The image each of `captions` (caption indices, any shape) describes."""
+    return captions // owners if isinstance(owners, int) else owners[captions]
+
+
+def i2t_ranks(sims: np.ndarray, captions_per_image: int | np.ndarray = 5) -> np.ndarray:
+    """For each image, the best (lowest) rank among its captions in its sorted caption list.
+
+    ``captions_per_image``: k (captions k*i .. k*i+k-1 describe image i), or the image of each
+    caption (C,) when the count varies.
+    """
+    owners = _owners(captions_per_image)
     n_images = sims.shape[0]
     ranks = np.empty(n_images, dtype=np.int64)
     for start in range(0, n_images, _ROWS_PER_CHUNK):
         stop = min(start + _ROWS_PER_CHUNK, n_images)
         order = _descending_order(np.asarray(sims[start:stop]))
-        owner = order // captions_per_image  # image owning each ranked caption
+        owner = _image_of(owners, order)  # image owning each ranked caption
         hit = owner == np.arange(start, stop)[:, None]
         ranks[start:stop] = hit.argmax(axis=1)
     return ranks
 
 
-def t2i_ranks(sims: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
-    """For each caption, the rank of its image in its sorted image list."""
+def t2i_ranks(sims: np.ndarray, captions_per_image: int | np.ndarray = 5) -> np.ndarray:
+    """For each caption, the rank of its image in its sorted image list (``captions_per_image`` as in i2t_ranks)."""
+    owners = _owners(captions_per_image)
     n_captions = sims.shape[1]
     ranks = np.empty(n_captions, dtype=np.int64)
     for start in range(0, n_captions, _ROWS_PER_CHUNK):
         stop = min(start + _ROWS_PER_CHUNK, n_captions)
         order = _descending_order(np.ascontiguousarray(sims[:, start:stop].T))
-        truth = np.arange(start, stop) // captions_per_image
+        truth = _image_of(owners, np.arange(start, stop))
         ranks[start:stop] = (order == truth[:, None]).argmax(axis=1)
     return ranks
 
@@ -58,24 +82,60 @@ def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
     return out
 
 
-def retrieval_metrics(sims: np.ndarray, captions_per_image: int = 5) -> dict[str, float]:
-    """R@1/5/10, medr, meanr for both directions and rsum of an (images x captions) matrix."""
+def _layout_problem(shape: tuple[int, ...], owners: int | np.ndarray) -> str | None:
+    """Why an (images x captions) matrix of `shape` does not fit the caption layout, or None."""
+    if len(shape) != 2:
+        return f"similarity matrix must be 2-D (images, captions), got {shape}"
+    n_images, n_captions = shape
+    if isinstance(owners, int):
+        if owners < 1 or n_captions != n_images * owners:
+            return f"similarity matrix must be (images, {owners} x images), got {shape}"
+        return None
+    if len(owners) != n_captions:
+        return f"similarity matrix has {n_captions} captions but {len(owners)} caption images were given"
+    if n_captions and (owners.min() < 0 or owners.max() >= n_images):
+        return f"caption images must lie in [0, {n_images}) for a matrix of {n_images} images"
+    described = np.bincount(owners, minlength=n_images) if n_captions else np.zeros(n_images, int)
+    if not described.all():
+        return (f"image {int(np.flatnonzero(described == 0)[0])} has no caption, so it has no "
+                f"image-to-text rank")
+    return None
+
+
+def retrieval_metrics(sims: np.ndarray, captions_per_image: int | np.ndarray = 5) -> dict[str, float]:
+    """R@1/5/10, medr, meanr for both directions and rsum of an (images x captions) matrix.
+
+    ``captions_per_image``: k, or the image of each caption (C,) for a varying count per image.
+    """
     sims = np.asarray(sims)
-    if sims.ndim != 2 or sims.shape[1] != sims.shape[0] * captions_per_image:
-        raise ItmkitError(
-            f"similarity matrix must be (images, {captions_per_image} x images), got {sims.shape}"
-        )
+    captions_per_image = _owners(captions_per_image)
+    problem = _layout_problem(sims.shape, captions_per_image)
+    if problem:
+        raise ItmkitError(problem)
     out = {**_summary(i2t_ranks(sims, captions_per_image), "i2t"),
            **_summary(t2i_ranks(sims, captions_per_image), "t2i")}
     out["rsum"] = _rsum(out)
     return out
 
 
+def _fold_metrics(sims: np.ndarray, captions_per_image: int | np.ndarray, start: int, stop: int) -> dict[str, float]:
+    """retrieval_metrics of images start..stop-1 against their own captions only."""
+    owners = _owners(captions_per_image)
+    if isinstance(owners, int):
+        return retrieval_metrics(sims[start:stop, start * owners:stop * owners], owners)
+    problem = _layout_problem(sims.shape, owners)
+    if problem:
+        raise ItmkitError(problem)
+    # A fold is a set of images; their captions go with them, wherever they sit in the matrix.
+    keep = (owners >= start) & (owners < stop)
+    return retrieval_metrics(sims[start:stop][:, keep], owners[keep] - start)
+
+
 def _rsum(m: dict[str, float]) -> float:
     return sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
-def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int = 5) -> dict[str, float]:
+def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int | np.ndarray = 5) -> dict[str, float]:
     """Metrics by a named protocol: f30k-1k and coco-5k use the whole matrix; coco-1k-5fold
     averages each metric over five folds of 1000 images (rsum recomputed from the means)."""
     if protocol not in PROTOCOLS:
@@ -87,11 +147,7 @@ def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int = 
         raise ItmkitError(
             f"protocol coco-1k-5fold needs the 5000-image COCO testall split, got {sims.shape[0]} images"
         )
-    folds = [
-        retrieval_metrics(sims[f * fold:(f + 1) * fold, f * fold * captions_per_image:(f + 1) * fold * captions_per_image],
-                          captions_per_image)
-        for f in range(5)
-    ]
+    folds = [_fold_metrics(sims, captions_per_image, f * fold, (f + 1) * fold) for f in range(5)]
     out = {k: float(np.mean([m[k] for m in folds])) for k in METRIC_KEYS if k != "rsum"}
     out["rsum"] = _rsum(out)
     return out

@@ -11,6 +11,7 @@ from typing import Any
 
 from nltk.tokenize import NLTKWordTokenizer
 
+from itmkit.data.pickle_vocab import read_if_pickle
 from itmkit.data.split import atomic_path
 from itmkit.errors import DataError, did_you_mean
 
@@ -149,8 +150,11 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        """Read a vocabulary JSON file in the official SCAN format."""
+        """Read a vocabulary file: the official SCAN JSON, or a VSE++ pickle (``.pkl``, read safely)."""
         path = Path(path)
+        pickled = read_if_pickle(path)  # itmkit.data.pickle_vocab: a pickle under a JSON name is an error
+        if pickled is not None:
+            return pickled
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
