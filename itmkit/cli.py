@@ -27,13 +27,14 @@ err = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 1
 F30K_WORDS = 8481  # the SCAN Flickr30K vocabulary, four specials included: `build`'s guess without data
 _state = {"debug": False}
 
+# Flags take no value; their empty metavar keeps typer's help from showing `<bool>` as if they did.
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. train.epochs=2 (repeatable)")]
 DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")]
 
 
 @app.callback()
 def main(
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="show tracebacks")] = False,
     stages: Annotated[Optional[list[Path]], typer.Option("--stages", help="import a local stage file (a plugin module) for this run")] = None,
 ) -> None:
     _state["debug"] = debug
@@ -74,7 +75,7 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
 def build(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML file")],
     set_: SetOption = None,
-    data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's [data].path)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's \\[data].path)")] = None,
 ) -> None:
     """Validate a recipe, build its model and print the stage tree."""
     from itmkit.build import build_model, count_parameters, stage_tree
@@ -119,22 +120,23 @@ def _build_ports(recipe, path: str):
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML file")],
-    data: Annotated[Optional[str], typer.Option(help="dataset folder (overrides [data].path)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="dataset folder (overrides \\[data].path)")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="run folder (default: runs/<recipe name>)")] = None,
     set_: SetOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/last.safetensors")] = False,
+    resume: Annotated[bool, typer.Option("--resume", metavar="", help="continue from OUT/last.safetensors")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Train a recipe, validate each epoch, keep the best checkpoint, print the test R@K table."""
     from itmkit.progress import make_progress
     from itmkit.recipe import load_recipe
+    from itmkit.runs import default_run_folder
     from itmkit.train import train as run_training
 
     overrides = list(set_ or [])
     if data:
         overrides.append(f"data.path={json.dumps(data)}")
     r = load_recipe(recipe, overrides)
-    folder = out_dir or Path("runs") / r.info.name
+    folder = out_dir or default_run_folder(r.info.name)
     dev = _device(device)
     err.print(f"training {r.info.name} on {r.data.path} ({dev}), run folder {folder}")
     with make_progress() as progress:
@@ -151,17 +153,18 @@ def train(
 @app.command(name="eval")
 def eval_(
     checkpoints: Annotated[list[Path], typer.Argument(help="one checkpoint, or several for an ensemble")],
-    data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's [data].path)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's \\[data].path)")] = None,
     split: Annotated[Optional[str], typer.Option(help="split to score (default: the recipe's test split)")] = None,
     protocol: Annotated[Optional[str], typer.Option(help="f30k-1k | coco-1k-5fold | coco-5k (default: the recipe's)")] = None,
     save_sims: Annotated[Optional[Path], typer.Option("--save-sims", help="write the (images x captions) matrix as .npy")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object of metrics")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object of metrics")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Evaluate checkpoint(s); several are an ensemble (similarities averaged)."""
     from itmkit.checkpoint import atomic_write_bytes, load_checkpoint
-    from itmkit.datasets import open_named_split, resolve_data_dir
+    from itmkit.datasets import recorded_data_dir
     from itmkit.evaluate import ensemble_similarity
+    from itmkit.preflight import check_eval_data
     from itmkit.evaluation import PROTOCOLS, protocol_metrics
     from itmkit.errors import did_you_mean
     from itmkit.progress import make_progress
@@ -172,9 +175,10 @@ def eval_(
     protocol = protocol or first.data.protocol
     if protocol not in PROTOCOLS:
         raise ItmkitError(f"--protocol {protocol!r} is not known" + did_you_mean(protocol, PROTOCOLS))
-    folder = resolve_data_dir(data or first.data.path, log=err.print)
+    folder = recorded_data_dir(data, first.data.path, checkpoints[0], log=err.print)
     split_name = split or first.data.test_split
-    the_split = open_named_split(folder, split_name)
+    # The split against the protocol and every checkpoint's input width, before anything is scored.
+    the_split = check_eval_data(folder, split_name, protocol, [(str(p), x.model) for p, x in zip(checkpoints, loaded)])
     with make_progress() as progress:
         sims, stats = ensemble_similarity([(x.model, x.vocab) for x in loaded], the_split, device=dev,
                                           batch_size=first.train.eval_batch_size, progress=progress)
@@ -234,7 +238,7 @@ def plugins() -> None:
 def stages(
     kind: Annotated[Optional[str], typer.Option(help="only stages of this kind")] = None,
     describe: Annotated[Optional[str], typer.Option(help="show one stage in full")] = None,
-    markdown: Annotated[bool, typer.Option("--markdown", help="print the stage reference as Markdown (docs/recipes.md)")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", metavar="", help="print the stage reference as Markdown (docs/recipes.md)")] = False,
 ) -> None:
     """List every stage with its ports, parameters and paper."""
     from itmkit.docs import stage_reference_markdown
@@ -276,7 +280,7 @@ def data_synth(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the dataset into")],
     seed: Annotated[int, typer.Option(help="generator seed")] = 0,
     sizes: Annotated[Optional[str], typer.Option(help="images per split, e.g. train=5000,dev=500,test=1000")] = None,
-    images: Annotated[bool, typer.Option("--images", help="also write the rendered PNGs")] = False,
+    images: Annotated[bool, typer.Option("--images", metavar="", help="also write the rendered PNGs")] = False,
 ) -> None:
     """Write the built-in 'shapes' dataset in the SCAN precomp layout."""
     from itmkit.data.shapes import DEFAULT_SIZES, write_shapes
@@ -297,10 +301,21 @@ def data_synth(
 
 
 @data_app.command("check")
-def data_check(data_dir: Annotated[Path, typer.Argument(help="dataset folder")]) -> None:
-    """Validate a dataset: shapes, dtypes, 5 captions per image, splits present, NaNs."""
+def data_check(
+    data_dir: Annotated[Path, typer.Argument(help="dataset folder")],
+    recipe: Annotated[Optional[Path], typer.Option(help="check the splits, batch size and protocol this recipe uses,"
+                                                    " as `itmkit train` does before epoch 1")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Validate a dataset: shapes, dtypes, captions per image, splits present, NaNs, what a run needs."""
     from itmkit.data.check import check_dataset, summarize_dataset
+    from itmkit.preflight import DataUse
 
+    use = None
+    if recipe is not None:
+        from itmkit.recipe import load_recipe
+
+        use = DataUse.of_recipe(load_recipe(recipe, set_ or []))
     if not data_dir.is_dir():
         raise ItmkitError(f"data folder not found: {data_dir}")
     table = Table(title=str(data_dir))
@@ -309,7 +324,7 @@ def data_check(data_dir: Annotated[Path, typer.Argument(help="dataset folder")])
     for row in summarize_dataset(data_dir):
         table.add_row(*(str(row.get(k, "")) for k in ("name", "layout", "images", "captions", "regions", "feature_dim", "boxes")))
     out.print(table)
-    problems = check_dataset(data_dir)
+    problems = check_dataset(data_dir, use)
     if problems:
         for p in problems:
             err.print("[red]problem:[/red]", escape(p), highlight=False)
@@ -347,15 +362,36 @@ def data_vocab(
     out.print(f"wrote {len(vocab)} words to {output}")
 
 
+# Exit codes: 0 done; 1 a problem with the input, one `error:` line saying what and where; 2 a usage
+# error (typer's own message); 70 (sysexits' EX_SOFTWARE) an unexpected exception, that is a bug in
+# itmkit, also one line, the traceback only under --debug or ITMKIT_DEBUG=1; 130 interrupted.
+EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 1, 70, 130
+
+
 def run() -> None:
-    """Console entry point: run the app, turning itmkit errors into one message and exit code 1."""
+    """Console entry point: run the app; every failure ends in one `error:` line and its exit code."""
     try:
         app()
-    except ItmkitError as exc:
-        if _state["debug"] or os.environ.get("ITMKIT_DEBUG"):
-            raise
-        err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False, soft_wrap=True)
-        sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if _state["debug"] or os.environ.get("ITMKIT_DEBUG"):
+            raise
+        message, code = _one_line(exc)
+        err.print("[bold red]error:[/bold red]", escape(message), highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+
+def _one_line(exc: Exception) -> tuple[str, int]:
+    """What ``run`` prints for an exception, and the exit code."""
+    if isinstance(exc, ItmkitError):
+        return str(exc), EXIT_INPUT
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 400 else text[:400] + " …"
+    # Running out of memory is the machine's limit, not a bug: a recipe's sizes or batch ask for more.
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
+        return (f"out of memory: {text or type(exc).__name__} (the recipe's sizes, batch size or the data ask for"
+                " more memory than this machine has)"), EXIT_INPUT
+    return (f"internal error: {type(exc).__name__}: {text} — this is a bug in itmkit; rerun with --debug"
+            " (or ITMKIT_DEBUG=1) for the traceback and report it"), EXIT_BUG

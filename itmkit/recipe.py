@@ -7,6 +7,7 @@ reported at once as ``RecipeError``, each with its key path (``match[0].aggregat
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,10 +17,13 @@ import tomli_w
 
 from itmkit.errors import ItmkitError, did_you_mean
 from itmkit.plugins import Registry, get_registry
-from itmkit.stage import Stage, param
-from itmkit.structure import Problem, describe_value, structure, unstructure
+from itmkit.stage import ParamInfo, Stage, param
+from itmkit.structure import Problem, check_param, describe_value, structure, unstructure
 
 PROTOCOLS = ("f30k-1k", "coco-1k-5fold", "coco-5k")
+# Tables and lists inside one another: a recipe needs about five levels (match[0].aggregate.param[...]).
+# Deeper input is refused with a message before anything walks it recursively.
+MAX_DEPTH = 16
 
 
 class RecipeError(ItmkitError):
@@ -67,7 +71,7 @@ class TrainSpec:
     optimizer: Literal["adam", "adamw"] = param("adam", "optimiser (GPO uses adamw)", choices=("adam", "adamw"))
     weight_decay: float = param(0.0, "weight decay (adamw: decoupled)", ge=0.0)
     grad_clip: float = param(2.0, "clip the gradient norm of all parameters to this (0 = off)", ge=0.0)
-    seed: int = param(0, "seed of initialisation, shuffling and dropout", ge=0)
+    seed: int = param(0, "seed of initialisation, shuffling and dropout", ge=0, le=2**32 - 1)  # numpy's seed range
     eval_batch_size: int = param(256, "items per batch when encoding for evaluation", ge=1)
     log_every: int = param(50, "write a metrics line every this many iterations", ge=1)
 
@@ -156,6 +160,7 @@ class Recipe:
 
 # Which stage kind each slot takes.
 SECTIONS = ("recipe", "image", "text", "match", "loss", "data", "train")
+WEIGHT = ParamInfo("weight", float, 1.0, "this branch's share of the model score", None, None, None, None)
 TOWER_KEYS = {"encoder": "encoder", "reasoners": "reasoner", "pool": "aggregator"}
 MATCH_KEYS = {"cross": "cross", "similarity": "similarity", "aggregate": "aggregator", "weight": None}
 
@@ -164,20 +169,29 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry 
     """Read a recipe file, apply ``--set KEY=VALUE`` overrides, structure and validate it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ItmkitError(f"recipe not found: {path}") from None
     except OSError as exc:
         raise ItmkitError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # editors on Windows start UTF-8 files with a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ItmkitError(f"{path}: line {line}: byte {data[exc.start:exc.start + 1]!r} is not UTF-8; a recipe must be"
+                          " UTF-8 text (save it as UTF-8)") from None
     return parse_recipe(text, str(path), overrides, registry)
 
 
 def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
     """Parse recipe TOML text (see ``load_recipe``)."""
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        raw = _load_toml(text.removeprefix("\ufeff"))
+    except ValueError as exc:
         raise ItmkitError(f"{source}: invalid TOML: {exc}") from None
+    too_deep = _too_deep(raw)
+    if too_deep is not None:
+        raise ItmkitError(f"{source}: tables and lists nested more than {MAX_DEPTH} deep @ {too_deep}")
     raw, set_paths, problems = apply_overrides(raw, overrides)
     recipe, found = structure_recipe(raw, source, registry or get_registry())
     problems += found
@@ -186,24 +200,67 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = (),
     return recipe
 
 
+def _load_toml(text: str) -> dict[str, Any]:
+    """tomllib.loads, with its two other failures as ValueErrors that say what is wrong."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError(f"tables and lists nested more than {MAX_DEPTH} deep") from None
+    except ValueError as exc:  # int() past Python's 4300-digit limit
+        raise ValueError(f"a number with too many digits ({str(exc).split(':')[0]})") from None
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """The key path of the first table or list nested deeper than ``limit``, else None (no recursion)."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        node, parts = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, child in items:
+            if isinstance(child, (dict, list)):
+                if len(parts) + 1 >= limit:
+                    return format_path([*parts[:4], "…", key]) if len(parts) > 4 else format_path([*parts, key])
+                stack.append((child, [*parts, key]))
+    return None
+
+
+# One --set key segment: a name and any number of [index] suffixes, or a bare index (match.0.weight).
+_SEGMENT = re.compile(r"(?P<name>[^.\[\]]*)(?P<indexes>(?:\[[^\]]*\])*)")
+
+
 def parse_override(item: str) -> tuple[list[str | int], Any]:
     """'match[0].aggregate.lambda_lse=6' -> (['match', 0, 'aggregate', 'lambda_lse'], 6)."""
+    item = item.removeprefix("\ufeff")
     if "=" not in item:
         raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
     key, _, text = item.partition("=")
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
+        value = _load_toml(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare word such as a path: take it as a string
+    except ValueError as exc:
+        raise ValueError(f"--set {item}: {exc}") from None
+    if _too_deep([value]) is not None:
+        raise ValueError(f"--set {key}=…: the value nests tables and lists more than {MAX_DEPTH} deep")
     parts: list[str | int] = []
-    for segment in key.strip().split("."):
-        name, _, rest = segment.partition("[")
+    segments = key.strip().split(".")
+    if len(segments) > MAX_DEPTH:
+        raise ValueError(f"--set {key[:40]}…: a key of {len(segments)} parts (a recipe key has at most {MAX_DEPTH})")
+    for segment in segments:
+        match = _SEGMENT.fullmatch(segment)
+        if not segment or match is None or (not match["name"] and not match["indexes"]):
+            raise ValueError(f"--set {item}: malformed key segment {segment!r} (expected NAME, NAME[INDEX] or INDEX,"
+                             " as in match[0].weight)")
+        name = match["name"]
         if name:
-            parts.append(int(name) if name.isdigit() else name)
-        if rest:
-            parts.append(int(rest.rstrip("]")))
-    if not parts:
-        raise ValueError(f"--set has an empty key: {item!r}")
+            parts.append(int(name) if re.fullmatch("[0-9]+", name) else name)
+        for index in re.findall(r"\[([^\]]*)\]", match["indexes"]):
+            if not re.fullmatch("[0-9]+", index.strip()):
+                raise ValueError(f"--set {item}: list index [{index}] must be a whole number counting from 0,"
+                                 " as in match[0].weight")
+            parts.append(int(index))
     return parts, value
 
 
@@ -230,18 +287,27 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
             continue
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
+            here = format_path(parts[: i + 1])
             if isinstance(part, int):
-                if not isinstance(node, list) or part >= len(node):
-                    size = len(node) if isinstance(node, list) else 0
+                if not isinstance(node, list):
+                    problems.append(Problem(here, f"--set {item}: {format_path(parts[:i]) or 'this'} is {describe_value(node)}, not a list"))
+                    break
+                if part >= len(node):
+                    size = len(node)
                     entries = "entry" if size == 1 else "entries"
-                    problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: there {'is' if size == 1 else 'are'} only {size} {entries} here"))
+                    problems.append(Problem(here, f"--set {item}: there {'is' if size == 1 else 'are'} only {size} {entries} here"))
                     break
                 node = node[part]
+            elif isinstance(node, dict):
+                if part not in node and isinstance(parts[i + 1], int):  # an index into a list the recipe lacks
+                    problems.append(Problem(here, f"--set {item}: the recipe has no list {part!r} here to index"))
+                    break
+                node = node.setdefault(part, {})
             else:
-                node = node.setdefault(part, {}) if isinstance(node, dict) else None
+                node = None
             if not isinstance(node, dict) and not (isinstance(node, list) and isinstance(parts[i + 1], int)):
                 what = "a list (index it: match[0].…)" if isinstance(node, list) else describe_value(node)
-                problems.append(Problem(format_path(parts[: i + 1]), f"--set {item}: this is {what}, not a table"))
+                problems.append(Problem(here, f"--set {item}: this is {what}, not a table"))
                 break
         else:
             last = parts[-1]
@@ -257,8 +323,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
 
 def _mark_override(problem: Problem, set_paths: dict[str, str]) -> Problem:
     for path, item in set_paths.items():
-        if problem.path == path or problem.path.startswith(path + "."):
-            return Problem(problem.path, f"{problem.message} (from --set {item})")
+        if problem.path == path or problem.path.startswith((path + ".", path + "[")):
+            shown = item if item.isprintable() else repr(item)
+            return Problem(problem.path, f"{problem.message} (from --set {shown})")
     return problem
 
 
@@ -293,6 +360,10 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
         name = table.get("stage")
         if name is None:
             problems.append(Problem(path, f"missing key 'stage' (the registered name of a {kind} stage)"))
+            return None
+        if not isinstance(name, str):
+            problems.append(Problem(f"{path}.stage", f"expected the name of a registered {kind} stage (a string),"
+                                                     f" got {describe_value(name)}"))
             return None
         if name not in registry.stages:
             candidates = [n for n, c in registry.stages.items() if c.kind == kind] or list(registry.stages)
@@ -353,9 +424,9 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
                 problems.append(Problem(f"{path}.similarity", "missing required slot 'similarity' in [[match]]"))
                 continue
             slots = {k: slot(table[k], f"{path}.{k}", kind) for k, kind in MATCH_KEYS.items() if kind and k in table}
-            weight = table.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                problems.append(Problem(f"{path}.weight", f"expected float, got {describe_value(weight)}"))
+            weight, found = check_param(WEIGHT, table.get("weight", 1.0), f"{path}.weight")
+            if found:
+                problems.extend(found)
                 continue
             if any(v is None for v in slots.values()):
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from typing import Any
@@ -21,6 +22,13 @@ class Problem:
 
     def render(self) -> str:
         return f"{self.message} @ {self.path}" if self.path else self.message
+
+
+# An int parameter that declares no bound of its own is kept within +-MAX_INT. Every size and count a
+# recipe sets (dims, layers, steps, batch sizes, epochs) is far below it, and a typo of a few extra
+# digits is refused before a model asks for terabytes or a seed overflows torch and numpy. A field
+# with a wider natural range says so with its own ``le=`` (train.seed: numpy's 2**32 - 1).
+MAX_INT = 2**16
 
 
 class _Mismatch(Exception):
@@ -59,7 +67,7 @@ def coerce(value: Any, tp: Any) -> Any:
         raise _Mismatch
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return float(value)  # OverflowError past 1e308: check_param reports it
         raise _Mismatch
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -70,6 +78,13 @@ def coerce(value: Any, tp: Any) -> Any:
             return value
         raise _Mismatch
     return value
+
+
+def show_number(value: int | float) -> str:
+    """A number as a message shows it; an integer of many digits by its size, not 4,000 digits."""
+    if isinstance(value, int) and abs(value) >= 10**24:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return repr(value)
 
 
 def describe_value(value: Any) -> str:
@@ -87,6 +102,11 @@ def check_param(info: ParamInfo, value: Any, path: str) -> tuple[Any, list[Probl
     except _Mismatch:
         expected = info.type_name()
         return value, [Problem(path, f"expected {expected}, got {describe_value(value)}")]
+    except OverflowError:  # an integer no float can hold, where a float is expected
+        return value, [Problem(path, f"expected a finite number, got {show_number(value)}")]
+    bad = _bad_value(value, info)
+    if bad:
+        return value, [Problem(path, bad)]
     problems = []
     if info.choices is not None and value not in info.choices:
         problems.append(
@@ -100,8 +120,29 @@ def check_param(info: ParamInfo, value: Any, path: str) -> tuple[Any, list[Probl
             (info.le is None or value <= info.le, f"<= {info.le}"),
         ):
             if not ok:
-                problems.append(Problem(path, f"out of range: expected a value {text}, got {value!r}"))
+                problems.append(Problem(path, f"out of range: expected a value {text}, got {show_number(value)}"))
     return value, problems
+
+
+def _bad_value(value: Any, info: ParamInfo) -> str | None:
+    """What makes a well-typed value unusable anyway: NaN or infinity, an int past MAX_INT, unprintable text."""
+    if isinstance(value, (list, tuple)):
+        return next((bad for bad in (_bad_value(v, info) for v in value) if bad), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if info.le is None and value > MAX_INT:
+            return f"out of range: expected a value <= {MAX_INT} (the bound of int parameters), got {show_number(value)}"
+        if info.ge is None and info.gt is None and value < -MAX_INT:
+            return f"out of range: expected a value >= {-MAX_INT} (the bound of int parameters), got {show_number(value)}"
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"expected text without NUL characters, got {value!r}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8 on the command line
+            return f"expected UTF-8 text, got {value!r}"
+    return None
 
 
 def structure(cls: type, table: Any, path: str, what: str, skip: tuple[str, ...] = ()) -> tuple[Any, list[Problem]]:
