@@ -17,6 +17,7 @@ from itmkit.errors import DataError, did_you_mean
 KNOWN_SPLITS = ("train", "dev", "test", "testall")
 BOX_LAYOUTS = {4: "xyxy", 30: "pfan"}
 CAPTIONS_PER_IMAGE = 5
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def read_text(path: str | Path, what: str) -> str:
@@ -24,19 +25,22 @@ def read_text(path: str | Path, what: str) -> str:
 
     Every text file under itmkit.data (captions, vocabularies, caption declarations) is read
     here. Editors on Windows start UTF-8 files with a BOM (U+FEFF); read as plain UTF-8 it
-    would stick to the first word ('\\ufeffa' -> <unk>) or break JSON, so 'utf-8-sig' drops
-    it. Newlines are universal, as when iterating over an open file.
+    would stick to the first word ('\\ufeffa' -> <unk>) or break JSON, so it is dropped. Newlines
+    are universal (\\r\\n and \\r become \\n), as when iterating over a file opened in text mode.
     """
     path = Path(path)
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{what} {path} is not UTF-8 text (bad byte at offset {err.start})") from None
     except OSError as err:
         raise DataError(f"cannot read {what} {path}: {err}") from None
+    skip = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path} is not UTF-8 text (bad byte at offset {skip + err.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def text_lines(text: str) -> list[str]:

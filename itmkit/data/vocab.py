@@ -12,7 +12,7 @@ from typing import Any
 from nltk.tokenize import NLTKWordTokenizer
 
 from itmkit.data.pickle_vocab import read_if_pickle
-from itmkit.data.split import atomic_path
+from itmkit.data.split import atomic_path, read_text
 from itmkit.errors import DataError, did_you_mean
 
 # The official code calls nltk.word_tokenize, which first splits the text into
@@ -155,12 +155,7 @@ class Vocabulary:
         pickled = read_if_pickle(path)  # itmkit.data.pickle_vocab: a pickle under a JSON name is an error
         if pickled is not None:
             return pickled
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise DataError(f"vocabulary file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"cannot read vocabulary file {path}: {err}") from None
+        text = read_text(path, "vocabulary file")  # UTF-8, a leading BOM dropped
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
