@@ -11,7 +11,8 @@ or parametrises over ``CHECKS`` to see each failing check on its own. The checks
 from its defaults (plus ``example``, a ``ClassVar[dict]`` of parameters for required fields),
 feed its ``ports()`` sample ports of every kind its annotations accept, build the module, run it
 on random inputs of those shapes and check what comes out: kind and shape, finite values,
-gradients, padding that changes nothing, a safetensors round trip and a recipe round trip.
+gradients, padding that changes nothing (new values in padded positions, or images stored with
+extra padded rows past their region count), a safetensors round trip and a recipe round trip.
 """
 
 from __future__ import annotations
@@ -607,6 +608,79 @@ def check_padding(cls: type[Stage]) -> None:
                                   " mask the padding (x.mask / lengths)")
 
 
+EXTRA_REGIONS = 5  # padded rows check_region_padding appends to every image
+
+
+def _widen(value: Any, extra: int, g: torch.Generator, fill: str) -> Any:
+    """The same images with ``extra`` padded rows appended (zeros or random), their lengths unchanged.
+
+    Regions (raw features, boxes) and Local fragments grow; everything else is returned as is.
+    """
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        shape = (t.shape[0], extra, *t.shape[2:])
+        if t.dtype == torch.bool:
+            pad = torch.zeros(shape, dtype=torch.bool)
+        elif fill == "zeros":
+            pad = torch.zeros(shape, dtype=t.dtype)
+        else:
+            pad = (torch.rand(shape, generator=g) * 10).to(t.dtype)
+        return torch.cat([t, pad], dim=1)
+
+    if isinstance(value, Regions):
+        boxes = None if value.boxes is None else grow(value.boxes)
+        return attrs.evolve(value, feats=grow(value.feats), boxes=boxes)
+    if isinstance(value, Local):
+        n = value.feats.shape[:2]
+        extras = {k: grow(v) if torch.is_tensor(v) and v.shape[:2] == n else v for k, v in value.extras.items()}
+        return Local(grow(value.feats), grow(value.mask), extras)
+    return value
+
+
+def _valid_values(out: Any) -> list[torch.Tensor]:
+    """What padding must leave unchanged, in a form that does not depend on the padded width."""
+    if isinstance(out, Local):
+        return [out.mask.sum(dim=1), out.feats[out.mask]]
+    if isinstance(out, PairSims):
+        return [out.mask.sum(dim=-1), out.sims[out.mask]]
+    if isinstance(out, Aligned):
+        mask = out.query_mask.expand(out.weights.shape[:-1])
+        return [mask.sum(dim=-1), out.attended()[mask]]
+    return [t for t in _tensors(out) if t.is_floating_point()]
+
+
+def check_region_padding(cls: type[Stage]) -> None:
+    """Images stored with extra padded rows past their region count (zeros or noise) give the same outputs.
+
+    Adaptive detectors give 10 to 100 boxes per image, stored zero-padded to the longest: a stage
+    must read an image's regions by its length (Regions.lengths, Local.mask), never by the width
+    of the array, nor let padded rows reach a statistic (a mean over R, a BatchNorm over a fixed
+    slot count). Image-side inputs (Regions, and image / pooled Local fragments) are widened.
+    """
+    for case in cases(cls):
+        module = _built(cls, case).eval()
+        values = _inputs(cls, case, torch.Generator().manual_seed(SEED))
+        image_side = {name for name, port in case.inputs.items()
+                      if isinstance(port, RegionsPort) or (isinstance(port, LocalPort) and name != "text")}
+        if not image_side:
+            continue
+        with torch.no_grad():
+            first = _valid_values(_run(module, cls, case, values))
+            for fill in ("zeros", "random"):
+                g = torch.Generator().manual_seed(SEED + 1)
+                wider = {name: _widen(v, EXTRA_REGIONS, g, fill) if name in image_side else v
+                         for name, v in values.items()}
+                try:
+                    second = _valid_values(_run(module, cls, case, wider))
+                except AssertionError as exc:
+                    raise _error(cls, f"images with {EXTRA_REGIONS} more padded rows ({fill}) past their region"
+                                      f" count fail: {exc.__cause__ or exc}") from exc
+                for a, b in zip(first, second):
+                    if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5):
+                        raise _error(cls, f"{EXTRA_REGIONS} more padded rows ({fill}) past each image's region"
+                                          f" count change the outputs on {case.describe()}: read regions by"
+                                          " Regions.lengths / Local.mask, not by the array's width")
+
+
 def check_safetensors_roundtrip(cls: type[Stage]) -> None:
     """The state dict survives safetensors (as checkpoints save it) into a fresh module, outputs unchanged."""
     for case in cases(cls):
@@ -660,6 +734,7 @@ CHECKS: tuple[Callable[[type[Stage]], None], ...] = (
     check_ports,
     check_forward,
     check_padding,
+    check_region_padding,
     check_safetensors_roundtrip,
     check_recipe_roundtrip,
     check_pair_bytes,

@@ -26,6 +26,7 @@ from itmkit.testing import (
     check_forward,
     check_padding,
     check_ports,
+    check_region_padding,
     check_recipe_roundtrip,
     check_safetensors_roundtrip,
     check_stage,
@@ -270,6 +271,48 @@ def test_an_in_place_change_of_the_input_is_reported():
 def test_ignoring_the_mask_is_reported():
     with pytest.raises(AssertionError, match="padded input positions change the valid outputs"):
         check_padding(variant(GoodPool, build=lambda self, x: GatedPool(dim=x.dim, honour_mask=False)))
+
+
+def test_a_pool_that_divides_by_the_stored_width_is_reported():
+    # Masks the padded values (check_padding passes) but averages over the array's width: the
+    # same image stored zero-padded to more rows would score differently.
+    class WidthMean(GatedPool):
+        def forward(self, x: Local) -> torch.Tensor:
+            gated = torch.sigmoid(self.gate(x.feats)) * x.feats * x.mask[..., None]
+            return gated.sum(dim=1) / x.feats.shape[1]
+
+    stage = variant(GoodPool, build=lambda self, x: WidthMean(dim=x.dim))
+    check_padding(stage)
+    with pytest.raises(AssertionError, match=r"5 more padded rows \(zeros\) past each image's region count change"):
+        check_region_padding(stage)
+
+
+def test_an_encoder_that_ignores_region_lengths_is_reported():
+    # An image encoder that marks every stored row as a region: zero-padded rows become regions.
+    class Unmasked(nn.Module):
+        def __init__(self, dim: int):
+            super().__init__()
+            self.fc = nn.Linear(dim, DIM)
+
+        def forward(self, x: Regions) -> Local:
+            return Local(self.fc(x.feats), torch.ones(x.feats.shape[:2], dtype=torch.bool))
+
+    @attrs.frozen(kw_only=True)
+    class Encoder(Stage):
+        """A linear map of every stored row."""
+
+        name = "test.unmasked"
+        kind = "encoder"
+        paper = "test stage; no paper"
+
+        def ports(self, x: RegionsPort) -> LocalPort:
+            return LocalPort(DIM)
+
+        def build(self, x: RegionsPort) -> nn.Module:
+            return Unmasked(x.dim)
+
+    with pytest.raises(AssertionError, match="padded rows"):
+        check_region_padding(Encoder)
 
 
 def test_state_outside_the_state_dict_is_reported():

@@ -52,7 +52,14 @@ class SelfAttentionPool(nn.Module):
 
     (B, N, D) fragments -> (B, D). ``num_regions`` set: the local branch has BatchNorm1d over the
     fragment axis (the official VisualSA, whose BN channels are the 36 region slots), so the
-    fragment count is fixed; None: no BatchNorm on either branch (the official TextSA).
+    fragments are laid out in exactly that many slots; None: no BatchNorm on either branch (the
+    official TextSA).
+
+    The official code knows only full 36-region images. Images with fewer regions (zero-padded
+    adaptive features, Regions.lengths < R) are masked: their padded slots enter every layer as
+    zero rows and get no attention weight, and images stored wider than ``num_regions`` are cut
+    to it when the slots past it are all padding (more real regions than slots is an error).
+    Images of exactly ``num_regions`` rows go through unchanged, bit for bit.
     """
 
     def __init__(self, *, dim: int, dropout: float, num_regions: int | None = None):
@@ -69,12 +76,7 @@ class SelfAttentionPool(nn.Module):
 
     def forward(self, x: Local) -> torch.Tensor:
         if self.num_regions is not None and x.feats.shape[1] != self.num_regions:
-            found = x.feats.shape[1]
-            raise DataError(
-                f"sgraf.visual_sa was built for {self.num_regions} regions per image (its BatchNorm1d runs"
-                f" over the region axis, one channel per region slot), but the images have {found}:"
-                f" to train on this data, set num_regions = {found} on the [image] pool of the recipe;"
-                f" a trained or imported model needs data with {self.num_regions} regions per image")
+            x = self._to_slots(x)
         valid = x.mask.unsqueeze(-1)
         # Padded fragments -> 0 before any layer: garbage there never reaches BN's batch statistics.
         feats = torch.where(valid, x.feats, 0.0)  # (B, N, D)
@@ -83,6 +85,22 @@ class SelfAttentionPool(nn.Module):
         logits = self.embedding_common(local * guide.unsqueeze(1)).squeeze(-1)  # (B, N)
         weights = masked_softmax(logits, x.mask)
         return l2norm((weights.unsqueeze(-1) * feats).sum(dim=1))
+
+    def _to_slots(self, x: Local) -> Local:
+        """``x`` laid out in ``num_regions`` slots: padded with masked zero rows, or cut where only padding lies."""
+        slots, width = self.num_regions, x.feats.shape[1]
+        if width < slots:
+            pad = slots - width
+            feats = torch.cat([x.feats, x.feats.new_zeros(x.feats.shape[0], pad, x.feats.shape[2])], dim=1)
+            return Local(feats, torch.cat([x.mask, x.mask.new_zeros(x.mask.shape[0], pad)], dim=1))
+        found = int(x.mask.sum(dim=1).max()) if x.mask.numel() else 0
+        if x.mask[:, slots:].any():
+            raise DataError(
+                f"sgraf.visual_sa was built for {slots} regions per image (its BatchNorm1d runs over the region"
+                f" axis, one channel per region slot), but some images have {found}: to train on this data,"
+                f" set num_regions = {width} on the [image] pool of the recipe; a trained or imported model"
+                f" needs data with at most {slots} regions per image")
+        return Local(x.feats[:, :slots], x.mask[:, :slots])
 
 
 @attrs.frozen(kw_only=True)
@@ -95,8 +113,8 @@ class VisualSelfAttention(Stage):
              " layers and BatchNorm placement as in the official VisualSA")
     example: ClassVar[dict] = {"num_regions": 6}
 
-    num_regions: int = param(36, "regions per image: the local branch's BatchNorm1d has one channel per region"
-                             " slot, so the data must have exactly this many (BUTD: 36)", ge=1)
+    num_regions: int = param(36, "region slots: the local branch's BatchNorm1d has one channel per slot, so no"
+                             " image may have more regions (BUTD: 36; fewer are masked)", ge=1)
     dropout: float = param(0.4, "dropout after each tanh branch (SGRAF: 0.4)", ge=0.0, le=1.0)
 
     def ports(self, x: LocalPort) -> GlobalPort:

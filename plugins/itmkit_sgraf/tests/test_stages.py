@@ -211,20 +211,31 @@ def test_the_chunked_scoring_path_equals_the_training_path():
 # ------------------------------------------------------------------------- region count
 
 
-def test_the_image_pool_rejects_a_different_region_count_with_a_clear_error():
+def test_the_image_pool_rejects_more_regions_than_slots_with_a_clear_error():
     pool = VisualSelfAttention(num_regions=36).build(x=LocalPort(8))
-    images = Local(torch.randn(2, 10, 8), torch.ones(2, 10, dtype=torch.bool))
-    with pytest.raises(DataError, match=r"built for 36 regions per image .* the images have 10: to train on this"
-                                        r" data, set num_regions = 10 .*; a trained or imported model needs data"
-                                        r" with 36 regions per image"):
+    images = Local(torch.randn(2, 40, 8), lengths_to_mask(torch.tensor([40, 12]), 40))
+    with pytest.raises(DataError, match=r"built for 36 regions per image .* some images have 40: to train on this"
+                                        r" data, set num_regions = 40 .*; a trained or imported model needs data"
+                                        r" with at most 36 regions per image"):
         pool(images)
 
 
-def test_a_model_on_data_with_another_region_count_fails_when_encoding():
+def test_the_image_pool_masks_fewer_regions_than_slots_and_cuts_padding_past_them():
+    # Zero-padded adaptive features: the same images in 10, 36 or 50 stored rows pool alike.
+    pool = VisualSelfAttention(num_regions=36).build(x=LocalPort(8)).eval()
+    lengths = torch.tensor([10, 3])
+    feats = torch.randn(2, 10, 8)
+    out = pool(Local(feats, lengths_to_mask(lengths, 10)))
+    for width in (36, 50):
+        wide = torch.cat([feats, torch.zeros(2, width - 10, 8)], dim=1)
+        torch.testing.assert_close(pool(Local(wide, lengths_to_mask(lengths, width))), out)
+
+
+def test_a_model_on_data_with_more_regions_than_slots_fails_when_encoding():
     recipe = parse_recipe(RECIPES[0].read_text(), overrides=["recipe.embed_dim=16", "text.encoder.word_dim=8"])
-    model = build_model(recipe, DataPorts(feature_dim=12, vocab_size=30, num_regions=20), seed=0).eval()
-    with pytest.raises(DataError, match=r"sgraf.visual_sa was built for 36 regions .* have 20.* \[image\] pool"):
-        model.encode_images(Regions(torch.rand(2, 20, 12), torch.full((2,), 20)))
+    model = build_model(recipe, DataPorts(feature_dim=12, vocab_size=30, num_regions=40), seed=0).eval()
+    with pytest.raises(DataError, match=r"sgraf.visual_sa was built for 36 regions .* have 40.* \[image\] pool"):
+        model.encode_images(Regions(torch.rand(2, 40, 12), torch.full((2,), 40)))
 
 
 # ---------------------------------------------------------------------------------- ports
