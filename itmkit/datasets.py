@@ -13,8 +13,10 @@ from itmkit.data.split import Split, open_split
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import DataError
 from itmkit.recipe import Recipe
+from itmkit.runs import hold_lock, plain_name, remove_dead_temp_dirs, temp_dir_prefix
 
 BUILTIN = "shapes"
+GENERATION_LOCK = ".shapes.lock"
 
 
 def cache_home() -> Path:
@@ -31,22 +33,41 @@ def resolve_data_dir(path: str, progress=None, log=None) -> Path:
         return folder
     folder = cache_home() / f"shapes-v{GENERATOR_VERSION}-seed0"
     if (folder / "shapes.json").exists():
+        _clean_dead_generations(folder.parent)
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if log:
-        log(f"generating the built-in dataset into {folder} (once; about a minute)")
-    # Generate beside the final place and rename, so a killed generation never leaves half a dataset.
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=folder.parent))
-    try:
-        write_shapes(tmp, seed=0, progress=progress)
-        os.replace(tmp, folder)
-    except OSError:
-        if not (folder / "shapes.json").exists():
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    lock = folder.parent / GENERATION_LOCK
+    # One generator per cache at a time: a second process waits, then finds the finished dataset.
+    with hold_lock(lock, wait=False) as taken:
+        if not taken and log:
+            log(f"waiting for another process generating the built-in dataset into {folder.parent}")
+    with hold_lock(lock, wait=True):
+        if (folder / "shapes.json").exists():
+            return folder
+        remove_dead_temp_dirs(folder.parent, "shapes")
+        if log:
+            log(f"generating the built-in dataset into {folder} (once; about a minute)")
+        # Generate beside the final place and rename, so a killed generation never leaves half a
+        # dataset; the PID in the temporary name lets a later run tell a dead generator's leftovers.
+        tmp = Path(tempfile.mkdtemp(prefix=temp_dir_prefix("shapes"), dir=folder.parent))
+        try:
+            write_shapes(tmp, seed=0, progress=progress)
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "shapes.json").exists():
+                raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _clean_dead_generations(cache: Path) -> None:
+    """Remove what killed generations left (180 MB each), when no generation is running."""
+    if not any(cache.glob(".shapes-*")):
+        return
+    with hold_lock(cache / GENERATION_LOCK, wait=False) as taken:
+        if taken:
+            remove_dead_temp_dirs(cache, "shapes")
 
 
 def resolve_vocab(vocab_path: str, data_dir: Path, train: Split) -> Vocabulary:
@@ -73,10 +94,30 @@ def data_ports(split: Split, vocab: Vocabulary) -> DataPorts:
                      mask_id=getattr(vocab, "mask_id", None))
 
 
-def open_named_split(data_dir: Path, name: str) -> Split:
+def open_named_split(data_dir: Path, name: str, key: str = "split") -> Split:
+    """Split ``name`` of ``data_dir``; the name is a name (it may come from a checkpoint), never a path."""
+    plain_name(name, key)
     try:
         return open_split(data_dir, name)
     except DataError:
         raise
     except OSError as exc:
         raise DataError(f"cannot read split {name!r} of {data_dir}: {exc}") from None
+
+
+def recorded_data_dir(data: str | None, recorded: str, checkpoint: str | Path, log=None) -> Path:
+    """The folder to evaluate a checkpoint on: the user's ``--data``, else the path its recipe records.
+
+    The recorded path is a hint from a file, not an instruction: ``--data`` always wins, and a
+    recorded folder is used only if it exists here as given (the built-in name, or a folder);
+    otherwise the user is asked for ``--data``, nothing is searched for or generated elsewhere.
+    """
+    if data:
+        return resolve_data_dir(data, log=log)
+    if recorded != BUILTIN and not Path(recorded).expanduser().is_dir():
+        raise DataError(f"{checkpoint} was trained on data.path = {recorded!r}, which is not a folder here;"
+                        " pass the dataset to evaluate on with --data DIR")
+    folder = resolve_data_dir(recorded, log=log)
+    if log and recorded != BUILTIN:
+        log(f"data: {folder} (the data.path recorded in {checkpoint}; --data overrides it)")
+    return folder

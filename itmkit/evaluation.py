@@ -135,18 +135,33 @@ def _rsum(m: dict[str, float]) -> float:
     return sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
+# Images a protocol's test split must have (the COCO 5K test set, scored whole or as five 1K folds).
+PROTOCOL_IMAGES = {"coco-1k-5fold": 5000, "coco-5k": 5000}
+
+
+def protocol_problem(protocol: str, num_images: int, split: str = "the test split") -> str | None:
+    """Why a split of ``num_images`` images cannot be scored by ``protocol``, or None if it can.
+
+    Checked before training and before scoring (itmkit.preflight), and again here on the matrix.
+    """
+    if protocol not in PROTOCOLS:
+        return f"unknown protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}"
+    needed = PROTOCOL_IMAGES.get(protocol)
+    if needed is not None and num_images != needed:
+        return (f"protocol {protocol} needs the {needed}-image COCO test split ('testall'), but {split} has"
+                f" {num_images} images (use protocol f30k-1k to score a split of any size)")
+    return None
+
+
 def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int | np.ndarray = 5) -> dict[str, float]:
     """Metrics by a named protocol: f30k-1k and coco-5k use the whole matrix; coco-1k-5fold
     averages each metric over five folds of 1000 images (rsum recomputed from the means)."""
-    if protocol not in PROTOCOLS:
-        raise ItmkitError(f"unknown protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    problem = protocol_problem(protocol, sims.shape[0], "the similarity matrix")
+    if problem:
+        raise ItmkitError(problem)
     if protocol != "coco-1k-5fold":
         return retrieval_metrics(sims, captions_per_image)
     fold = 1000
-    if sims.shape[0] != 5 * fold:
-        raise ItmkitError(
-            f"protocol coco-1k-5fold needs the 5000-image COCO testall split, got {sims.shape[0]} images"
-        )
     folds = [_fold_metrics(sims, captions_per_image, f * fold, (f + 1) * fold) for f in range(5)]
     out = {k: float(np.mean([m[k] for m in folds])) for k in METRIC_KEYS if k != "rsum"}
     out["rsum"] = _rsum(out)

@@ -27,10 +27,13 @@ from itmkit.checkpoint import (
     save_checkpoint,
 )
 from itmkit.data.loader import train_loader
-from itmkit.datasets import data_ports, open_named_split, resolve_data_dir, text_vocabulary
+from itmkit.datasets import data_ports, resolve_data_dir, text_vocabulary
+from itmkit.errors import DataError, ItmkitError
 from itmkit.evaluate import evaluate
+from itmkit.preflight import check_model_fits, check_training_data
 from itmkit.progress import task
 from itmkit.recipe import Recipe
+from itmkit.runs import own_run_folder
 from itmkit.types import Regions, Tokens
 
 BEST, LAST = "model_best.safetensors", "last.safetensors"
@@ -80,18 +83,70 @@ def learning_rate(recipe: Recipe, epoch: int) -> float:
     return t.lr * t.lr_decay ** (epoch // t.lr_update)
 
 
+class TrainingStopped(ItmkitError):
+    """Training cannot go on: a loss or a weight is no longer a finite number."""
+
+
+def strict_json(record: dict[str, Any], **kwargs: Any) -> str:
+    """JSON that strict readers accept: a non-finite float (which the guards below should never let
+    through) is written as null, never as the bare NaN / Infinity tokens json.dumps writes by default."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(strict_json(record) + "\n")
         f.flush()
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is dropped.
+
+    Only the last line can be torn, since lines are appended whole; a bad line before it means the
+    file was edited or damaged, which is an error naming the line.
+    """
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            record, problem = None, str(exc)
+        else:
+            problem = "" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+        if problem:
+            if not any(rest.strip() for rest in lines[number:]):
+                break  # the torn last line
+            raise DataError(f"{path}, line {number}: not a metrics record ({problem}); only a torn last line is"
+                            " dropped on --resume: fix or delete that line, or start the run afresh")
+        records.append(record)
+    return records
+
+
 def _keep_epochs_up_to(path: Path, last_epoch: int) -> None:
-    """On resume, drop metric lines of epochs that will be run again."""
+    """On resume, drop metric lines of epochs that will be run again (and a torn last line)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", -1) <= last_epoch]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [r for r in read_metrics(path) if r.get("epoch", -1) <= last_epoch]
+    atomic_write_text(path, "".join(strict_json(r) + "\n" for r in kept))
+
+
+def _nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or inf, or None."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return name
+    return None
+
+
+def _stop(message: str, out: Path, data_dir: Path) -> TrainingStopped:
+    return TrainingStopped(
+        f"{message}; NaN or inf in the features (run `itmkit data check {data_dir}`) or a learning rate"
+        f" too high (train.lr)? Nothing of this epoch was saved: the checkpoints in {out}, if any, are earlier epochs'"
+    )
 
 
 def train(
@@ -103,25 +158,34 @@ def train(
     progress=None,
     log=print,
 ) -> TrainResult:
-    """Train ``recipe`` into ``out_dir``; returns the test metrics of the best dev checkpoint."""
+    """Train ``recipe`` into ``out_dir``; returns the test metrics of the best dev checkpoint.
+
+    The run folder is held for the whole run (a second run into it is refused); temporaries that
+    a killed run left there are removed first (``itmkit.runs``).
+    """
+    with own_run_folder(out_dir) as out:
+        return _train(recipe, out, device=device, resume=resume, progress=progress, log=log)
+
+
+def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: bool, progress, log) -> TrainResult:
     start_time = time.perf_counter()
     reuse_freed_memory()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a run killed mid-write; the real files are intact
-        stale.unlink()
     t = recipe.train
     device = torch.device(device)
 
     with task(progress, "generate built-in data", None) as update:
         data_dir = resolve_data_dir(recipe.data.path, progress=lambda name, done, total: update(done, total, info=name),
                                     log=log)
-    train_split = open_named_split(data_dir, recipe.data.train_split)
-    dev_split = open_named_split(data_dir, recipe.data.dev_split).truncate(recipe.data.dev_images)
+    # Every split the run reads, checked against the recipe and the protocol before epoch 1.
+    with task(progress, "check data", None):
+        splits = check_training_data(recipe, data_dir, resume_from=out / LAST if resume else None)
+    train_split, test_split = splits.train, splits.test
+    dev_split = splits.dev.truncate(recipe.data.dev_images)
     vocab = text_vocabulary(recipe, data_dir, train_split)
     ports = data_ports(train_split, vocab)
 
     model = build_model(recipe, ports, seed=t.seed).to(device)
+    check_model_fits(model, {"train": train_split, "dev": dev_split, "test": test_split}, f"the model of {recipe.info.name}")
     optimizer = make_optimizer(recipe, model)
     metrics_path = out / "metrics.jsonl"
     first_epoch, best_rsum, best_epoch = 0, -math.inf, -1
@@ -159,13 +223,21 @@ def train(
                 if t.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
-                loss_sum += loss.item()
+                value = loss.item()
+                if not math.isfinite(value):  # checked after the step: .item() there costs no extra sync
+                    raise _stop(f"training stopped at epoch {epoch + 1}, batch {batches + 1} of {len(loader)}:"
+                                f" the loss is {value} (images {batch.image_ids[:8].tolist()}, captions"
+                                f" {batch.caption_ids[:8].tolist()} of split {train_split.name!r})", out, data_dir)
+                loss_sum += value
                 batches += 1
                 iteration += 1
                 update(batches, info=f"loss {loss_sum / batches:.3f}")
                 if iteration % t.log_every == 0:
-                    _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": loss.item(), "lr": lr})
+                    _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": value, "lr": lr})
 
+        bad = _nonfinite_parameter(model)
+        if bad:
+            raise _stop(f"training stopped after epoch {epoch + 1}: parameter {bad} holds NaN or inf", out, data_dir)
         dev = evaluate(model, vocab, dev_split, "f30k-1k", device=device, batch_size=t.eval_batch_size, progress=progress)
         record = {"epoch": epoch, "iteration": iteration, "split": "dev", "train_loss": loss_sum / max(batches, 1),
                   "lr": lr, **dev}
@@ -181,10 +253,9 @@ def train(
                         best_rsum=str(best_rsum), best_epoch=str(best_epoch), optimizer=optimizer_blob, **meta)
 
     best = load_checkpoint(out / BEST, device)
-    test_split = open_named_split(data_dir, recipe.data.test_split)
     test = evaluate(best.model, vocab, test_split, recipe.data.protocol, device=device,
                     batch_size=t.eval_batch_size, progress=progress)
     summary = {"split": recipe.data.test_split, "protocol": recipe.data.protocol, "best_epoch": best_epoch,
                "best_dev_rsum": best_rsum, **test}
-    atomic_write_text(out / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "test_metrics.json", strict_json(summary, indent=2) + "\n")
     return TrainResult(out, best_epoch, best_rsum, test, time.perf_counter() - start_time)

@@ -72,12 +72,15 @@ def test_missing_splits(good):
     for name in ("dev", "test"):
         for part in ("ims.npy", "caps.txt", "boxes.npy"):
             (good / f"{name}_{part}").unlink()
-    assert check_dataset(good) == [f"{good} has neither a 'dev' nor a 'test' split; splits found: train."]
+    # every split a training run reads: train, dev, and test (or COCO's testall)
+    default = "(the default split names; check against a recipe with --recipe)"
+    assert check_dataset(good) == [f"{good} has no dev split 'dev' {default}; splits present: train.",
+                                   f"{good} has no test split 'test' or 'testall' {default}; splits present: train."]
     for part in ("ims.npy", "caps.txt", "boxes.npy"):
         (good / f"train_{part}").unlink()
     problems = check_dataset(good)
-    assert f"{good} has no 'train' split" in problems[0] and "splits found: none" in problems[0]
-    assert len(problems) == 2
+    assert f"{good} has no train split 'train'" in problems[0] and "splits present: none" in problems[0]
+    assert len(problems) == 3
 
 
 def test_mismatched_box_shape(good):

@@ -75,38 +75,32 @@ def _cross_split_checks(opened: list[SplitParts]) -> list[str]:
     return problems
 
 
-def _required_split_checks(data_dir: Path, present: list[str]) -> list[str]:
-    """A training run needs train and one of dev/test."""
-    found = ", ".join(present) if present else "none"
-    problems = []
-    if "train" not in present:
-        problems.append(
-            f"{data_dir} has no 'train' split (looked for train_ims.npy and a /train group "
-            f"in an HDF5 file); splits found: {found}."
-        )
-    if "dev" not in present and "test" not in present:
-        problems.append(f"{data_dir} has neither a 'dev' nor a 'test' split; splits found: {found}.")
-    return problems
+def check_dataset(data_dir: str | Path, use: Any = None) -> list[str]:
+    """Every problem found in the dataset at `data_dir`, each a sentence naming its file; [] if good.
 
+    `use` (an `itmkit.preflight.DataUse`; default: train, dev and test or testall) says which
+    splits a run reads and what they must fit: the checks `itmkit train` runs before epoch 1.
+    """
+    from itmkit.preflight import DEFAULT_USE, name_problems, usage_problems  # preflight imports this module
 
-def check_dataset(data_dir: str | Path) -> list[str]:
-    """Every problem found in the dataset at `data_dir`, each a sentence naming its file; [] if good."""
     data_dir = Path(data_dir)
+    use = use or DEFAULT_USE
+    problems = name_problems(use)
     try:
         present = available_splits(data_dir)
     except DataError as err:
-        return [_sentence(str(err))]
-    problems = _required_split_checks(data_dir, present)
-    opened = []
+        return [*problems, _sentence(str(err))]
+    opened = {}
     for name in present:
         try:
             parts = open_parts(data_dir, name)
         except DataError as err:
             problems.append(_sentence(f"Split {name!r}: {err}"))
             continue
-        opened.append(parts)
+        opened[name] = parts
         problems.extend(_split_checks(parts))
-    problems.extend(_cross_split_checks(opened))
+    problems.extend(_cross_split_checks(list(opened.values())))
+    problems.extend(usage_problems(data_dir, use, present, opened))
     vocab_path = data_dir / VOCAB_FILE
     if data_dir.is_dir() and vocab_path.is_file():
         try:

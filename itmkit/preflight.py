@@ -1,0 +1,215 @@
+"""Checks before the work: every split a command reads, against the recipe, the protocol, the model.
+
+Training that finds a missing test split after thirty epochs, or a train split smaller than one
+batch that takes no step and reports "loss 0.000", wastes the run. So ``itmkit train`` opens and
+checks the train, dev and test splits before epoch 1, ``itmkit eval`` checks its split against
+every checkpoint before scoring, and ``itmkit data check`` runs the same functions on a folder
+(with ``--recipe``, exactly the checks ``train`` runs). Every problem is collected and reported
+at once, one sentence each, naming the file and the recipe key.
+
+The per-split checks (shapes, dtypes, caption counts, NaN or inf features, empty captions) and
+the cross-split ones (feature widths, region counts) live in ``itmkit.data.check``; this module
+adds what depends on how the data is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from itmkit.data.check import _cross_split_checks, _sentence, _split_checks
+from itmkit.data.split import Split, SplitParts, assemble, available_splits, open_parts
+from itmkit.errors import DataError, ItmkitError, did_you_mean
+from itmkit.evaluation import protocol_problem
+from itmkit.runs import name_problem
+
+ROLES = ("train", "dev", "test")
+
+
+class PreflightError(DataError):
+    """Every problem found before the work started, one per line."""
+
+    def __init__(self, where: str, problems: list[str], before: str):
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{where}: {count} found before {before} (nothing was run):\n{lines}")
+
+
+@attrs.frozen
+class DataUse:
+    """What a command reads from a dataset: a split per role, and what the splits must fit.
+
+    Each role lists the names it accepts, first choice first, and the key that chose them.
+    """
+
+    splits: dict[str, tuple[str, ...]]  # role -> accepted names
+    keys: dict[str, str]  # role -> where the names come from, for messages
+    batch_size: int | None = None
+    protocol: str | None = None
+
+    @classmethod
+    def of_recipe(cls, recipe: Any) -> DataUse:
+        d = recipe.data
+        return cls(
+            splits={"train": (d.train_split,), "dev": (d.dev_split,), "test": (d.test_split,)},
+            keys={role: f"data.{role}_split" for role in ROLES},
+            batch_size=recipe.train.batch_size,
+            protocol=d.protocol,
+        )
+
+
+# Without a recipe: the recipes' default names, and COCO's 'testall' as a test split.
+DEFAULT_USE = DataUse(
+    splits={"train": ("train",), "dev": ("dev",), "test": ("test", "testall")},
+    keys={role: "the default split names; check against a recipe with --recipe" for role in ROLES},
+)
+
+
+def chosen_splits(use: DataUse, present: list[str]) -> dict[str, str | None]:
+    """The split each role reads: its first accepted name that is present, else None."""
+    return {role: next((n for n in names if n in present), None) for role, names in use.splits.items()}
+
+
+def name_problems(use: DataUse) -> list[str]:
+    """Split names that are not plain names (a split name becomes part of a file path)."""
+    return [p for role, names in use.splits.items() for n in names if (p := name_problem(n, use.keys[role]))]
+
+
+def _images(parts: SplitParts) -> int:
+    shape = tuple(parts.features.shape)
+    return int(shape[0]) if shape else 0
+
+
+def usage_problems(data_dir: Path, use: DataUse, present: list[str], opened: dict[str, SplitParts]) -> list[str]:
+    """Missing and empty splits, a train split smaller than one batch, a test split the protocol cannot score."""
+    problems = []
+    chosen = chosen_splits(use, present)
+    found = ", ".join(present) if present else "none"
+    for role, name in chosen.items():
+        names = use.splits[role]
+        if name is None:
+            wanted = " or ".join(repr(n) for n in names)
+            close = did_you_mean(names[0], present) if present else ""
+            close = close if close.startswith(" (did you mean") else ""
+            problems.append(f"{data_dir} has no {role} split {wanted} ({use.keys[role]}); splits present: {found}{close}.")
+            continue
+        parts = opened.get(name)
+        if parts is None or len(parts.features.shape) != 3:
+            continue  # could not be read: its own problem says why
+        if _images(parts) == 0:
+            problems.append(f"{parts.file('features')} holds no images: the {role} split {name!r} is empty.")
+        elif role == "train" and use.batch_size is not None and len(parts.captions) < use.batch_size:
+            problems.append(
+                f"the train split {name!r} has {len(parts.captions)} captions, fewer than one batch of"
+                f" train.batch_size = {use.batch_size}: no step would be taken"
+                f" (lower it with --set train.batch_size=N)."
+            )
+        if role == "test" and use.protocol is not None and _images(parts) > 0:
+            problem = protocol_problem(use.protocol, _images(parts), f"the test split {name!r} ({parts.file('features')})")
+            if problem:
+                problems.append(_sentence(f"{problem} (data.protocol)"))
+    return problems
+
+
+def open_used_splits(data_dir: Path, use: DataUse) -> tuple[dict[str, SplitParts], dict[str, str | None], list[str]]:
+    """Open each split ``use`` reads and check it; returns the parts by name, the choice per role, the problems."""
+    problems = name_problems(use)
+    if problems:
+        return {}, {}, problems
+    try:
+        present = available_splits(data_dir)
+    except DataError as err:
+        return {}, {}, [_sentence(str(err))]
+    chosen = chosen_splits(use, present)
+    opened: dict[str, SplitParts] = {}
+    for name in dict.fromkeys(n for n in chosen.values() if n is not None):
+        try:
+            parts = open_parts(data_dir, name)
+        except DataError as err:
+            problems.append(_sentence(f"split {name!r}: {err}"))
+            continue
+        opened[name] = parts
+        problems.extend(_split_checks(parts))
+    problems.extend(_cross_split_checks(list(opened.values())))
+    problems.extend(usage_problems(data_dir, use, present, opened))
+    return opened, chosen, problems
+
+
+@attrs.frozen(eq=False)
+class TrainingSplits:
+    train: Split
+    dev: Split
+    test: Split
+
+
+def check_training_data(recipe: Any, data_dir: Path, *, resume_from: Path | None = None) -> TrainingSplits:
+    """The recipe's train, dev and test splits, each opened and checked; a PreflightError listing
+    every problem otherwise. ``resume_from``: a checkpoint whose feature width the data must have."""
+    use = DataUse.of_recipe(recipe)
+    opened, chosen, problems = open_used_splits(data_dir, use)
+    train = opened.get(chosen.get("train") or "")
+    if resume_from is not None and train is not None and resume_from.exists():
+        problems.extend(_resume_problems(resume_from, train))
+    if problems:
+        raise PreflightError(str(data_dir), problems, "training")
+    return TrainingSplits(*(assemble(opened[chosen[role]]) for role in ROLES))
+
+
+def _resume_problems(checkpoint: Path, train: SplitParts) -> list[str]:
+    from itmkit.checkpoint import read_metadata  # imported here: checkpoint imports the model builder
+
+    try:
+        width = int(read_metadata(checkpoint).get("feature_dim", ""))
+    except (ValueError, ItmkitError):
+        return []  # the resume itself reports an unreadable checkpoint
+    return fit_problems(train, width, {}, f"{checkpoint} (--resume)")
+
+
+def fixed_region_counts(model: Any) -> dict[str, int]:
+    """Submodules built for exactly N regions per image (an int ``num_regions`` attribute, as
+    SGRAF's BatchNorm over region slots has), by module path."""
+    return {name or "model": int(m.num_regions) for name, m in model.named_modules()
+            if isinstance(getattr(m, "num_regions", None), int) and not isinstance(m.num_regions, bool)}
+
+
+def fit_problems(split: Split | SplitParts, feature_dim: int, fixed_regions: dict[str, int], model: str) -> list[str]:
+    """Whether ``split``'s features fit a model of ``feature_dim``-wide inputs and fixed region counts."""
+    shape = tuple(split.features.shape)
+    if len(shape) != 3:
+        return []
+    where = split.file("features") if isinstance(split, SplitParts) else f"split {split.name!r} of {split.source}"
+    problems = []
+    if shape[2] != feature_dim:
+        problems.append(f"{where} has {shape[2]}-d features, but {model} takes {feature_dim}-d image features"
+                        " (features from another extractor?).")
+    for module, count in fixed_regions.items():
+        if shape[1] != count:
+            problems.append(f"{where} has {shape[1]} regions per image, but {model} was built for exactly {count}"
+                            f" ({module}).")
+    return problems
+
+
+def check_model_fits(model: Any, splits: dict[str, Split], what: str) -> None:
+    """Every split fits the model built for them (fixed region counts); a PreflightError otherwise."""
+    fixed = fixed_region_counts(model)
+    width = model.data_ports.feature_dim
+    problems = [p for split in splits.values() for p in fit_problems(split, width, fixed, what)]
+    if problems:
+        raise PreflightError(", ".join(dict.fromkeys(s.source for s in splits.values())), problems, "training")
+
+
+def check_eval_data(data_dir: Path, split: str, protocol: str, models: list[tuple[str, Any]]) -> Split:
+    """The split ``itmkit eval`` scores, opened and checked against the protocol and every model."""
+    use = DataUse(splits={"test": (split,)}, keys={"test": "--split, else the recipe's data.test_split"},
+                  protocol=protocol)
+    opened, chosen, problems = open_used_splits(data_dir, use)
+    parts = opened.get(chosen.get("test") or "")
+    if parts is not None:
+        for label, model in models:
+            problems.extend(fit_problems(parts, model.data_ports.feature_dim, fixed_region_counts(model), label))
+    if problems:
+        raise PreflightError(str(data_dir), problems, "scoring")
+    return assemble(parts)
