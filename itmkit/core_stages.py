@@ -38,18 +38,21 @@ from itmkit.types import (
 
 
 class PrecompEncoder(nn.Module):
-    """v_i = l2norm(W f_i + b) for each precomputed region feature f_i."""
+    """v_i = l2norm(W f_i + b) for each precomputed region feature f_i (|v_i| with ``absolute``)."""
 
-    def __init__(self, *, in_dim: int, embed_dim: int, normalize: bool = True):
+    def __init__(self, *, in_dim: int, embed_dim: int, normalize: bool = True, absolute: bool = False):
         super().__init__()
         self.fc = nn.Linear(in_dim, embed_dim)
         self.normalize = normalize
+        self.absolute = absolute
         xavier_linear_(self.fc)
 
     def forward(self, x: Regions) -> Local:
         feats = self.fc(x.feats)  # (B, R, D)
         if self.normalize:
             feats = l2norm(feats)
+        if self.absolute:  # after the norm, as VSE++ does: the vector stays unit length
+            feats = feats.abs()
         extras = {"boxes": x.boxes} if x.boxes is not None else {}
         return Local(feats, x.mask, extras)
 
@@ -64,12 +67,15 @@ class Precomp(Stage):
 
     embed_dim: int | None = param(None, "joint embedding size (default: [recipe].embed_dim)", ge=1)
     normalize: bool = param(True, "l2-normalise each region vector (SCAN's default; no_imgnorm=False)")
+    absolute: bool = param(False, "take the absolute value of each vector after normalising (VSE++ --use_abs,"
+                                  " for order embeddings)")
 
     def ports(self, x: RegionsPort) -> LocalPort:
         return LocalPort(self.embed_dim or 1024)
 
     def build(self, x: RegionsPort) -> nn.Module:
-        return PrecompEncoder(in_dim=x.dim, embed_dim=self.embed_dim or 1024, normalize=self.normalize)
+        return PrecompEncoder(in_dim=x.dim, embed_dim=self.embed_dim or 1024, normalize=self.normalize,
+                              absolute=self.absolute)
 
 
 class GRUTextEncoder(nn.Module):
@@ -85,8 +91,10 @@ class GRUTextEncoder(nn.Module):
         bidirectional: bool = True,
         normalize: bool = True,
         embed_dropout: float = 0.0,
+        absolute: bool = False,
     ):
         super().__init__()
+        self.absolute = absolute
         self.embed = nn.Embedding(vocab_size, word_dim)
         self.dropout = nn.Dropout(embed_dropout)
         self.rnn = nn.GRU(word_dim, embed_dim, num_layers, batch_first=True, bidirectional=bidirectional)
@@ -105,6 +113,8 @@ class GRUTextEncoder(nn.Module):
             feats = (feats[..., :half] + feats[..., half:]) / 2
         if self.normalize:
             feats = l2norm(feats)
+        if self.absolute:  # VSE++ --use_abs: after the norm
+            feats = feats.abs()
         return Local(feats, x.mask)
 
 
@@ -122,6 +132,8 @@ class BiGRU(Stage):
     bidirectional: bool = param(True, "run a bi-GRU and average the two directions (SCAN --bi_gru)")
     normalize: bool = param(True, "l2-normalise each word vector (SCAN's default; no_txtnorm=False)")
     embed_dropout: float = param(0.0, "dropout on the word embeddings (SGRAF uses 0.4)", ge=0.0, le=1.0)
+    absolute: bool = param(False, "take the absolute value of each word vector after normalising (VSE++ --use_abs,"
+                                  " for order embeddings)")
 
     def ports(self, x: TokensPort) -> LocalPort:
         return LocalPort(self.embed_dim or 1024)
@@ -135,6 +147,7 @@ class BiGRU(Stage):
             bidirectional=self.bidirectional,
             normalize=self.normalize,
             embed_dropout=self.embed_dropout,
+            absolute=self.absolute,
         )
 
 
@@ -311,6 +324,68 @@ class Cosine(Stage):
         return CosineHead(eps=self.eps)
 
 
+class DotHead(nn.Module):
+    """Inner product of global vectors (Ni, D) x (Nt, D) -> (Ni, Nt), with no normalisation of its own."""
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return image @ text.T
+
+
+def _global_pair_ports(stage: str, image: GlobalPort, text: GlobalPort) -> ScorePort:
+    if image.dim != text.dim:
+        raise PortError(f"{stage}: image global dim {image.dim} differs from text global dim {text.dim}")
+    return ScorePort()
+
+
+@attrs.frozen(kw_only=True)
+class Dot(Stage):
+    """Inner product of two global vectors: VSE++'s cosine_sim when an embedding is not normalised (--no_imgnorm)."""
+
+    name = "core.dot"
+    kind = "similarity"
+    paper = "Faghri et al. 2018 (VSE++) eq. 2 with --no_imgnorm (the VSE0 row)"
+
+    def ports(self, image: GlobalPort, text: GlobalPort) -> ScorePort:
+        return _global_pair_ports(self.name, image, text)
+
+    def build(self, image: GlobalPort, text: GlobalPort) -> nn.Module:
+        return DotHead()
+
+
+ORDER_CHUNK_BYTES = 32 * 2**20
+
+
+class OrderHead(nn.Module):
+    """Order-embedding score -||max(0, t - v)||_2 of every image v (Ni, D) and caption t (Nt, D) -> (Ni, Nt).
+
+    The violation t - v has a D-vector per pair, so images are taken in chunks whose (chunk, Nt, D)
+    difference stays under ``ORDER_CHUNK_BYTES`` whatever the block size. vector_norm gives the
+    official sqrt(sum of squares) with a zero gradient, not NaN, where a pair violates nothing.
+    """
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        per_image = max(1, text.shape[0] * text.shape[1] * text.element_size())
+        chunk = max(1, ORDER_CHUNK_BYTES // per_image)
+        rows = [torch.linalg.vector_norm((text[None] - part[:, None]).clamp(min=0), dim=-1)
+                for part in image.split(chunk)]
+        return -torch.cat(rows) if rows else image.new_zeros(0, text.shape[0])
+
+
+@attrs.frozen(kw_only=True)
+class Order(Stage):
+    """Order-embedding score -||max(0, t - v)||: zero, the best, when no caption coordinate exceeds the image's."""
+
+    name = "core.order"
+    kind = "similarity"
+    paper = "Vendrov et al. 2016 (order embeddings) eq. 2; Faghri et al. 2018 (VSE++) --measure order"
+
+    def ports(self, image: GlobalPort, text: GlobalPort) -> ScorePort:
+        return _global_pair_ports(self.name, image, text)
+
+    def build(self, image: GlobalPort, text: GlobalPort) -> nn.Module:
+        return OrderHead()
+
+
 # ================================================================================= losses
 
 
@@ -399,5 +474,12 @@ class InfoNCE(Stage):
 
 
 @hookimpl
+def register_importers() -> dict:
+    from itmkit.vsepp import convert  # VSE++ is built from core stages only, so its importer is the core's
+
+    return {"vsepp": convert}
+
+
+@hookimpl
 def register_stages() -> list[type[Stage]]:
-    return [Precomp, BiGRU, Mean, Max, Last, Cosine, Triplet, InfoNCE]
+    return [Precomp, BiGRU, Mean, Max, Last, Cosine, Dot, Order, Triplet, InfoNCE]

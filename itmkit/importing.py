@@ -285,7 +285,7 @@ def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: 
     if source.is_dir():
         if not _reads_model_directory(importers[name]):
             raise CheckpointError(f"--vocab {source} is a directory; `itmkit import {name}` reads the official"
-                                  " vocabulary JSON")
+                                  " vocabulary file (JSON, or VSE++'s .pkl)")
         words: Vocabulary | ModelDirectory = ModelDirectory(source)
     else:
         words = Vocabulary.load(source)

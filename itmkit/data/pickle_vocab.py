@@ -159,7 +159,8 @@ def read_if_pickle(path: Path):
     pickled = looks_like_pickle(data)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not pickled:
-            what = "JSON (the SCAN vocabulary format)" if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{" else "no pickle"
+            json_like = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{"
+            what = "JSON (the SCAN vocabulary format)" if json_like else "no pickle"
             raise DataError(f"vocabulary file {path} is named {path.suffix} but holds {what}; a {path.suffix} file"
                             " must be the official pickled Vocabulary (VSE++ vocab/*_vocab.pkl); name a JSON"
                             " vocabulary .json")
