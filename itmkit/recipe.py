@@ -45,6 +45,15 @@ class RecipeInfo:
     embed_dim: int = param(1024, "joint embedding size given to encoders that leave theirs unset", ge=1)
     description: str = param("", "one line saying what this recipe reproduces")
 
+    @name.validator
+    def _plain(self, attribute: Any, value: str) -> None:
+        # Without --out the run folder is runs/<name>: a path here would write outside runs/.
+        from itmkit.runs import name_problem
+
+        problem = name_problem(value, "recipe.name")
+        if problem:
+            raise ValueError(problem)
+
 
 @attrs.frozen(kw_only=True)
 class DataSpec:
