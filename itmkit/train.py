@@ -22,8 +22,8 @@ from itmkit.build import build_model
 from itmkit.checkpoint import (
     atomic_write_text,
     load_checkpoint,
-    optimizer_from_tensors,
     optimizer_to_tensors,
+    resume_training,
     save_checkpoint,
 )
 from itmkit.data.loader import train_loader
@@ -191,12 +191,9 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     first_epoch, best_rsum, best_epoch = 0, -math.inf, -1
 
     if resume and (out / LAST).exists():
-        state = load_checkpoint(out / LAST, device)
-        model.load_state_dict(state.model.state_dict())
-        optimizer_from_tensors(optimizer, state.trainer, state.meta["optimizer"], str(out / LAST))
-        torch.set_rng_state(state.trainer["rng.torch"])
-        first_epoch = int(state.meta["epoch"]) + 1
-        best_rsum, best_epoch = float(state.meta["best_rsum"]), int(state.meta["best_epoch"])
+        state = resume_training(out / LAST, model, optimizer, device)  # checks the trainer state first
+        first_epoch = state.epoch + 1
+        best_rsum, best_epoch = state.best_rsum, state.best_epoch
         _keep_epochs_up_to(metrics_path, first_epoch - 1)
         log(f"resuming {out / LAST} after epoch {first_epoch - 1} (best dev rsum {best_rsum:.2f})")
     else:
