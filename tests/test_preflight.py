@@ -1,0 +1,142 @@
+"""Pre-flight checks: problems found before the work, by one set of functions for train, eval and data check."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from itmkit.evaluation import protocol_problem
+from itmkit.preflight import fit_problems, fixed_region_counts
+from itmkit.recipe import load_recipe
+from itmkit.train import train
+from test_cli import invoke
+from tinydata import write_recipe, write_tiny
+
+SGRAF_POOL = 'pool = { stage = "core.mean" }\n\n[text]'
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    train(load_recipe(write_recipe(folder / "tiny.toml", data)), out_dir=folder / "run", log=lambda *a: None)
+    return folder / "run"
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_eval_on_features_of_another_width_is_one_line_before_scoring(run, tmp_path):
+    wide = write_tiny(tmp_path / "wide", width=12)
+    best = run / "model_best.safetensors"
+    result = invoke("eval", str(best), "--data", str(wide), "--device", "cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "scored" not in result.stderr
+    assert (f"{wide / 'test_ims.npy'} has 12-d features, but {best} takes 8-d image features"
+            " (features from another extractor?)") in flat(result.stderr)
+    assert "found before scoring" in result.stderr
+
+
+def test_an_ensemble_names_the_member_that_does_not_fit(run, data, tmp_path):
+    other = tmp_path / "other"
+    train(load_recipe(write_recipe(tmp_path / "tiny.toml", write_tiny(tmp_path / "wide", width=12))), out_dir=other,
+          log=lambda *a: None)
+    result = invoke("eval", str(run / "model_best.safetensors"), str(other / "model_best.safetensors"),
+                    "--data", str(data), "--device", "cpu")
+    stderr = flat(result.stderr)
+    assert result.returncode == 1 and "1 problem found before scoring" in stderr
+    assert f"but {other / 'model_best.safetensors'} takes 12-d image features" in stderr
+
+
+def test_resume_on_features_of_another_width_is_refused_before_training(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "last.safetensors").read_bytes()
+    wide = write_tiny(tmp_path / "wide", width=12)
+    recipe = write_recipe(tmp_path / "tiny.toml", wide)
+    result = invoke("train", str(recipe), "--out", str(copy), "--resume", "--set", "train.epochs=2", "--device", "cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"{wide / 'train_ims.npy'} has 12-d features, but {copy / 'last.safetensors'} (--resume) takes 8-d image"
+            " features") in flat(result.stderr)
+    assert (copy / "last.safetensors").read_bytes() == before
+
+
+def test_a_model_built_for_a_fixed_region_count_is_checked_before_epoch_1(data, tmp_path):
+    pytest.importorskip("itmkit_sgraf")
+    recipe = write_recipe(tmp_path / "tiny.toml", data)
+    recipe.write_text(recipe.read_text().replace(SGRAF_POOL, SGRAF_POOL.replace(
+        '{ stage = "core.mean" }', '{ stage = "sgraf.visual_sa", num_regions = 36 }')))
+    result = invoke("train", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu")
+    stderr = flat(result.stderr)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "epoch 1/" not in stderr
+    assert f"{data} has 3 regions per image, but the model of tiny was built for exactly 36 (image.pool" in stderr.replace(
+        "split 'train' of ", "")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fit_problems_and_fixed_region_counts():
+    import torch
+
+    class Pool(torch.nn.Module):
+        def __init__(self, num_regions):
+            super().__init__()
+            self.num_regions = num_regions
+
+    model = torch.nn.ModuleDict({"image": Pool(36), "text": Pool(None), "flag": Pool(True)})
+    assert fixed_region_counts(model) == {"image": 36}
+
+    class Parts:
+        features = np.zeros((2, 10, 4), np.float32)
+        name, source = "test", "DIR"
+
+    assert fit_problems(Parts, 4, {}, "m") == []
+    assert fit_problems(Parts, 4, {"image": 36}, "m") == [
+        "split 'test' of DIR has 10 regions per image, but m was built for exactly 36 (image)."]
+
+
+@pytest.mark.parametrize("protocol, images, ok", [
+    ("f30k-1k", 7, True), ("coco-5k", 5000, True), ("coco-5k", 1000, False), ("coco-1k-5fold", 1000, False),
+    ("coco-1k-5fold", 5000, True), ("coco-5k", 5001, False), ("f30k", 1000, False),
+])
+def test_protocol_fits_the_test_split(protocol, images, ok):
+    assert (protocol_problem(protocol, images) is None) == ok
+
+
+def _problem_lines(text: str) -> set[str]:
+    """The problem sentences of train's '  - ' lines or data check's 'problem:' lines."""
+    found = re.findall(r"(?:^  - |^problem: )(.*?)(?=\n(?:  - |problem: |error: )|\Z)", text, re.M | re.S)
+    return {flat(p) for p in found}
+
+
+def test_data_check_with_the_recipe_reports_what_train_reports(data, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    write_tiny(bad, {"train": 1, "test": 6}, width=12)
+    (bad / "dev_caps.txt").write_text("too few\n")
+    recipe = write_recipe(tmp_path / "tiny.toml", bad)
+    trained = invoke("train", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.protocol=coco-5k")
+    checked = invoke("data", "check", str(bad), "--recipe", str(recipe), "--set", "data.protocol=coco-5k")
+    assert trained.returncode == checked.returncode == 1
+    problems = _problem_lines(trained.stderr)
+    assert len(problems) == 4, trained.stderr  # dev captions, width, one batch, protocol
+    assert problems == _problem_lines(checked.stderr)
+
+
+def test_data_check_takes_coco_testall_as_the_test_split(data, tmp_path):
+    coco = tmp_path / "coco"
+    shutil.copytree(data, coco)
+    for suffix in ("ims.npy", "caps.txt"):
+        (coco / f"test_{suffix}").rename(coco / f"testall_{suffix}")
+    assert invoke("data", "check", str(coco)).returncode == 0
+    (coco / "testall_ims.npy").unlink()
+    (coco / "testall_caps.txt").unlink()
+    result = invoke("data", "check", str(coco))
+    assert result.returncode == 1 and "has no test split 'test' or 'testall'" in flat(result.stderr)
