@@ -96,9 +96,18 @@ def build(
 def _build_ports(recipe, path: str):
     """Data dims for ``build``: from the data when it is there, else the SCAN defaults."""
     from itmkit.build import DataPorts
+    from itmkit.data.shapes import SHAPES_FEATURE_DIM, SHAPES_REGIONS
     from itmkit.data.vocab import Vocabulary
-    from itmkit.datasets import BUILTIN, data_ports, open_named_split, resolve_data_dir, text_vocabulary
+    from itmkit.datasets import BUILTIN, builtin_folder, builtin_words, data_ports, open_named_split, resolve_data_dir, text_vocabulary
 
+    if path == BUILTIN and not (builtin_folder() / "shapes.json").exists():
+        # Printing a stage tree is no reason to render 6,500 images: the built-in dims are constants
+        # and its words follow from the captions alone. `itmkit train` generates the data.
+        words = Vocabulary.load(recipe.data.vocab) if recipe.data.vocab else builtin_words()
+        vocab = recipe.text.encoder.spec.vocabulary(lambda: words)
+        ports = DataPorts(SHAPES_FEATURE_DIM, len(vocab), SHAPES_REGIONS, mask_id=getattr(vocab, "mask_id", None))
+        return ports, (f"built-in 'shapes', not generated yet ({SHAPES_REGIONS} x {SHAPES_FEATURE_DIM}-d regions,"
+                       f" {len(vocab)} words; `itmkit train` generates it)")
     if path == BUILTIN or Path(path).is_dir():
         folder = resolve_data_dir(path, log=err.print)
         train = open_named_split(folder, "train")

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from itmkit.build import DataPorts
-from itmkit.data.shapes import GENERATOR_VERSION, write_shapes
+from itmkit.data.shapes import DEFAULT_SIZES, GENERATOR_VERSION, VOCAB_THRESHOLD, captions_for, make_scene, write_shapes
+from itmkit.data.shapes_scene import item_rng
 from itmkit.data.split import Split, open_split
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import DataError
@@ -31,7 +32,7 @@ def resolve_data_dir(path: str, progress=None, log=None) -> Path:
         if not folder.is_dir():
             raise DataError(f"data folder not found: {folder} (use 'shapes' for the built-in dataset, or `itmkit data synth DIR`)")
         return folder
-    folder = cache_home() / f"shapes-v{GENERATOR_VERSION}-seed0"
+    folder = builtin_folder()
     if (folder / "shapes.json").exists():
         _clean_dead_generations(folder.parent)
         return folder
@@ -59,6 +60,23 @@ def resolve_data_dir(path: str, progress=None, log=None) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def builtin_folder() -> Path:
+    """Where the built-in dataset is (or will be) generated."""
+    return cache_home() / f"shapes-v{GENERATOR_VERSION}-seed0"
+
+
+def builtin_words(sizes: dict[str, int] = DEFAULT_SIZES) -> Vocabulary:
+    """The built-in dataset's vocabulary, from its captions alone, without generating the dataset.
+
+    Captions follow from each scene description; rendering the images and extracting their features
+    is what takes a minute and a half. The same words as ``write_shapes`` keeps: train and dev
+    captions, the same threshold.
+    """
+    captions = [caption for name in ("train", "dev") for index in range(sizes.get(name, 0))
+                for caption in captions_for(make_scene(0, name, index), item_rng(0, name, index, "captions"))]
+    return Vocabulary.build(captions, threshold=VOCAB_THRESHOLD)
 
 
 def _clean_dead_generations(cache: Path) -> None:
