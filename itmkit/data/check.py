@@ -21,19 +21,50 @@ def _sentence(message: str) -> str:
     return message if message.endswith((".", "?", "!")) else f"{message}."
 
 
-def _nonfinite_problem(parts: SplitParts) -> str | None:
-    """A sentence about images whose features hold NaN or inf, or None if there are none."""
+def _scan_features(parts: SplitParts) -> tuple[list[int], list[int]]:
+    """In one pass, 256 images at a time: images whose features hold NaN or inf, and images that
+    end in an all-zero row while no region counts are stored (3-D features only)."""
     features = parts.features
+    look_for_padding = len(features.shape) == 3 and features.shape[1] > 1 and parts.region_counts is None
     bad: list[int] = []
+    padded: list[int] = []
     for start in range(0, int(features.shape[0]), SCAN_CHUNK_IMAGES):
         chunk = np.asarray(features[start : start + SCAN_CHUNK_IMAGES])
         finite = np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1)
         bad.extend(start + int(i) for i in np.flatnonzero(~finite))
+        if look_for_padding:
+            last_row_zero = ~chunk[:, -1].reshape(chunk.shape[0], -1).any(axis=1)
+            padded.extend(start + int(i) for i in np.flatnonzero(last_row_zero))
+    return bad, padded
+
+
+def _nonfinite_problem(parts: SplitParts, bad: list[int]) -> str | None:
+    """A sentence about images whose features hold NaN or inf, or None if there are none."""
     if not bad:
         return None
     return (
         f"{parts.file('features')} has NaN or inf values in {len(bad)} image(s) "
         f"(the first is image {bad[0]})."
+    )
+
+
+def _padding_problem(parts: SplitParts, padded: list[int]) -> str | None:
+    """A sentence about images that end in all-zero rows while no region counts are stored.
+
+    Adaptive detectors (10 to 100 boxes) are stored zero-padded to the longest image; without
+    a count per image every padded row is scored as a region, which lowers recall silently.
+    A real region's feature is never exactly zero in every dimension.
+    """
+    if not padded:
+        return None
+    first = np.asarray(parts.features[padded[0]])
+    nonzero = np.flatnonzero(first.reshape(first.shape[0], -1).any(axis=1))
+    valid = int(nonzero[-1]) + 1 if nonzero.size else 0
+    return (
+        f"{parts.file('features')}: {len(padded)} image(s) end in all-zero rows, which look like padding "
+        f"(the first is image {padded[0]}: rows {valid}..{first.shape[0] - 1} of {first.shape[0]} are zero), "
+        f"but there are no region counts ({parts.file('region_counts')}), so every padded row would be "
+        f"scored as a region; store each image's region count (docs/data.md, Region counts)."
     )
 
 
@@ -52,7 +83,8 @@ def _split_checks(parts: SplitParts) -> list[str]:
     """The problems of one split on its own."""
     problems = split_problems(parts)
     if image_shape(parts) is not None and np.issubdtype(parts.features.dtype, np.floating):
-        problems.append(_nonfinite_problem(parts))
+        bad, padded = _scan_features(parts)
+        problems += [_nonfinite_problem(parts, bad), _padding_problem(parts, padded)]
     problems.append(_empty_captions_problem(parts))
     return [p for p in problems if p]
 
@@ -66,6 +98,9 @@ def _cross_split_checks(opened: list[SplitParts]) -> list[str]:
     problems = []
     for other, shape in shaped[1:]:
         for axis, what in ((1, "regions per image"), (2, "feature dimensions")):
+            padded = first.region_counts is not None and other.region_counts is not None
+            if axis == 1 and padded:
+                continue  # zero-padded to each split's own longest image: the counts say what is real
             if shape[axis] != first_shape[axis]:
                 problems.append(
                     f"Split {other.name!r} has {shape[axis]} {what} "
@@ -127,7 +162,7 @@ def summarize_dataset(data_dir: str | Path) -> list[dict[str, Any]]:
         except DataError as err:
             rows.append({"name": name, "error": str(err)})
             continue
-        shape = tuple(parts.features.shape)
+        shape = image_shape(parts) or tuple(parts.features.shape)  # as the Split sees it: 2-D rows are R = 1
         boxes = None
         if parts.boxes is not None:
             boxes = BOX_LAYOUTS.get(int(parts.boxes.shape[-1]), f"unknown ({parts.boxes.shape[-1]} columns)")
