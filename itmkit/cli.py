@@ -343,15 +343,44 @@ def data_check(
 
 @data_app.command("convert")
 def data_convert(
-    src: Annotated[Path, typer.Argument(help="dataset folder in the precomp layout")],
-    dst: Annotated[Path, typer.Argument(help="HDF5 file to write (e.g. DIR/data.h5)")],
-    splits: Annotated[Optional[str], typer.Option(help="comma list of splits (default: all)")] = None,
+    src: Annotated[Path, typer.Argument(help="a precomp folder, a bottom-up-attention generate_tsv TSV, or a folder"
+                                        " of per-image .npz/.npy files")],
+    dst: Annotated[Path, typer.Argument(help="HDF5 file (e.g. DIR/data.h5) or precomp folder to write")],
+    split: Annotated[Optional[str], typer.Option(help="the split a TSV or .npz/.npy source becomes"
+                                                 " (e.g. train)")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="precomp | hdf5 (default: hdf5 from a precomp folder,"
+                                               " else precomp)")] = None,
+    regions: Annotated[Optional[int], typer.Option(help="regions per image: zero-pad to N, keep the first N boxes"
+                                                   " (default: the most any image has)")] = None,
+    ids: Annotated[Optional[Path], typer.Option(help="image ids, one per line: which images, in which order"
+                                                " (default: all, in the source's order)")] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="IMAGE_ID<TAB>caption lines to join to the images"
+                                                     " (needed for --format hdf5)")] = None,
+    splits: Annotated[Optional[str], typer.Option(help="precomp source: comma list of splits (default: all)")] = None,
 ) -> None:
-    """Copy a precomp dataset into the HDF5 layout, streaming the features."""
+    """Convert features into the precomp or HDF5 layout, streaming: precomp -> HDF5, or bottom-up TSV / .npz files."""
+    from itmkit.data import bottomup
     from itmkit.data.hdf5 import convert_precomp_to_hdf5
+    from itmkit.data.split import read_text, text_lines
+    from itmkit.progress import make_progress, task
 
-    done = convert_precomp_to_hdf5(src, dst, splits.split(",") if splits else None)
-    out.print(f"wrote {', '.join(done)} to {dst}")
+    if src.is_dir() and any(src.glob("*_ims.npy")):
+        if fmt not in (None, "hdf5"):
+            raise ItmkitError(f"{src} is already in the precomp layout; --format hdf5 converts it")
+        done = convert_precomp_to_hdf5(src, dst, splits.split(",") if splits else None)
+        out.print(f"wrote {', '.join(done)} to {dst}")
+        return
+    if not split:
+        raise ItmkitError(f"--split NAME is needed: which split the images of {src} become (e.g. train, test)")
+    chosen = text_lines(read_text(ids, "image id list")) if ids else None
+    with make_progress() as progress, task(progress, f"convert {split}", None) as update:
+        done = bottomup.convert(src, dst, split=split, fmt=fmt or "precomp", regions=regions, ids=chosen,
+                                captions=captions, progress=update)
+    cut = f", {done.truncated} cut to their first {done.regions} boxes" if done.truncated else ""
+    out.print(escape(f"wrote {split}: {done.images} images x {done.regions} regions x {done.dim}-d{cut},"
+                     f" {done.captions} captions -> {dst}"))
+    if not done.captions:
+        out.print(escape(f"captions: write {split}_caps.txt in the order of {split}_ids.txt, or pass --captions"))
 
 
 @data_app.command("vocab")

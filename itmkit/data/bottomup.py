@@ -1,0 +1,548 @@
+"""Convert bottom-up-attention region features into the precomp or HDF5 layout, streaming.
+
+Two sources, both as the extractors write them:
+
+- the ``generate_tsv`` TSV of peteanderson80/bottom-up-attention: no header, tab-separated
+  fields ``image_id, image_w, image_h, num_boxes, boxes, features``, the last two base64 of
+  float32 arrays (num_boxes, 4) (x1, y1, x2, y2 in pixels) and (num_boxes, D);
+- a folder of per-image ``.npz`` files (py-bottom-up-attention / bua-caffe: features ``x``,
+  boxes ``bbox``, ``num_bbox``, ``image_w``, ``image_h``; also ``feat`` / ``features`` and
+  ``boxes`` / ``num_boxes``) or ``.npy`` files holding just the (num_boxes, D) features; the
+  file name without its extension is the image id.
+
+COCO's features are tens of GB, so nothing is held whole: a first pass reads only sizes (the
+box counts, the feature width; for the TSV from the base64 lengths, for .npz from the array
+headers), then each image is decoded and written into its row of a memory-mapped .npy or an
+HDF5 dataset. Images have varying box counts (10 to 100 for the adaptive features): rows are
+zero-padded to the largest count (or ``regions``, keeping the first boxes of a larger image)
+and each image's count is written beside them (``{split}_region_counts.npy``). Image ids go to
+``{split}_ids.txt`` (HDF5: dataset ``ids``) in row order, so captions can be joined; given a
+captions table, they are joined here.
+
+Output appears only complete: every file is written under a hidden temporary name and renamed
+at the end, the features file last (a split exists once its features do); an HDF5 split group
+is built under a hidden name and moved into place. A killed conversion leaves only hidden
+``*.tmp`` files (or a hidden ``.{split}.partial`` group), which no reader picks up.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import csv
+import os
+import re
+import sys
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h5py
+import numpy as np
+
+from itmkit.data import hdf5, precomp
+from itmkit.data.split import read_text, text_lines
+from itmkit.errors import DataError
+
+TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+# keys of a per-image .npz, in the order they are looked for
+NPZ_KEYS = {
+    "features": ("x", "feat", "features"),
+    "boxes": ("bbox", "boxes"),
+    "count": ("num_bbox", "num_boxes"),
+    "width": ("image_w",),
+    "height": ("image_h",),
+}
+FORMATS = ("precomp", "hdf5")
+Progress = Callable[..., None]  # update(done, total=None, info="")
+
+
+@attrs.frozen
+class Image:
+    """One image as a source gives it: its id, (count, D) features and optionally boxes and size."""
+
+    image_id: str
+    features: np.ndarray
+    boxes: np.ndarray | None
+    size: tuple[float, float] | None  # (width, height)
+    where: str  # file and line or file, for messages
+
+
+@attrs.frozen
+class Survey:
+    """What the first pass learns: the ids in source order, each image's box count, the feature width."""
+
+    ids: list[str]
+    counts: list[int]
+    dim: int
+    boxes: bool
+    sizes: bool
+
+
+@attrs.frozen
+class Converted:
+    """What ``convert`` wrote."""
+
+    split: str
+    images: int
+    regions: int
+    dim: int
+    truncated: int  # images with more boxes than ``regions``, cut to the first ones
+    captions: int
+    files: list[str]
+
+
+# ==================================================================================== sources
+
+
+@contextlib.contextmanager
+def _huge_csv_fields() -> Iterator[None]:
+    """A feature field is megabytes of base64, far over csv's default limit (128 KiB): lift it, then restore it."""
+    old = csv.field_size_limit()
+    try:
+        csv.field_size_limit(sys.maxsize)
+    except OverflowError:  # where a C long is 32 bits
+        csv.field_size_limit(2**31 - 1)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _b64_size(text: str) -> int:
+    """Bytes that a base64 string decodes to, without decoding it."""
+    return len(text) // 4 * 3 - text.endswith("=") - text.endswith("==")
+
+
+class TsvSource:
+    """The generate_tsv TSV: one image per line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _rows(self) -> Iterator[tuple[int, list[str]]]:
+        with _huge_csv_fields(), open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+            for number, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+                if not row:
+                    continue
+                if len(row) != len(TSV_FIELDS):
+                    raise DataError(f"{self.path}, line {number}: {len(row)} tab-separated fields, expected"
+                                    f" {len(TSV_FIELDS)} ({', '.join(TSV_FIELDS)}) as generate_tsv writes them")
+                yield number, row
+
+    def _count(self, row: list[str], where: str) -> int:
+        try:
+            count = int(row[3])
+        except ValueError:
+            raise DataError(f"{where}: num_boxes is {row[3][:20]!r}, expected an integer") from None
+        if count < 1:
+            raise DataError(f"{where}: num_boxes is {count}; every image needs at least one box")
+        return count
+
+    def survey(self, progress: Progress) -> Survey:
+        ids, counts, dim = [], [], None
+        for number, row in self._rows():
+            where = f"{self.path}, line {number} (image {row[0]})"
+            count = self._count(row, where)
+            if _b64_size(row[4]) != count * 4 * 4:
+                raise DataError(f"{where}: boxes hold {_b64_size(row[4])} bytes, expected num_boxes x 4 float32 ="
+                                f" {count * 16}")
+            width, rest = divmod(_b64_size(row[5]), count * 4)
+            if rest or width < 1:
+                raise DataError(f"{where}: features hold {_b64_size(row[5])} bytes, not num_boxes ({count}) rows of"
+                                " float32")
+            if dim is not None and width != dim:
+                raise DataError(f"{where}: {width}-d features, but earlier images have {dim}-d")
+            dim = width
+            ids.append(row[0])
+            counts.append(count)
+            progress(len(ids), None, f"surveyed {len(ids)} images")
+        if dim is None:
+            raise DataError(f"{self.path} holds no images")
+        return Survey(ids, counts, dim, boxes=True, sizes=True)
+
+    def images(self) -> Iterator[Image]:
+        for number, row in self._rows():
+            where = f"{self.path}, line {number} (image {row[0]})"
+            count = self._count(row, where)
+            try:
+                boxes, feats = (np.frombuffer(base64.b64decode(row[i], validate=True), dtype=np.float32)
+                                for i in (4, 5))
+                width, height = float(row[1]), float(row[2])
+            except (binascii.Error, ValueError) as err:
+                raise DataError(f"{where}: cannot decode the image's fields: {err}") from None
+            yield Image(row[0], feats.reshape(count, -1), boxes.reshape(count, 4), (width, height), where)
+
+
+def _npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(stream)
+    return tuple(shape), dtype
+
+
+class FolderSource:
+    """A folder of per-image .npz (features, boxes, size) or .npy (features only) files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        found = (p for p in folder.iterdir() if p.suffix in (".npz", ".npy") and not p.name.startswith("."))
+        self.files = sorted(found, key=_natural)
+        if not self.files:
+            raise DataError(f"{folder} holds no .npz or .npy files (one per image)")
+
+    def _keys(self, path: Path, archive: zipfile.ZipFile) -> dict[str, str | None]:
+        names = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
+        keys = {part: next((k for k in options if k in names), None) for part, options in NPZ_KEYS.items()}
+        if keys["features"] is None:
+            raise DataError(f"{path} has no features array: looked for {', '.join(NPZ_KEYS['features'])};"
+                            f" it holds {', '.join(sorted(names)) or 'nothing'}")
+        if (keys["width"] is None) != (keys["height"] is None):
+            raise DataError(f"{path} has only one of image_w and image_h")
+        return keys
+
+    def _read(self, path: Path, archive: zipfile.ZipFile, key: str) -> np.ndarray:
+        with archive.open(key + ".npy") as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)  # never unpickle (bua-caffe's 'info')
+
+    def _shape(self, path: Path) -> tuple[int, int, bool, bool]:
+        """(count, D, has boxes, has size) of one file, from headers and scalars only."""
+        try:
+            if path.suffix == ".npy":
+                with open(path, "rb") as stream:
+                    shape, _ = _npy_header(stream)
+                return (*_rows_and_width(shape, path), False, False)
+            with zipfile.ZipFile(path) as archive:
+                keys = self._keys(path, archive)
+                with archive.open(keys["features"] + ".npy") as stream:
+                    shape, _ = _npy_header(stream)
+                count, width = _rows_and_width(shape, path)
+                if keys["count"] is not None:
+                    count = min(count, int(self._read(path, archive, keys["count"])))
+                return count, width, keys["boxes"] is not None, keys["width"] is not None
+        except (OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+            raise DataError(f"{path} is not a readable .npy/.npz file: {err}") from None
+
+    def survey(self, progress: Progress) -> Survey:
+        ids, counts, dim, kinds = [], [], None, None
+        for path in self.files:
+            count, width, has_boxes, has_size = self._shape(path)
+            if count < 1:
+                raise DataError(f"{path}: no boxes; every image needs at least one")
+            if dim is not None and width != dim:
+                raise DataError(f"{path}: {width}-d features, but {self.files[0].name} has {dim}-d")
+            if kinds is not None and (has_boxes, has_size) != kinds:
+                raise DataError(f"{path}: boxes {'present' if has_boxes else 'absent'}, size"
+                                f" {'present' if has_size else 'absent'}, unlike {self.files[0].name}; every file"
+                                " must hold the same arrays")
+            dim, kinds = width, (has_boxes, has_size)
+            ids.append(path.stem)
+            counts.append(count)
+            progress(len(ids), len(self.files), f"surveyed {path.name}")
+        return Survey(ids, counts, dim, boxes=kinds[0], sizes=kinds[1])
+
+    def images(self) -> Iterator[Image]:
+        for path in self.files:
+            where = str(path)
+            try:
+                if path.suffix == ".npy":
+                    feats = np.load(path, allow_pickle=False)
+                    yield Image(path.stem, feats.reshape(-1, feats.shape[-1]), None, None, where)
+                    continue
+                with zipfile.ZipFile(path) as archive:
+                    keys = self._keys(path, archive)
+                    feats = self._read(path, archive, keys["features"])
+                    feats = feats.reshape(-1, feats.shape[-1])
+                    count = feats.shape[0]
+                    if keys["count"] is not None:
+                        count = min(count, int(self._read(path, archive, keys["count"])))
+                    boxes = None
+                    if keys["boxes"] is not None:
+                        boxes = self._read(path, archive, keys["boxes"]).reshape(-1, 4)[:count]
+                    size = None
+                    if keys["width"] is not None:
+                        size = (float(self._read(path, archive, keys["width"])),
+                                float(self._read(path, archive, keys["height"])))
+            except (OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+                raise DataError(f"{path} is not a readable .npy/.npz file: {err}") from None
+            if boxes is not None and boxes.shape[0] != count:
+                raise DataError(f"{path}: {boxes.shape[0]} boxes for {count} feature rows")
+            yield Image(path.stem, feats[:count], boxes, size, where)
+
+
+def _rows_and_width(shape: tuple[int, ...], path: Path) -> tuple[int, int]:
+    if len(shape) == 1:  # one global feature
+        return 1, shape[0]
+    if len(shape) != 2:
+        raise DataError(f"{path}: features of shape {shape}; expected (num_boxes, D)")
+    return shape[0], shape[1]
+
+
+def _natural(path: Path) -> tuple:
+    """Sort key putting '2.npz' before '10.npz'."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem))
+
+
+def open_source(src: str | Path) -> TsvSource | FolderSource:
+    """The source at ``src``: a TSV file, or a folder of per-image files."""
+    src = Path(src)
+    if src.is_dir():
+        return FolderSource(src)
+    if src.is_file():
+        return TsvSource(src)
+    raise DataError(f"{src} does not exist")
+
+
+# =================================================================================== captions
+
+
+def image_key(image_id: str) -> str:
+    """The id that joins images and captions: Flickr's '1000092795.jpg#0' and a '1000092795' file are one image."""
+    key = image_id.strip().split("#", 1)[0]
+    stem, dot, extension = key.rpartition(".")
+    return stem if dot and extension.lower() in ("jpg", "jpeg", "png") else key
+
+
+def read_caption_table(path: str | Path) -> dict[str, list[str]]:
+    """``IMAGE_ID<TAB>caption`` lines (Flickr30K's results_20130124.token layout) -> captions by image key."""
+    table: dict[str, list[str]] = {}
+    for number, line in enumerate(text_lines(read_text(path, "captions table")), start=1):
+        if not line.strip():
+            continue
+        image_id, tab, caption = line.partition("\t")
+        if not tab or not caption.strip():
+            raise DataError(f"captions table {path}, line {number}: expected IMAGE_ID<TAB>caption, found {line[:60]!r}")
+        table.setdefault(image_key(image_id), []).append(caption.strip())
+    return table
+
+
+def join_captions(ids: Sequence[str], table: dict[str, list[str]], path: str | Path
+                  ) -> tuple[list[str], int | None, list[int] | None]:
+    """Captions in image order, and either k (the same count for every image) or each caption's image."""
+    captions, owners = [], []
+    for row, image_id in enumerate(ids):
+        found = table.get(image_key(image_id))
+        if not found:
+            raise DataError(f"captions table {path} has no caption for image {image_id!r} (row {row});"
+                            " its ids must match the feature source's")
+        captions.extend(found)
+        owners.extend([row] * len(found))
+    counts = {len(table[image_key(i)]) for i in ids}
+    return (captions, counts.pop(), None) if len(counts) == 1 else (captions, None, owners)
+
+
+# ==================================================================================== writers
+
+
+def _temp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+class PrecompWriter:
+    """Rows into memory-mapped .npy files under temporary names; ``commit`` renames them, features last."""
+
+    def __init__(self, folder: Path, split: str, images: int, regions: int, dim: int, boxes: bool, sizes: bool):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.names = {part: folder / name for part, name in precomp.file_names(split).items()}
+        self.temps: dict[str, Path] = {}
+        self.features = self._array("features", (images, regions, dim), np.float32)
+        self.boxes = self._array("boxes", (images, regions, 4), np.float32) if boxes else None
+        self.sizes = np.zeros((images, 2), dtype=np.int64) if sizes else None
+        self.counts = np.zeros(images, dtype=np.int64)
+
+    def _array(self, part: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        self.temps[part] = _temp(self.names[part])
+        return np.lib.format.open_memmap(self.temps[part], mode="w+", dtype=dtype, shape=shape)  # zero-filled
+
+    def put(self, row: int, feats: np.ndarray, boxes: np.ndarray | None, size: tuple[float, float] | None) -> None:
+        count = feats.shape[0]
+        self.features[row, :count] = feats
+        if self.boxes is not None:
+            self.boxes[row, :count] = boxes
+        if self.sizes is not None:
+            self.sizes[row] = np.round(size)
+        self.counts[row] = count
+
+    def _small(self, part: str, array: np.ndarray | None = None, lines: Sequence[str] | None = None) -> None:
+        self.temps[part] = _temp(self.names[part])
+        if array is not None:
+            with open(self.temps[part], "wb") as f:  # a file object: np.save would append .npy to a name
+                np.save(f, array)
+        else:
+            self.temps[part].write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+    def commit(self, ids: Sequence[str], captions: Sequence[str] | None, per_image: int | None,
+               owners: Sequence[int] | None) -> list[str]:
+        for array in (self.features, self.boxes):
+            if array is not None:
+                array.flush()
+        self.features = self.boxes = None  # close the maps before the renames
+        if self.sizes is not None:
+            self._small("image_sizes", self.sizes)
+        self._small("region_counts", self.counts)
+        self._small("ids", lines=list(ids))
+        if captions is not None:
+            self._small("captions", lines=list(captions))
+            if owners is not None:
+                self._small("caption_images", lines=[str(i) for i in owners])
+            else:
+                self._small("captions_per_image", lines=[str(per_image)])
+        # The features file marks a split as present: take the old one away first, put the new one in last,
+        # and drop declarations of an earlier conversion that this one does not replace.
+        self.names["features"].unlink(missing_ok=True)
+        for part in ("boxes", "image_sizes", "captions_per_image", "caption_images"):
+            if part not in self.temps:
+                self.names[part].unlink(missing_ok=True)
+        for part in sorted(self.temps, key=lambda p: p == "features"):
+            os.replace(self.temps[part], self.names[part])
+        written = [str(self.names[p]) for p in self.temps]
+        self.temps = {}
+        return written
+
+    def abort(self) -> None:
+        self.features = self.boxes = None
+        for path in self.temps.values():
+            path.unlink(missing_ok=True)
+
+
+class Hdf5Writer:
+    """Rows into a split group built under a hidden name (in a new file: a temporary file), moved in at the end."""
+
+    def __init__(self, path: Path, split: str, images: int, regions: int, dim: int, boxes: bool, sizes: bool):
+        self.path, self.split = path, split
+        self.staging = f".{split}.partial"
+        self.temp = None if path.exists() else _temp(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.file = h5py.File(self.temp or path, "w" if self.temp else "a")
+        except OSError as err:
+            raise DataError(f"cannot open {path} for writing: {err}") from None
+        if self.temp:
+            self.file.attrs["format"], self.file.attrs["version"] = hdf5.FORMAT, hdf5.VERSION
+        if self.staging in self.file:
+            del self.file[self.staging]
+        group = self.group = self.file.create_group(self.staging)
+        # one image per chunk, as hdf5.write_split lays it out: a batch reads exactly its rows
+        self.features = group.create_dataset("features", (images, regions, dim), np.float32, chunks=(1, regions, dim))
+        self.boxes = group.create_dataset("boxes", (images, regions, 4), np.float32) if boxes else None
+        self.sizes = np.zeros((images, 2), dtype=np.int64) if sizes else None
+        self.counts = np.zeros(images, dtype=np.int64)
+
+    def put(self, row: int, feats: np.ndarray, boxes: np.ndarray | None, size: tuple[float, float] | None) -> None:
+        count = feats.shape[0]
+        padded = np.zeros(self.features.shape[1:], dtype=np.float32)  # a whole chunk per write
+        padded[:count] = feats
+        self.features[row] = padded
+        if self.boxes is not None:
+            self.boxes[row, :count] = boxes
+        if self.sizes is not None:
+            self.sizes[row] = np.round(size)
+        self.counts[row] = count
+
+    def commit(self, ids: Sequence[str], captions: Sequence[str] | None, per_image: int | None,
+               owners: Sequence[int] | None) -> list[str]:
+        strings = h5py.string_dtype("utf-8")
+        group = self.group
+        if self.sizes is not None:
+            group.create_dataset("image_sizes", data=self.sizes)
+        group.create_dataset("region_counts", data=self.counts)
+        group.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=strings)
+        group.create_dataset("captions", data=np.array(list(captions or []), dtype=object), dtype=strings)
+        if owners is not None:
+            group.create_dataset("caption_images", data=np.asarray(owners, dtype=np.int64))
+        elif per_image is not None:
+            group.attrs["captions_per_image"] = int(per_image)
+        if self.split in self.file:
+            del self.file[self.split]
+        self.file.move(self.staging, self.split)
+        self.file.close()
+        if self.temp:
+            os.replace(self.temp, self.path)
+            self.temp = None
+        return [f"{self.path}:/{self.split}"]
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.file and self.staging in self.file:
+                del self.file[self.staging]
+        with contextlib.suppress(Exception):
+            self.file.close()
+        if self.temp:
+            self.temp.unlink(missing_ok=True)
+
+
+# =================================================================================== convert
+
+
+def _order(survey: Survey, ids: Sequence[str] | None, source: str) -> tuple[list[str], dict[str, int]]:
+    """The ids to write in row order, and each one's row (the source's order unless ``ids`` is given)."""
+    seen: dict[str, int] = {}
+    for i, image_id in enumerate(survey.ids):
+        if image_id in seen:
+            raise DataError(f"{source}: image {image_id!r} appears twice (entries {seen[image_id] + 1} and {i + 1})")
+        seen[image_id] = i
+    if ids is None:
+        return list(survey.ids), {image_id: row for row, image_id in enumerate(survey.ids)}
+    wanted = [str(i).strip() for i in ids if str(i).strip()]
+    missing = [i for i in wanted if i not in seen]
+    if missing:
+        raise DataError(f"{len(missing)} image id(s) of the id list are not in {source}, e.g. {missing[:3]}")
+    rows = {}
+    for row, image_id in enumerate(wanted):
+        if image_id in rows:
+            raise DataError(f"the id list names image {image_id!r} twice")
+        rows[image_id] = row
+    return wanted, rows
+
+
+def convert(src: str | Path, dst: str | Path, *, split: str, fmt: str = "precomp", regions: int | None = None,
+            ids: Sequence[str] | None = None, captions: str | Path | None = None,
+            progress: Progress | None = None) -> Converted:
+    """Convert a generate_tsv TSV or a folder of per-image .npz/.npy files into split ``split`` of ``dst``.
+
+    ``dst`` is a folder (precomp) or an HDF5 file (hdf5). ``regions`` fixes the regions per image
+    (default: the most any image has); ``ids`` picks and orders the images (default: all, in the
+    source's order); ``captions`` is an ``IMAGE_ID<TAB>caption`` table joined to the images.
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", split):
+        raise DataError(f"split name {split!r} is not a plain name (letters, digits, '_', '-', '.')")
+    if regions is not None and regions < 1:
+        raise DataError(f"regions must be at least 1, got {regions}")
+    if fmt == "hdf5" and captions is None:
+        raise DataError("an HDF5 split holds its captions: give the captions table (IMAGE_ID<TAB>caption lines)")
+    update = progress or (lambda done, total=None, info="": None)
+    source = open_source(src)
+    table = read_caption_table(captions) if captions is not None else None  # read before the long passes
+    survey = source.survey(update)
+    order, rows = _order(survey, ids, str(src))
+    counts = {image_id: c for image_id, c in zip(survey.ids, survey.counts)}
+    width = regions or max(counts[i] for i in order)
+    joined = join_captions(order, table, captions) if table is not None else (None, None, None)
+    writer_class = PrecompWriter if fmt == "precomp" else Hdf5Writer
+    writer = writer_class(Path(dst), split, len(order), width, survey.dim, survey.boxes, survey.sizes)
+    truncated = done = 0
+    try:
+        for image in source.images():
+            row = rows.get(image.image_id)
+            if row is None:
+                continue
+            feats = image.features
+            if not np.all(np.isfinite(feats)):
+                raise DataError(f"{image.where}: the features hold non-finite values (NaN or inf)")
+            if feats.shape[0] > width:
+                truncated += 1
+            keep = min(feats.shape[0], width)
+            writer.put(row, feats[:keep], None if image.boxes is None else image.boxes[:keep], image.size)
+            done += 1
+            update(done, len(order), image.image_id)
+        written = writer.commit(order, *joined)
+    except BaseException:
+        writer.abort()
+        raise
+    return Converted(split, len(order), width, survey.dim, truncated, len(joined[0] or []), written)
