@@ -239,20 +239,26 @@ def _too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
 _SEGMENT = re.compile(r"(?P<name>[^.\[\]]*)(?P<indexes>(?:\[[^\]]*\])*)")
 
 
+def _shown(item: str) -> str:
+    """A --set item as messages quote it: printable, and not 100,000 characters long."""
+    shown = item if item.isprintable() else repr(item)
+    return shown if len(shown) <= 80 else shown[:80] + "…"
+
+
 def parse_override(item: str) -> tuple[list[str | int], Any]:
     """'match[0].aggregate.lambda_lse=6' -> (['match', 0, 'aggregate', 'lambda_lse'], 6)."""
     item = item.removeprefix("\ufeff")
     if "=" not in item:
-        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        raise ValueError(f"--set expects KEY=VALUE, got {item[:80]!r}")
     key, _, text = item.partition("=")
     try:
         value = _load_toml(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare word such as a path: take it as a string
     except ValueError as exc:
-        raise ValueError(f"--set {item}: {exc}") from None
+        raise ValueError(f"--set {_shown(item)}: {exc}") from None
     if _too_deep([value]) is not None:
-        raise ValueError(f"--set {key}=…: the value nests tables and lists more than {MAX_DEPTH} deep")
+        raise ValueError(f"--set {_shown(key)}=…: the value nests tables and lists more than {MAX_DEPTH} deep")
     parts: list[str | int] = []
     segments = key.strip().split(".")
     if len(segments) > MAX_DEPTH:
@@ -260,14 +266,14 @@ def parse_override(item: str) -> tuple[list[str | int], Any]:
     for segment in segments:
         match = _SEGMENT.fullmatch(segment)
         if not segment or match is None or (not match["name"] and not match["indexes"]):
-            raise ValueError(f"--set {item}: malformed key segment {segment!r} (expected NAME, NAME[INDEX] or INDEX,"
+            raise ValueError(f"--set {_shown(item)}: malformed key segment {segment[:40]!r} (expected NAME, NAME[INDEX] or INDEX,"
                              " as in match[0].weight)")
         name = match["name"]
         if name:
             parts.append(int(name) if re.fullmatch("[0-9]+", name) else name)
         for index in re.findall(r"\[([^\]]*)\]", match["indexes"]):
             if not re.fullmatch("[0-9]+", index.strip()):
-                raise ValueError(f"--set {item}: list index [{index}] must be a whole number counting from 0,"
+                raise ValueError(f"--set {_shown(item)}: list index [{index[:40]}] must be a whole number counting from 0,"
                                  " as in match[0].weight")
             parts.append(int(index))
     return parts, value
@@ -292,36 +298,36 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
             problems.append(Problem("", str(exc)))
             continue
         if parts[0] not in SECTIONS:
-            problems.append(Problem(format_path(parts), f"--set {item}: no section {parts[0]!r}" + did_you_mean(str(parts[0]), SECTIONS)))
+            problems.append(Problem(format_path(parts), f"--set {_shown(item)}: no section {parts[0]!r}" + did_you_mean(str(parts[0]), SECTIONS)))
             continue
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
             here = format_path(parts[: i + 1])
             if isinstance(part, int):
                 if not isinstance(node, list):
-                    problems.append(Problem(here, f"--set {item}: {format_path(parts[:i]) or 'this'} is {describe_value(node)}, not a list"))
+                    problems.append(Problem(here, f"--set {_shown(item)}: {format_path(parts[:i]) or 'this'} is {describe_value(node)}, not a list"))
                     break
                 if part >= len(node):
                     size = len(node)
                     entries = "entry" if size == 1 else "entries"
-                    problems.append(Problem(here, f"--set {item}: there {'is' if size == 1 else 'are'} only {size} {entries} here"))
+                    problems.append(Problem(here, f"--set {_shown(item)}: there {'is' if size == 1 else 'are'} only {size} {entries} here"))
                     break
                 node = node[part]
             elif isinstance(node, dict):
                 if part not in node and isinstance(parts[i + 1], int):  # an index into a list the recipe lacks
-                    problems.append(Problem(here, f"--set {item}: the recipe has no list {part!r} here to index"))
+                    problems.append(Problem(here, f"--set {_shown(item)}: the recipe has no list {part!r} here to index"))
                     break
                 node = node.setdefault(part, {})
             else:
                 node = None
             if not isinstance(node, dict) and not (isinstance(node, list) and isinstance(parts[i + 1], int)):
                 what = "a list (index it: match[0].…)" if isinstance(node, list) else describe_value(node)
-                problems.append(Problem(here, f"--set {item}: this is {what}, not a table"))
+                problems.append(Problem(here, f"--set {_shown(item)}: this is {what}, not a table"))
                 break
         else:
             last = parts[-1]
             if isinstance(last, int) or not isinstance(node, dict):
-                problems.append(Problem(format_path(parts), f"--set {item}: cannot set a list entry"))
+                problems.append(Problem(format_path(parts), f"--set {_shown(item)}: cannot set a list entry"))
                 continue
             if isinstance(node.get(last), str) and not isinstance(value, str):
                 value = item.partition("=")[2]  # a string key keeps the text: data.path=2024 is a folder name
@@ -333,8 +339,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
 def _mark_override(problem: Problem, set_paths: dict[str, str]) -> Problem:
     for path, item in set_paths.items():
         if problem.path == path or problem.path.startswith((path + ".", path + "[")):
-            shown = item if item.isprintable() else repr(item)
-            return Problem(problem.path, f"{problem.message} (from --set {shown})")
+            return Problem(problem.path, f"{problem.message} (from --set {_shown(item)})")
     return problem
 
 
