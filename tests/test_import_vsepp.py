@@ -276,3 +276,46 @@ def test_the_order_head_has_a_finite_gradient_where_nothing_is_violated():
 def test_the_dot_head_does_not_normalise():
     im, s = torch.tensor([[3.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     assert DotHead()(im, s).tolist() == [[3.0, 0.0]]
+
+
+# ------------------------------------------------------------------------- end to end, on VSE++'s data
+
+
+def test_itmkit_eval_on_vsepp_precomp_data_gives_the_official_matrix(tmp_path):
+    """VSE++'s own layout: one 2-D feature row per caption (each image's row repeated 5 times)."""
+    import contextlib
+    import os
+
+    import numpy as np
+
+    from itmkit import cli
+    from itmkit.data import precomp
+
+    Vocabulary(WORDS).save(tmp_path / "vocab.json")
+    opt = options(measure="order", use_abs=True)
+    model = official_weights(opt, seed=5)
+    out = imported(tmp_path, tmp_path / "vocab.json", opt, model)
+    rng = np.random.default_rng(0)
+    feats = rng.random((4, IMG_DIM)).astype(np.float32)
+    captions = [" ".join(rng.choice(WORDS[4:], 5)) for _ in range(20)]
+    precomp.write_split(tmp_path / "data", "test", features=np.repeat(feats, 5, axis=0), captions=captions)
+    saved_argv, saved_env = sys.argv, os.environ.pop("ITMKIT_DEBUG", None)
+    sys.argv = ["itmkit", "eval", str(out), "--data", str(tmp_path / "data"), "--save-sims", str(tmp_path / "s.npy"),
+                "--device", "cpu"]
+    code, err = 0, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            cli.run()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = saved_argv
+        if saved_env is not None:
+            os.environ["ITMKIT_DEBUG"] = saved_env
+    assert code == 0, err.getvalue()
+    vocab = Vocabulary(WORDS)
+    ids = [vocab.encode(c) for c in captions]
+    width = max(map(len, ids))
+    tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    expected = official_scores(opt, model, torch.from_numpy(feats), tokens, torch.tensor([len(i) for i in ids]))
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected.numpy(), rtol=0, atol=1e-5)
