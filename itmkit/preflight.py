@@ -33,9 +33,11 @@ class PreflightError(DataError):
 
     def __init__(self, where: str, problems: list[str], before: str):
         self.problems = problems
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        if len(problems) == 1:  # one line, as every other error
+            super().__init__(f"{problems[0].rstrip('.')} (found before {before}; nothing was run)")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{where}: {count} found before {before} (nothing was run):\n{lines}")
+        super().__init__(f"{where}: {len(problems)} problems found before {before} (nothing was run):\n{lines}")
 
 
 @attrs.frozen
