@@ -107,8 +107,11 @@ def hold_lock(path: Path, *, wait: bool) -> Iterator[bool]:
 def own_run_folder(folder: str | Path) -> Iterator[Path]:
     """Hold ``folder`` for one run: refuse if another process holds it, then clear dead writers' temporaries."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise ItmkitError(f"cannot use {folder} as a run folder: {exc.strerror or exc} (choose another with --out)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,6 +120,9 @@ def own_run_folder(folder: str | Path) -> Iterator[Path]:
                 f"run folder {folder} is in use by another itmkit train ({_holder(fd)}, from {folder / LOCK_NAME});"
                 " wait for it to finish, or train into another folder with --out"
             ) from None
+        except OSError as exc:
+            raise ItmkitError(f"cannot lock run folder {folder} ({folder / LOCK_NAME}): {exc.strerror or exc};"
+                              " its file system does not support flock: train into a local folder with --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         remove_stale_temporaries(folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from itmkit import datasets
-from itmkit.errors import DataError
+from itmkit.errors import DataError, ItmkitError
 from itmkit.recipe import load_recipe
 from itmkit.runs import LOCK_NAME, RunFolderBusy, own_run_folder, remove_dead_temp_dirs, remove_stale_temporaries
 from itmkit.train import _keep_epochs_up_to, read_metrics, train
@@ -190,3 +190,10 @@ def test_resume_after_a_torn_metrics_line(data, tmp_path):
     result = train(recipe, out_dir=run, resume=True, log=lambda *a: None)
     dev = [r["epoch"] for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "dev"]
     assert dev == [0, 1] and result.best_epoch in (0, 1)
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ItmkitError, match=rf"cannot use {tmp_path / 'file'} as a run folder: File exists"):
+        with own_run_folder(tmp_path / "file"):
+            pass
