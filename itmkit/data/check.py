@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from itmkit.data.split import BOX_LAYOUTS, SplitParts, available_splits, image_shape, open_parts, split_problems
+from itmkit.data.split import (BOX_LAYOUTS, SplitParts, available_splits, image_shape, open_parts, repeated_rows,
+                               split_problems)
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import DataError
 
@@ -21,21 +22,42 @@ def _sentence(message: str) -> str:
     return message if message.endswith((".", "?", "!")) else f"{message}."
 
 
-def _scan_features(parts: SplitParts) -> tuple[list[int], list[int]]:
-    """In one pass, 256 images at a time: images whose features hold NaN or inf, and images that
-    end in an all-zero row while no region counts are stored (3-D features only)."""
+def _scan_features(parts: SplitParts) -> tuple[list[int], list[int], list[int]]:
+    """In one pass, 256 images at a time, the images whose features hold NaN or inf; that end in an
+    all-zero row while no region counts are stored (3-D features only); and, in VSE++'s layout of
+    one row per caption, whose repeated rows differ."""
     features = parts.features
+    repeat = repeated_rows(parts)
     look_for_padding = len(features.shape) == 3 and features.shape[1] > 1 and parts.region_counts is None
     bad: list[int] = []
     padded: list[int] = []
-    for start in range(0, int(features.shape[0]), SCAN_CHUNK_IMAGES):
-        chunk = np.asarray(features[start : start + SCAN_CHUNK_IMAGES])
+    differ: list[int] = []
+    step = SCAN_CHUNK_IMAGES * repeat  # whole images per chunk
+    for start in range(0, int(features.shape[0]), step):
+        chunk = np.asarray(features[start : start + step])
         finite = np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1)
-        bad.extend(start + int(i) for i in np.flatnonzero(~finite))
+        bad.extend(sorted({(start + int(i)) // repeat for i in np.flatnonzero(~finite)}))
         if look_for_padding:
             last_row_zero = ~chunk[:, -1].reshape(chunk.shape[0], -1).any(axis=1)
             padded.extend(start + int(i) for i in np.flatnonzero(last_row_zero))
-    return bad, padded
+        if repeat > 1:
+            groups = chunk.reshape(-1, repeat, *chunk.shape[1:])
+            first = groups[:, :1]
+            same = (groups == first) | (np.isnan(groups) & np.isnan(first))
+            differ.extend(start // repeat + int(i) for i in np.flatnonzero(~same.reshape(len(groups), -1).all(axis=1)))
+    return bad, padded, differ
+
+
+def _repeat_problem(parts: SplitParts, differ: list[int]) -> str | None:
+    """A sentence about images whose rows should repeat (one per caption) but differ, or None."""
+    if not differ:
+        return None
+    k = repeated_rows(parts)
+    return (
+        f"{parts.file('features')} stores one row per caption ({k} per image, as VSE++'s precomp data does), "
+        f"but the rows of {len(differ)} image(s) differ (the first is image {differ[0]}, rows "
+        f"{differ[0] * k}..{differ[0] * k + k - 1}); store one row per image, or repeat each row exactly {k} times."
+    )
 
 
 def _nonfinite_problem(parts: SplitParts, bad: list[int]) -> str | None:
@@ -83,8 +105,8 @@ def _split_checks(parts: SplitParts) -> list[str]:
     """The problems of one split on its own."""
     problems = split_problems(parts)
     if image_shape(parts) is not None and np.issubdtype(parts.features.dtype, np.floating):
-        bad, padded = _scan_features(parts)
-        problems += [_nonfinite_problem(parts, bad), _padding_problem(parts, padded)]
+        bad, padded, differ = _scan_features(parts)
+        problems += [_nonfinite_problem(parts, bad), _padding_problem(parts, padded), _repeat_problem(parts, differ)]
     problems.append(_empty_captions_problem(parts))
     return [p for p in problems if p]
 
