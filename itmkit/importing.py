@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -86,13 +87,15 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
             except UnicodeDecodeError:
                 continue
             except pickle.UnpicklingError as exc:
+                refused = re.search(r"GLOBAL (\S+)", str(exc))
+                what = f"the global {refused.group(1)}" if refused else f"objects ({_first_line(exc)})"
                 raise CheckpointError(
-                    f"{path}: refused to unpickle: it holds objects outside the allow-list"
-                    f" (only argparse.Namespace is allowed): {exc}"
+                    f"{path}: refused to unpickle: it references {what}, outside the allow-list"
+                    " (only argparse.Namespace is allowed); nothing was run"
                 ) from None
             except Exception as exc:  # the weights-only unpickler fails on junk with many error types
                 raise CheckpointError(
-                    f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+                    f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})"
                 ) from None
     if raw is None:
         raise CheckpointError(f"{path}: cannot decode the pickle, neither as UTF-8 nor as latin1")
@@ -108,6 +111,12 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
     states = [_state_dict(path, i, m) for i, m in enumerate(modules)]
     return OfficialCheckpoint(str(path), states, _options(path, raw.get("opt")), _number(path, raw, "epoch"),
                               _number(path, raw, "best_rsum"))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message up to its first line break: torch's load errors run to a page of advice."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _described(value: Any) -> str:

@@ -14,6 +14,7 @@ import io
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,13 @@ def _nan_in(model: list, index: int, key: str, position: tuple[int, ...], value:
     return _with(model, index, key, tensor)
 
 
+class RunsACommand:
+    """What a malicious checkpoint holds: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        return os.system, ("touch /nonexistent/itmkit-was-here",)
+
+
 def _zero_direction() -> dict:
     """A weight-norm encoder whose direction is zero: folding it (g * v / ||v||) divides by zero."""
     raw = container(options={"precomp_enc_type": "weight_norm"})
@@ -102,6 +110,11 @@ CASES = {
                                            for k, v in container()["model"][0].items()}, container()["model"][1]]},
         "entry 'model'[0]: some keys have the nn.DataParallel prefix 'module.' and some do not"),
     "not a dict": (lambda: [container()["model"]], "expected a dict with a 'model' entry (official layout), found list"),
+    "a numpy scalar": (lambda: container(best_rsum=np.float64(431.25)),
+                       "refused to unpickle: it references the global numpy._core.multiarray.scalar, outside the"
+                       " allow-list (only argparse.Namespace is allowed); nothing was run"),
+    "a command": (lambda: container(Eiters=RunsACommand()), "refused to unpickle: it references the global posix.system"),
+    "garbage bytes": (lambda: b"this is no checkpoint", "not a readable PyTorch checkpoint"),
 }
 
 
@@ -118,7 +131,11 @@ def vocab(tmp_path):
 def test_a_corrupted_official_checkpoint_is_one_clear_line(tmp_path, vocab, case):
     build, expected = CASES[case]
     source, target = tmp_path / "model_best.pth.tar", tmp_path / "out.safetensors"
-    torch.save(build(), source)
+    built = build()
+    if isinstance(built, bytes):
+        source.write_bytes(built)
+    else:
+        torch.save(built, source)
     code, out, err = invoke("import", "scan", str(source), "--vocab", str(vocab), "-o", str(target))
     assert code == 1, (out, err)
     assert "Traceback" not in out + err
