@@ -34,6 +34,7 @@ from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_
                               option)
 
 MEASURES = ("cosine", "order")
+FLAG_DEFAULTS = {"measure": "cosine", "use_abs": False, "no_imgnorm": False}  # train.py's defaults
 # data_name -> (evaluation protocol, test split) of the official evalrank
 PROTOCOLS = {"coco_precomp": ("coco-1k-5fold", "testall")}
 # train.py's defaults, for options only training reads
@@ -62,7 +63,10 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
         raise CheckpointError(f"{where}: data_name={data_name!r} is a full-image model (a {opts.get('cnn_type', 'CNN')}"
                               " on raw pixels), which itmkit has no stage for; only the precomp models import"
                               " (data_name ending in _precomp)")
-    measure = option(opts, "measure", where)
+    # Checkpoints older than the order-embedding flags were all cosine models of normalised vectors,
+    # which is what train.py's defaults still say: an absent flag means that, not a guess.
+    opts = {**FLAG_DEFAULTS, **opts}
+    measure = opts["measure"]
     if measure not in MEASURES:
         raise CheckpointError(f"{where}: option measure={measure!r} is not supported" + did_you_mean(str(measure),
                                                                                                      MEASURES))

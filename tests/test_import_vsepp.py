@@ -188,6 +188,16 @@ def test_the_recipe_maps_the_options_to_core_stages(tmp_path, vocab_pkl):
     assert load_checkpoint(out).vocab.idx2word == WORDS  # the pickled vocabulary travels in the checkpoint
 
 
+def test_a_checkpoint_from_before_the_order_flags_is_a_cosine_model(tmp_path, vocab_pkl):
+    opt = options()
+    old = argparse.Namespace(**{k: v for k, v in vars(opt).items() if k not in ("measure", "use_abs", "no_imgnorm")})
+    model = official_weights(opt, seed=2)
+    out = imported(tmp_path, vocab_pkl, old, model)
+    feats, ids, lengths = random_inputs(seed=2)
+    torch.testing.assert_close(our_scores(out, feats, ids, lengths), official_scores(opt, model, feats, ids, lengths),
+                               rtol=0, atol=1e-5)
+
+
 def test_a_json_vocabulary_works_as_well(tmp_path):
     Vocabulary(WORDS).save(tmp_path / "vocab.json")
     opt = options(no_imgnorm=True)
@@ -227,7 +237,7 @@ def _broken(kind: str) -> tuple[argparse.Namespace, list]:
         model[1] = collections.OrderedDict((k, torch.zeros(s)) for k, s in
                                            gru_text_layout(len(WORDS), WORD_DIM, EMBED, 1, True).items())
     elif kind == "missing option":
-        opt = argparse.Namespace(**{k: v for k, v in vars(opt).items() if k != "use_abs"})
+        opt = argparse.Namespace(**{k: v for k, v in vars(opt).items() if k != "embed_size"})
     elif kind == "vocabulary size":
         model[1]["embed.weight"] = torch.zeros(11353, WORD_DIM)
     elif kind == "not a flag":
@@ -240,7 +250,7 @@ ERRORS = {
     "unknown measure": r"option measure='cosin' is not supported \(did you mean 'cosine'\?\)",
     "bidirectional text encoder": r"model\[1\] \(txt_enc\): the weights do not match .*\n  unexpected: "
                                   r"rnn.bias_hh_l0_reverse \(24,\)",
-    "missing option": r"the checkpoint's options lack 'use_abs'",
+    "missing option": r"the checkpoint's options lack 'embed_size'",
     "vocabulary size": r"the vocabulary has 13 words but the checkpoint's word embedding .* has 11353 rows; pass the"
                        r" vocabulary file the model was trained with \(vocab/f30k_precomp_vocab.pkl\)",
     "not a flag": r"option no_imgnorm='yes' is not a flag",
