@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from itmkit.data.check import _cross_split_checks, _sentence, _split_checks
-from itmkit.data.split import Split, SplitParts, assemble, available_splits, open_parts
+from itmkit.data.split import Split, SplitParts, assemble, available_splits, image_shape, open_parts
 from itmkit.errors import DataError, ItmkitError, did_you_mean
 from itmkit.evaluation import protocol_problem
 from itmkit.runs import name_problem
@@ -80,9 +80,9 @@ def name_problems(use: DataUse) -> list[str]:
     return [p for role, names in use.splits.items() for n in names if (p := name_problem(n, use.keys[role]))]
 
 
-def _images(parts: SplitParts) -> int:
-    shape = tuple(parts.features.shape)
-    return int(shape[0]) if shape else 0
+def _shape(split: Split | SplitParts) -> tuple[int, ...] | None:
+    """(images, regions, width) as the model sees them (2-D global features: one region), or None if unreadable."""
+    return image_shape(split) if isinstance(split, SplitParts) else tuple(split.features.shape)
 
 
 def usage_problems(data_dir: Path, use: DataUse, present: list[str], opened: dict[str, SplitParts]) -> list[str]:
@@ -99,9 +99,11 @@ def usage_problems(data_dir: Path, use: DataUse, present: list[str], opened: dic
             problems.append(f"{data_dir} has no {role} split {wanted} ({use.keys[role]}); splits present: {found}{close}.")
             continue
         parts = opened.get(name)
-        if parts is None or len(parts.features.shape) != 3:
+        shape = None if parts is None else _shape(parts)
+        if shape is None:
             continue  # could not be read: its own problem says why
-        if _images(parts) == 0:
+        images = shape[0]
+        if images == 0:
             problems.append(f"{parts.file('features')} holds no images: the {role} split {name!r} is empty.")
         elif role == "train" and use.batch_size is not None and len(parts.captions) < use.batch_size:
             problems.append(
@@ -109,8 +111,8 @@ def usage_problems(data_dir: Path, use: DataUse, present: list[str], opened: dic
                 f" train.batch_size = {use.batch_size}: no step would be taken"
                 f" (lower it with --set train.batch_size=N)."
             )
-        if role == "test" and use.protocol is not None and _images(parts) > 0:
-            problem = protocol_problem(use.protocol, _images(parts), f"the test split {name!r} ({parts.file('features')})")
+        if role == "test" and use.protocol is not None and images > 0:
+            problem = protocol_problem(use.protocol, images, f"the test split {name!r} ({parts.file('features')})")
             if problem:
                 problems.append(_sentence(f"{problem} (data.protocol)"))
     return problems
@@ -179,8 +181,8 @@ def fixed_region_counts(model: Any) -> dict[str, int]:
 
 def fit_problems(split: Split | SplitParts, feature_dim: int, fixed_regions: dict[str, int], model: str) -> list[str]:
     """Whether ``split``'s features fit a model of ``feature_dim``-wide inputs and fixed region counts."""
-    shape = tuple(split.features.shape)
-    if len(shape) != 3:
+    shape = _shape(split)
+    if shape is None or len(shape) != 3:
         return []
     where = split.file("features") if isinstance(split, SplitParts) else f"split {split.name!r} of {split.source}"
     problems = []

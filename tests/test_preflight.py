@@ -140,3 +140,14 @@ def test_data_check_takes_coco_testall_as_the_test_split(data, tmp_path):
     (coco / "testall_caps.txt").unlink()
     result = invoke("data", "check", str(coco))
     assert result.returncode == 1 and "has no test split 'test' or 'testall'" in flat(result.stderr)
+
+
+def test_global_features_are_checked_as_one_region_per_image(tmp_path):
+    # VSE++'s layout: one 2-D row of width F per image; the batch and protocol checks still apply.
+    data = write_tiny(tmp_path / "global", {"train": 1, "dev": 6, "test": 6})
+    for split, n in (("train", 1), ("dev", 6), ("test", 6)):
+        np.save(data / f"{split}_ims.npy", np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32))
+    recipe = write_recipe(tmp_path / "tiny.toml", data)
+    result = invoke("train", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.protocol=coco-5k")
+    stderr = flat(result.stderr)
+    assert result.returncode == 1 and "fewer than one batch" in stderr and "coco-5k needs the 5000-image" in stderr
