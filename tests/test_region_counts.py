@@ -122,8 +122,12 @@ def test_loaders_give_each_image_its_region_count(tmp_path):
     vocab = Vocabulary.build(WORDS, threshold=1)
     for batch in train_loader(split, vocab, batch_size=4, seed=0, epoch=0, drop_last=False):
         assert batch.image_lengths.tolist() == COUNTS[batch.image_ids.numpy()].tolist()
-    lengths = torch.cat([b.image_lengths for b in image_batches(split, batch_size=2)])
-    assert lengths.tolist() == COUNTS.tolist()
+        # Batches are cut to their longest image: no stage needs the padding past it.
+        assert batch.images.shape[1] == batch.boxes.shape[1] == int(batch.image_lengths.max())
+    batches = list(image_batches(split, batch_size=2))
+    assert torch.cat([b.image_lengths for b in batches]).tolist() == COUNTS.tolist()
+    assert [b.images.shape[1] for b in batches] == [7, 10, 5]
+    np.testing.assert_array_equal(batches[0].images.numpy(), arrays["features"][:2, :7])
     truncated = split.truncate(3)
     assert truncated.region_counts.tolist() == COUNTS[:3].tolist()
     assert split.region_lengths(np.array([3, 0])).tolist() == [10, 3]
