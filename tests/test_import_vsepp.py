@@ -12,7 +12,6 @@ import collections
 import io
 import sys
 import tomllib
-import types
 
 import pytest
 import torch

@@ -38,7 +38,6 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 import h5py
