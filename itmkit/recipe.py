@@ -65,7 +65,7 @@ class DataSpec:
     dev_split: str = param("dev", "split to validate on each epoch")
     test_split: str = param("test", "split the final table is computed on ('testall' for COCO)")
     protocol: str = param("f30k-1k", "evaluation protocol of the test split", choices=PROTOCOLS)
-    dev_images: int = param(1000, "validate on the first N dev images (the official code: 1000)", ge=1)
+    dev_images: int = param(1000, "validate on the first N dev images (the official code: 1000)", ge=1, le=10**7)
 
 
 @attrs.frozen(kw_only=True)

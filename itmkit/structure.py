@@ -28,7 +28,7 @@ class Problem:
 # recipe sets (dims, layers, steps, batch sizes, epochs) is far below it, and a typo of a few extra
 # digits is refused before a model asks for terabytes or a seed overflows torch and numpy. A field
 # with a wider natural range says so with its own ``le=`` (train.seed: numpy's 2**32 - 1).
-MAX_INT = 2**16
+MAX_INT = 2**14
 
 
 class _Mismatch(Exception):
