@@ -126,13 +126,13 @@ def save_checkpoint(path: str | Path, model: ITMModel, vocab: Vocabulary, *, tra
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The raw metadata strings of a safetensors file (``read_checkpoint_meta`` checks them)."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); truncated, or not a checkpoint") from None
 

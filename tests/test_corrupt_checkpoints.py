@@ -159,6 +159,10 @@ def bytes_of(make: Callable[[bytes], bytes]):
     return damage
 
 
+def a_folder(run: Path, target: Path) -> None:
+    target.mkdir()
+
+
 def copy_best(run: Path, target: Path) -> None:
     shutil.copyfile(run / "out" / "model_best.safetensors", target)
 
@@ -189,6 +193,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], None], tuple[str, ...], str]] = {
     "not_safetensors": (bytes_of(lambda b: b"# just some text, not a checkpoint\n" * 4), BOTH, "not a readable safetensors file"),
     "empty": (bytes_of(lambda b: b""), BOTH, "not a readable safetensors file"),
     "a_pickle": (bytes_of(lambda b: b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94."), BOTH, "not a readable safetensors file"),
+    "a_folder": (a_folder, BOTH, "is a folder, not a checkpoint file"),
     "model_best_as_last": (copy_best, RESUME, "holds a model only, without the optimizer and RNG state --resume needs"),
     "epoch_text": (set_meta("epoch", "one"), RESUME, "metadata 'epoch' must be a whole number"),
     "epoch_missing": (set_meta("epoch", None), RESUME, "metadata lacks 'epoch'"),
