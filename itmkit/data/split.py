@@ -156,6 +156,8 @@ class ImageRows:
         if images.size == 0:
             return np.empty((0, *self.shape[1:]), dtype=self.dtype)
         unique, inverse = np.unique(images, return_inverse=True)
+        if unique[0] < 0 or unique[-1] >= self.shape[0]:
+            raise IndexError(f"images must lie in [0, {self.shape[0]}), got {unique[0]}..{unique[-1]}")
         rows = (unique[:, None] * self.repeat + np.arange(self.repeat)).reshape(-1)  # increasing, as h5py needs
         if rows[-1] - rows[0] + 1 == rows.size:
             data = np.asarray(self.base[int(rows[0]) : int(rows[-1]) + 1])
@@ -163,7 +165,9 @@ class ImageRows:
             data = np.asarray(self.base[rows])
         data = data.reshape(len(unique), self.repeat, *data.shape[1:])
         if self.repeat > 1:
-            differ = ~(data == data[:, :1]).reshape(len(unique), -1).all(axis=1)
+            first = data[:, :1]
+            same = (data == first) | (np.isnan(data) & np.isnan(first))  # NaN is data check's to report
+            differ = ~same.reshape(len(unique), -1).all(axis=1)
             if differ.any():
                 image = int(unique[np.flatnonzero(differ)[0]])
                 first = image * self.repeat
