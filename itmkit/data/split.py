@@ -465,8 +465,9 @@ def split_problems(parts: SplitParts) -> list[str]:
         problems.append(
             f"{parts.file('captions')} has {num_captions} captions but {features_file} has "
             f"{num_images} images; expected {CAPTIONS_PER_IMAGE * num_images} "
-            f"({CAPTIONS_PER_IMAGE} per image) or {num_images} (1 per image), or declare the count "
-            f"(a captions-per-image file or a caption-to-image index, see docs/data.md)."
+            f"({CAPTIONS_PER_IMAGE} per image) or {num_images} (1 per image), or declare the count: k per "
+            f"image in {parts.file('captions_per_image')}, or each caption's image in "
+            f"{parts.file('caption_images')} (docs/data.md, Captions per image)."
             f"{_empty_note(parts.captions)}"
         )
     if parts.region_counts is not None:
