@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 
 from itmkit.data.check import _cross_split_checks, _sentence, _split_checks
 from itmkit.data.split import Split, SplitParts, assemble, available_splits, image_shape, open_parts
@@ -189,9 +190,13 @@ def fit_problems(split: Split | SplitParts, feature_dim: int, fixed_regions: dic
     if shape[2] != feature_dim:
         problems.append(f"{where} has {shape[2]}-d features, but {model} takes {feature_dim}-d image features"
                         " (features from another extractor?).")
+    # A module with fixed region slots (SGRAF's BatchNorm over regions) masks images with fewer
+    # regions and cuts stored padding past its slots: only more real regions than slots is refused.
+    counts = getattr(split, "region_counts", None)
+    most = int(np.max(counts)) if counts is not None and len(counts) else shape[1]
     for module, count in fixed_regions.items():
-        if shape[1] != count:
-            problems.append(f"{where} has {shape[1]} regions per image, but {model} was built for exactly {count}"
+        if most > count:
+            problems.append(f"{where} has images with {most} regions, but {model} was built for at most {count}"
                             f" ({module}).")
     return problems
 

@@ -73,11 +73,11 @@ def test_a_model_built_for_a_fixed_region_count_is_checked_before_epoch_1(data, 
     pytest.importorskip("itmkit_sgraf")
     recipe = write_recipe(tmp_path / "tiny.toml", data)
     recipe.write_text(recipe.read_text().replace(SGRAF_POOL, SGRAF_POOL.replace(
-        '{ stage = "core.mean" }', '{ stage = "sgraf.visual_sa", num_regions = 36 }')))
+        '{ stage = "core.mean" }', '{ stage = "sgraf.visual_sa", num_regions = 2 }')))
     result = invoke("train", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu")
     stderr = flat(result.stderr)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "epoch 1/" not in stderr
-    assert f"{data} has 3 regions per image, but the model of tiny was built for exactly 36 (image.pool" in stderr.replace(
+    assert f"{data} has images with 3 regions, but the model of tiny was built for at most 2 (image.pool" in stderr.replace(
         "split 'train' of ", "")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -98,8 +98,16 @@ def test_fit_problems_and_fixed_region_counts():
         name, source = "test", "DIR"
 
     assert fit_problems(Parts, 4, {}, "m") == []
-    assert fit_problems(Parts, 4, {"image": 36}, "m") == [
-        "split 'test' of DIR has 10 regions per image, but m was built for exactly 36 (image)."]
+    assert fit_problems(Parts, 4, {"image": 36}, "m") == []  # fewer regions than slots are masked
+    assert fit_problems(Parts, 4, {"image": 8}, "m") == [
+        "split 'test' of DIR has images with 10 regions, but m was built for at most 8 (image)."]
+
+    class Counted(Parts):  # stored 10 wide, but no image has more than 6 real regions
+        region_counts = np.array([6, 3])
+
+    assert fit_problems(Counted, 4, {"image": 8}, "m") == []
+    assert fit_problems(Counted, 4, {"image": 5}, "m") == [
+        "split 'test' of DIR has images with 6 regions, but m was built for at most 5 (image)."]
 
 
 @pytest.mark.parametrize("protocol, images, ok", [
