@@ -134,7 +134,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); truncated, or not a checkpoint") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); truncated,"
+                              " or not a checkpoint") from None
 
 
 @attrs.frozen
@@ -171,7 +172,8 @@ def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
 
 def _meta_fault(path: str | Path, key: str, expected: str, value: str) -> CheckpointError:
     shown = value if len(value) <= 60 else value[:60] + "…"
-    return CheckpointError(f"{path}: metadata {key!r} must be {expected}, got {shown!r} (the file was edited or damaged)")
+    return CheckpointError(f"{path}: metadata {key!r} must be {expected}, got {shown!r}"
+                           " (the file was edited or damaged)")
 
 
 def _meta_int(raw: dict[str, str], key: str, path: str | Path, low: int, high: int) -> int:
@@ -240,7 +242,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise CheckpointError(f"{path}: cannot read its tensors ({exc})") from None
     for key, value in tensors.items():
         if value.shape != state[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(state[key].shape)}")
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)},"
+                                  f" the model expects {tuple(state[key].shape)}")
     model.load_state_dict(tensors, strict=True)
     return Loaded(model.to(device), vocab, meta.raw, trainer)
 
@@ -278,9 +281,7 @@ def trainer_state(loaded: Loaded, path: str | Path) -> TrainerState:
     best_rsum = _meta_float(meta, "best_rsum", path)
     blob = _meta_json(meta, "optimizer", path, dict, "the optimizer's param_groups and scalars as a JSON object")
     groups, scalars = blob.get("param_groups"), blob.get("scalars")
-    if (not isinstance(groups, list)
-            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) and all(type(i) is int for i in g["params"])
-                       for g in groups)
+    if (not isinstance(groups, list) or not all(_param_group(g) for g in groups)
             or not isinstance(scalars, dict) or not all(_state_key(k) for k in scalars)):
         raise _meta_fault(path, "optimizer", "a JSON object of 'param_groups' (each with 'params') and 'scalars'",
                           meta["optimizer"])
@@ -293,6 +294,12 @@ def trainer_state(loaded: Loaded, path: str | Path) -> TrainerState:
         raise CheckpointError(f"{path}: 'rng.torch' is {rng.dtype} {tuple(rng.shape)}, torch's RNG state is"
                               f" {expected.dtype} {tuple(expected.shape)}")
     return TrainerState(epoch, best_rsum, best_epoch, meta["optimizer"], optimizer_tensors, rng.cpu())
+
+
+def _param_group(group: Any) -> bool:
+    """Whether a saved param group names its parameters by index, as torch's state_dict does."""
+    params = group.get("params") if isinstance(group, dict) else None
+    return isinstance(params, list) and all(type(i) is int for i in params)
 
 
 def _state_key(name: str) -> bool:

@@ -98,7 +98,8 @@ def _build_ports(recipe, path: str):
     from itmkit.build import DataPorts
     from itmkit.data.shapes import SHAPES_FEATURE_DIM, SHAPES_REGIONS
     from itmkit.data.vocab import Vocabulary
-    from itmkit.datasets import BUILTIN, builtin_folder, builtin_words, data_ports, open_named_split, resolve_data_dir, text_vocabulary
+    from itmkit.datasets import (BUILTIN, builtin_folder, builtin_words, data_ports, open_named_split, resolve_data_dir,
+                                 text_vocabulary)
 
     if path == BUILTIN and not (builtin_folder() / "shapes.json").exists():
         # Printing a stage tree is no reason to render 6,500 images: the built-in dims are constants

@@ -305,7 +305,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
             here = format_path(parts[: i + 1])
             if isinstance(part, int):
                 if not isinstance(node, list):
-                    problems.append(Problem(here, f"--set {_shown(item)}: {format_path(parts[:i]) or 'this'} is {describe_value(node)}, not a list"))
+                    what = f"{format_path(parts[:i]) or 'this'} is {describe_value(node)}"
+                    problems.append(Problem(here, f"--set {_shown(item)}: {what}, not a list"))
                     break
                 if part >= len(node):
                     size = len(node)

@@ -239,7 +239,7 @@ def t_crlf(rng, data):
 
 
 def t_utf16(rng, data):
-    return data.decode("utf-8", "surrogatepass").encode("utf-16"), "UTF-16"
+    return data.decode("utf-8", "surrogatepass").encode("utf-16", "surrogatepass"), "UTF-16"
 
 
 BYTE_MUTATIONS = [t_bom, t_bom, t_crlf, t_latin1, t_truncate, t_insert, t_deep, t_utf16]
