@@ -1,4 +1,4 @@
-"""The plugin hooks of itmkit. One hook for now: a plugin contributes stage spec classes."""
+"""The plugin hooks of itmkit: a plugin contributes stage spec classes and, optionally, importers of official checkpoints."""
 
 from __future__ import annotations
 
