@@ -164,11 +164,11 @@ def check_training_data(recipe: Any, data_dir: Path, *, resume_from: Path | None
 
 
 def _resume_problems(checkpoint: Path, train: SplitParts) -> list[str]:
-    from itmkit.checkpoint import read_metadata  # imported here: checkpoint imports the model builder
+    from itmkit.checkpoint import read_checkpoint_meta  # imported here: checkpoint imports the model builder
 
     try:
-        width = int(read_metadata(checkpoint).get("feature_dim", ""))
-    except (ValueError, ItmkitError):
+        width = read_checkpoint_meta(checkpoint).feature_dim
+    except ItmkitError:
         return []  # the resume itself reports an unreadable checkpoint
     return fit_problems(train, width, {}, f"{checkpoint} (--resume)")
 

@@ -6,11 +6,13 @@ run into the same folder stops at once and names the holder. The kernel drops th
 process dies, however it dies, so a stale lock never blocks. (``flock`` is POSIX; on NFS, Linux
 maps it onto byte-range locks, which the server must support.)
 
-Temporary files (``.NAME.*.tmp``) are what an atomic write leaves when its process is killed
-between writing and renaming. Only a writer that is gone may lose its temporary: the checkpoint
-writer's names carry no PID, but only the process holding the folder's lock writes checkpoints
-there, so once we hold it those temporaries are dead writers'; names that do carry a PID
-(``.NAME.PID.HEX.tmp``, from ``itmkit.data.split.atomic_path``) are kept while that process lives.
+Temporary files (``.NAME.PID.HEX.tmp``) are what an atomic write leaves when its process is
+killed between writing and renaming. Only a writer that is gone may lose its temporary: every
+atomic writer (``itmkit.checkpoint.atomic_write_bytes``, ``itmkit.data.split.atomic_path``) puts
+its PID in the name, so a temporary is removed only once that process is dead (``itmkit eval
+--save-sims`` into a run folder keeps its file while it writes). A ``.*.tmp`` name without a PID
+(an older itmkit's) is removed once the folder's lock is held, since only the lock holder wrote
+checkpoints there.
 """
 
 from __future__ import annotations

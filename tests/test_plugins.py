@@ -16,8 +16,8 @@ from itmkit.plugins import RegistryError, get_registry, load_registry, reset_reg
 from itmkit.stage import Stage, param
 from itmkit.types import GlobalPort, LocalPort
 
-CORE = ["core.bigru", "core.cosine", "core.infonce", "core.last", "core.max", "core.mean", "core.precomp",
-        "core.triplet"]
+CORE = ["core.bigru", "core.cosine", "core.dot", "core.infonce", "core.last", "core.max", "core.mean", "core.order",
+        "core.precomp", "core.triplet"]
 
 
 def make_stage(stage_name: str) -> type[Stage]:

@@ -152,7 +152,7 @@ def test_only_an_importer_annotated_for_it_receives_a_model_directory(tmp_path):
     assert not _reads_model_directory(reads_json) and _reads_model_directory(reads_directory)
     checkpoint = tmp_path / "model_best.pth.tar"
     torch.save({"model": [{}], "opt": {}}, checkpoint)
-    with pytest.raises(CheckpointError, match="is a directory; `itmkit import json` reads the official vocabulary JSON"):
+    with pytest.raises(CheckpointError, match=r"is a directory; `itmkit import json` reads the official vocabulary file \(JSON, or VSE\+\+'s \.pkl\)"):
         import_checkpoint("json", checkpoint, tmp_path, tmp_path / "out.safetensors", {"json": reads_json})
 
 

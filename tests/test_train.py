@@ -111,7 +111,9 @@ def test_eval_of_an_ensemble_is_the_mean_of_its_members(tiny_recipe, tmp_path):
         assert metrics == retrieval_metrics(sims[name])
         assert "pairs/s" in r.stderr
     assert sims["a"].shape == (100, 500)
-    np.testing.assert_allclose(sims["ab"], (sims["a"].astype(np.float64) + sims["b"]) / 2, rtol=0, atol=1e-7)
+    # Each eval is its own process: on a loaded machine a GEMM may split its sums differently from
+    # one process to the next (seen: 1e-5 apart), so bit equality across processes is not promised.
+    np.testing.assert_allclose(sims["ab"], (sims["a"].astype(np.float64) + sims["b"]) / 2, rtol=0, atol=2e-5)
     assert not np.allclose(sims["a"], sims["b"])
     # eval of one checkpoint reproduces the training run's own test figures
     assert json.loads(_run(["eval", str(ckpt_a), "--json"]).stdout)["rsum"] == a.test["rsum"]
