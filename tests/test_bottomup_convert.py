@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
-import os
 import re
 import subprocess
 import sys
@@ -15,31 +12,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from itmkit import cli
+from cliutil import invoke
 from itmkit.data import bottomup, hdf5, precomp
 from itmkit.errors import DataError
 
 DIM = 6
 COUNTS = {"391895": 3, "522418": 5, "184613": 2}  # adaptive features: a different box count per image
 SIZES = {"391895": (640, 360), "522418": (500, 375), "184613": (333, 500)}
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    """``itmkit ARGS`` in this process through ``cli.run``."""
-    saved = sys.argv, cli._state["debug"], os.environ.pop("ITMKIT_DEBUG", None)
-    sys.argv, cli._state["debug"] = ["itmkit", *args], False
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.run()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv, cli._state["debug"] = saved[0], saved[1]
-        if saved[2] is not None:
-            os.environ["ITMKIT_DEBUG"] = saved[2]
-    return code, out.getvalue(), err.getvalue()
 
 
 def image_arrays(counts=COUNTS, dim=DIM, seed=0) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -7,8 +7,6 @@ script itself, in parallel, to check the real entry point.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shutil
@@ -16,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import attrs
 import numpy as np
 import pytest
 
-from itmkit import cli
+from cliutil import Result, assert_clean_failure, flat, invoke
 from itmkit.build import DataPorts, build_model, count_parameters, stage_tree
 from itmkit.core_stages import Triplet
 from itmkit.data.shapes import write_shapes
@@ -32,47 +29,6 @@ from itmkit.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 VSEPP_PATH = ROOT / "recipes" / "vsepp.toml"
 ITMKIT = Path(sys.executable).with_name("itmkit")
-
-
-
-
-@attrs.frozen
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def invoke(*args: str) -> Result:
-    """``itmkit ARGS`` in this process through ``cli.run``, with stdout and stderr captured."""
-    saved = sys.argv, cli._state["debug"], os.environ.pop("ITMKIT_DEBUG", None)
-    sys.argv = ["itmkit", *args]
-    cli._state["debug"] = False
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.run()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv, cli._state["debug"] = saved[0], saved[1]
-        if saved[2] is not None:
-            os.environ["ITMKIT_DEBUG"] = saved[2]
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def assert_clean_failure(result: Result) -> str:
-    """Exit 1, no traceback, and stderr ending in one 'error:' message; returns all of stderr, flattened."""
-    assert result.returncode == 1, result
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stderr.count("error:") == 1, result.stderr
-    assert result.stderr.splitlines()[-1].startswith("error:") or result.stderr.startswith("error:"), result.stderr
-    return flat(result.stderr)
 
 
 def title_names(output: str) -> list[str]:
@@ -178,7 +134,9 @@ def test_stages_kind_lists_only_that_kind():
 
 
 def test_stages_unknown_kind_suggests_one():
-    message = assert_clean_failure(invoke("stages", "--kind", "lose"))
+    result = invoke("stages", "--kind", "lose")
+    message = assert_clean_failure(result)
+    assert result.stderr.startswith("error:") and result.stderr.count("error:") == 1, result.stderr
     assert "--kind 'lose' is not a stage kind (did you mean 'loss'?)" in message
 
 
@@ -200,7 +158,9 @@ def test_stages_describe_shows_the_kind():
 
 
 def test_stages_describe_unknown_stage_suggests_one():
-    message = assert_clean_failure(invoke("stages", "--describe", "core.tripplet"))
+    result = invoke("stages", "--describe", "core.tripplet")
+    message = assert_clean_failure(result)
+    assert result.stderr.startswith("error:") and result.stderr.count("error:") == 1, result.stderr
     assert "unknown stage 'core.tripplet' (did you mean 'core.triplet'?)" in message
 
 
@@ -254,7 +214,9 @@ def test_data_check_finds_a_planted_nan(synth, tmp_path):
     feats.flush()
     del feats
     result = invoke("data", "check", str(folder))
-    problems = assert_clean_failure(result)
+    assert_clean_failure(result)
+    assert result.stderr.splitlines()[-1].startswith("error:") and result.stderr.count("error:") == 1, result.stderr
+    problems = flat(result.stderr)
     assert problems.startswith("problem: ")
     assert "error:" in problems and problems.endswith("1 problem found")
     assert "dev_ims.npy" in problems and "NaN" in problems and "the first is image 3" in problems
@@ -262,13 +224,17 @@ def test_data_check_finds_a_planted_nan(synth, tmp_path):
 
 
 def test_data_check_missing_folder(tmp_path):
-    message = assert_clean_failure(invoke("data", "check", str(tmp_path / "nowhere")))
+    result = invoke("data", "check", str(tmp_path / "nowhere"))
+    message = assert_clean_failure(result)
+    assert result.stderr.startswith("error:") and result.stderr.count("error:") == 1, result.stderr
     assert "data folder not found" in message
 
 
 @pytest.mark.parametrize("sizes", ["bogus", "train=many", "train=5,dev"])
 def test_data_synth_rejects_bad_sizes(tmp_path, sizes):
-    message = assert_clean_failure(invoke("data", "synth", str(tmp_path / "out"), "--sizes", sizes))
+    result = invoke("data", "synth", str(tmp_path / "out"), "--sizes", sizes)
+    message = assert_clean_failure(result)
+    assert result.stderr.startswith("error:") and result.stderr.count("error:") == 1, result.stderr
     assert "--sizes expects NAME=COUNT pairs" in message
     assert not (tmp_path / "out").exists()
 

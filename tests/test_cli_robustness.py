@@ -16,9 +16,9 @@ import time
 import tomllib
 from pathlib import Path
 
-import attrs
 import pytest
 
+from cliutil import Result, assert_clean_failure, flat, invoke
 from itmkit import cli
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import ItmkitError
@@ -29,40 +29,16 @@ VSEPP = ROOT / "recipes" / "vsepp.toml"
 SCAN = ROOT / "recipes" / "scan_shapes_t2i.toml"
 
 
-@attrs.frozen
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> Result:
-    monkeypatch.setattr(sys, "argv", ["itmkit", *args])
-    monkeypatch.delenv("ITMKIT_DEBUG", raising=False)
-    monkeypatch.setitem(cli._state, "debug", False)
-    code = 0
-    try:
-        cli.run()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
-
-
-def clean_failure(result: Result, code: int = 1) -> str:
-    """The exit code, no traceback, one `error:` line (a recipe error lists its problems below it)."""
-    assert result.returncode == code, result
-    assert "Traceback" not in result.stdout + result.stderr
+def assert_error_first(result: Result, code: int = 1) -> str:
+    """A clean failure whose stderr starts with its `error:` line (nothing printed before it)."""
+    message = assert_clean_failure(result, code)
     assert result.stderr.startswith("error:"), result.stderr
-    assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1, result.stderr
-    if code == 1:
-        assert "internal error" not in result.stderr
-    return " ".join(result.stderr.split())
+    return message
 
 
-def build(monkeypatch, capsys, recipe: Path, *sets: str) -> Result:
+def build(recipe: Path, *sets: str) -> Result:
     args = [arg for s in sets for arg in ("--set", s)]
-    return run_cli(monkeypatch, capsys, "build", str(recipe), "--data", "/nonexistent-itmkit-data", *args)
+    return invoke("build", str(recipe), "--data", "/nonexistent-itmkit-data", *args)
 
 
 def write(tmp_path: Path, edit, base: Path = VSEPP, name: str = "r.toml") -> Path:
@@ -82,20 +58,20 @@ def write(tmp_path: Path, edit, base: Path = VSEPP, name: str = "r.toml") -> Pat
     (VSEPP, "loss.margin=nan", "loss.margin"),
     (SCAN, "match[0].cross.lambda_softmax=inf", "match[0].cross.lambda_softmax"),
 ])
-def test_set_of_a_non_finite_number_is_refused(monkeypatch, capsys, recipe, setting, where):
-    message = clean_failure(build(monkeypatch, capsys, recipe, setting))
+def test_set_of_a_non_finite_number_is_refused(recipe, setting, where):
+    message = assert_error_first(build(recipe, setting))
     value = setting.partition("=")[2]
     assert f"expected a finite number, got {value} (from --set {setting}) @ {where}" in message
 
 
-def test_nan_written_in_the_recipe_file_is_refused(monkeypatch, capsys, tmp_path):
+def test_nan_written_in_the_recipe_file_is_refused(tmp_path):
     path = write(tmp_path, lambda t: re.sub(r"(?m)^lr = .*$", "lr = nan", t).encode())
-    message = clean_failure(build(monkeypatch, capsys, path))
+    message = assert_error_first(build(path))
     assert f"{path}: 1 problem in the recipe: - expected a finite number, got nan @ train.lr" in message
 
 
-def test_an_integer_beyond_any_float_is_not_finite(monkeypatch, capsys):
-    message = clean_failure(build(monkeypatch, capsys, VSEPP, "train.lr=1" + "0" * 400))
+def test_an_integer_beyond_any_float_is_not_finite():
+    message = assert_error_first(build(VSEPP, "train.lr=1" + "0" * 400))
     assert "expected a finite number, got an integer of about 400 digits" in message and "@ train.lr" in message
 
 
@@ -109,14 +85,14 @@ def test_an_integer_beyond_any_float_is_not_finite(monkeypatch, capsys):
     ("text.encoder.word_dim=100000000", f"expected a value <= {MAX_INT} (the bound of int parameters)"),
     ("train.batch_size=" + "9" * 60, "got an integer of about 60 digits"),
 ])
-def test_integers_too_large_for_their_field(monkeypatch, capsys, setting, expected):
-    message = clean_failure(build(monkeypatch, capsys, VSEPP, setting))
+def test_integers_too_large_for_their_field(setting, expected):
+    message = assert_error_first(build(VSEPP, setting))
     assert expected in message, message
     assert f"@ {setting.partition('=')[0]}" in message
 
 
-def test_the_largest_seed_torch_and_numpy_take_builds(monkeypatch, capsys):
-    result = build(monkeypatch, capsys, VSEPP, "train.seed=4294967295", "recipe.embed_dim=64")
+def test_the_largest_seed_torch_and_numpy_take_builds():
+    result = build(VSEPP, "train.seed=4294967295", "recipe.embed_dim=64")
     assert result.returncode == 0, result.stderr
 
 
@@ -129,27 +105,27 @@ def test_the_largest_seed_torch_and_numpy_take_builds(monkeypatch, capsys):
     ('stage = "core.triplet"', "stage = {a = 1}", "loss.stage", "got a table"),
     ('similarity = { stage = "core.cosine" }', "similarity = { stage = 3 }", "match[0].similarity.stage", "got int 3"),
 ])
-def test_a_stage_that_is_not_a_name(monkeypatch, capsys, tmp_path, old, new, where, got):
+def test_a_stage_that_is_not_a_name(tmp_path, old, new, where, got):
     path = write(tmp_path, lambda t: t.replace(old, new).encode())
-    message = clean_failure(build(monkeypatch, capsys, path))
+    message = assert_error_first(build(path))
     assert str(path) in message
     assert f"stage (a string), {got} @ {where}" in message
 
 
-def test_a_recipe_that_is_not_utf8(monkeypatch, capsys, tmp_path):
+def test_a_recipe_that_is_not_utf8(tmp_path):
     path = write(tmp_path, lambda t: t.replace('description = "VSE++', 'description = "caf\xe9 VSE++').encode("latin-1"))
-    message = clean_failure(build(monkeypatch, capsys, path))
+    message = assert_error_first(build(path))
     assert f"{path}: line 14: byte b'\\xe9' is not UTF-8; a recipe must be UTF-8 text" in message
 
 
-def test_a_recipe_with_a_byte_order_mark_reads_fine(monkeypatch, capsys, tmp_path):
+def test_a_recipe_with_a_byte_order_mark_reads_fine(tmp_path):
     path = write(tmp_path, lambda t: b"\xef\xbb\xbf" + t.encode())
-    result = build(monkeypatch, capsys, path, "recipe.embed_dim=64")
+    result = build(path, "recipe.embed_dim=64")
     assert result.returncode == 0, result.stderr
 
 
-def test_a_set_value_with_a_byte_order_mark_reads_fine(monkeypatch, capsys):
-    result = build(monkeypatch, capsys, VSEPP, "\ufeffrecipe.embed_dim=64")
+def test_a_set_value_with_a_byte_order_mark_reads_fine():
+    result = build(VSEPP, "\ufeffrecipe.embed_dim=64")
     assert result.returncode == 0, result.stderr
     assert "Global[64]" in result.stdout
 
@@ -157,15 +133,15 @@ def test_a_set_value_with_a_byte_order_mark_reads_fine(monkeypatch, capsys):
 # -------------------------------------------------------------------------------- nesting
 
 
-def test_absurdly_deep_nesting_in_the_file(monkeypatch, capsys, tmp_path):
+def test_absurdly_deep_nesting_in_the_file(tmp_path):
     path = write(tmp_path, ("a = " + "[" * 100_000 + "]" * 100_000 + "\n").encode())
-    message = clean_failure(build(monkeypatch, capsys, path))
+    message = assert_error_first(build(path))
     assert f"{path}: invalid TOML: tables and lists nested more than 16 deep" in message
 
 
-def test_deep_nesting_that_toml_reads_is_refused_before_it_is_walked(monkeypatch, capsys, tmp_path):
+def test_deep_nesting_that_toml_reads_is_refused_before_it_is_walked(tmp_path):
     path = write(tmp_path, lambda t: t.replace("[train]", "[train]\nwarm = " + "[" * 200 + "]" * 200).encode())
-    message = clean_failure(build(monkeypatch, capsys, path))
+    message = assert_error_first(build(path))
     assert f"{path}: tables and lists nested more than 16 deep @ train.warm[0][0]" in message
 
 
@@ -174,8 +150,8 @@ def test_deep_nesting_that_toml_reads_is_refused_before_it_is_walked(monkeypatch
     ("train.lr=" + "[" * 100_000 + "]" * 100_000, "tables and lists nested more than 16 deep"),
     ("train.lr=" + "[" * 40 + "]" * 40, "the value nests tables and lists more than 16 deep"),
 ])
-def test_absurdly_deep_set(monkeypatch, capsys, setting, expected):
-    message = clean_failure(build(monkeypatch, capsys, VSEPP, setting))
+def test_absurdly_deep_set(setting, expected):
+    message = assert_error_first(build(VSEPP, setting))
     assert expected in message and len(message) < 400, message[:1000]
 
 
@@ -197,13 +173,13 @@ def test_absurdly_deep_set(monkeypatch, capsys, setting, expected):
     ("train..lr=1", "malformed key segment ''"),
     ("train[0].lr=1", "train is a table, not a list @ train[0]"),
 ])
-def test_bad_set_indexes(monkeypatch, capsys, setting, expected):
-    message = clean_failure(build(monkeypatch, capsys, VSEPP, setting))
+def test_bad_set_indexes(setting, expected):
+    message = assert_error_first(build(VSEPP, setting))
     assert f"--set {setting}" in message and expected in message, message
 
 
-def test_good_set_indexes_still_work(monkeypatch, capsys):
-    result = build(monkeypatch, capsys, VSEPP, "match[0].weight=2", "match.0.weight=3", "recipe.embed_dim=64")
+def test_good_set_indexes_still_work():
+    result = build(VSEPP, "match[0].weight=2", "match.0.weight=3", "recipe.embed_dim=64")
     assert result.returncode == 0, result.stderr
 
 
@@ -214,9 +190,9 @@ def _explode(*args, **kwargs):
     raise ZeroDivisionError("an unexpected\nfailure")
 
 
-def test_an_unexpected_exception_is_one_line_and_exit_70(monkeypatch, capsys):
+def test_an_unexpected_exception_is_one_line_and_exit_70(monkeypatch):
     monkeypatch.setattr("itmkit.build.build_model", _explode)
-    message = clean_failure(build(monkeypatch, capsys, VSEPP), code=cli.EXIT_BUG)
+    message = assert_error_first(build(VSEPP), code=cli.EXIT_BUG)
     assert message == ("error: internal error: ZeroDivisionError: an unexpected failure — this is a bug in itmkit;"
                        " rerun with --debug (or ITMKIT_DEBUG=1) for the traceback and report it")
 
@@ -233,24 +209,24 @@ def test_debug_shows_the_traceback_of_an_unexpected_exception(monkeypatch, how):
         cli.run()
 
 
-def test_running_out_of_memory_is_not_called_a_bug(monkeypatch, capsys):
+def test_running_out_of_memory_is_not_called_a_bug(monkeypatch):
     def no_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory:"
                            " you tried to allocate 8192000000000000 bytes.")
 
     monkeypatch.setattr("itmkit.build.build_model", no_memory)
-    message = clean_failure(build(monkeypatch, capsys, VSEPP))
+    message = assert_error_first(build(VSEPP))
     assert message.startswith("error: out of memory: [enforce fail") and "internal error" not in message
 
 
-def test_usage_errors_stay_typers_exit_2(monkeypatch, capsys):
-    result = run_cli(monkeypatch, capsys, "build")
+def test_usage_errors_stay_typers_exit_2():
+    result = invoke("build")
     assert result.returncode == 2
     assert "Missing argument" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_itmkit_errors_still_exit_1(monkeypatch, capsys, tmp_path):
-    message = clean_failure(run_cli(monkeypatch, capsys, "build", str(tmp_path / "absent.toml")))
+def test_itmkit_errors_still_exit_1(tmp_path):
+    message = assert_error_first(invoke("build", str(tmp_path / "absent.toml")))
     assert "recipe not found" in message
 
 
@@ -265,25 +241,25 @@ def test_the_wrapper_passes_itmkit_errors_through_under_debug(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("command", ["build", "train", "eval"])
-def test_help_keeps_data_path_in_brackets(monkeypatch, capsys, command):
-    result = run_cli(monkeypatch, capsys, command, "--help")
+def test_help_keeps_data_path_in_brackets(command):
+    result = invoke(command, "--help")
     assert result.returncode == 0
     assert "[data].path" in result.stdout
 
 
-def test_resume_is_a_flag_in_help_and_use(monkeypatch, capsys):
-    result = run_cli(monkeypatch, capsys, "train", "--help")
+def test_resume_is_a_flag_in_help_and_use():
+    result = invoke("train", "--help")
     line = next(ln for ln in result.stdout.splitlines() if "--resume" in ln)
     assert "<bool>" not in line and "continue from OUT/last.safetensors" in line
     # A flag takes no value: `--resume true` is an extra argument, refused by typer as usage.
-    result = run_cli(monkeypatch, capsys, "train", str(VSEPP), "--resume", "true")
+    result = invoke("train", str(VSEPP), "--resume", "true")
     assert result.returncode == 2 and "unexpected extra argument" in result.stderr
 
 
-def test_no_flag_shows_a_value_in_help(monkeypatch, capsys):
+def test_no_flag_shows_a_value_in_help():
     for args, flag in ((["--help"], "--debug"), (["eval", "--help"], "--json"), (["stages", "--help"], "--markdown"),
                        (["data", "synth", "--help"], "--images")):
-        result = run_cli(monkeypatch, capsys, *args)
+        result = invoke(*args)
         line = next(ln for ln in result.stdout.splitlines() if re.search(rf"{flag}\b", ln))
         assert "<bool>" not in line, line
 
@@ -291,19 +267,19 @@ def test_no_flag_shows_a_value_in_help(monkeypatch, capsys):
 # ------------------------------------------------------------------ build without generating
 
 
-def test_build_on_the_builtin_data_generates_nothing(monkeypatch, capsys, tmp_path):
+def test_build_on_the_builtin_data_generates_nothing(monkeypatch, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("ITMKIT_HOME", str(home))
     start = time.perf_counter()
-    result = run_cli(monkeypatch, capsys, "build", str(VSEPP))
+    result = invoke("build", str(VSEPP))
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     assert list(home.iterdir()) == []
     assert seconds < 30  # generating would take minutes; the captions alone take seconds
-    flat = " ".join(result.stdout.split())
-    assert "built-in 'shapes', not generated yet (36 x 256-d regions," in flat
-    assert "x: Regions[256]" in flat
+    out = flat(result.stdout)
+    assert "built-in 'shapes', not generated yet (36 x 256-d regions," in out
+    assert "x: Regions[256]" in out
 
 
 def test_the_builtin_words_are_those_generation_writes(tiny_data):

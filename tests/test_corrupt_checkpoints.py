@@ -13,49 +13,17 @@ import json
 import os
 import shutil
 import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import attrs
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from itmkit import cli
+from cliutil import assert_clean_failure, invoke
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@attrs.frozen
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> Result:
-    monkeypatch.setattr(sys, "argv", ["itmkit", *args])
-    monkeypatch.delenv("ITMKIT_DEBUG", raising=False)
-    monkeypatch.setitem(cli._state, "debug", False)
-    code = 0
-    try:
-        cli.run()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
-
-
-def one_clear_line(result: Result) -> str:
-    """Exit 1, no traceback, one `error:` line; returns the message."""
-    assert result.returncode == 1, result
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "internal error" not in lines[0], lines[0]
-    return " ".join(result.stderr[result.stderr.index("error:"):].split())
 
 
 RECIPE = """
@@ -93,16 +61,8 @@ def run(tmp_path_factory, tiny_data) -> Path:
     folder = tmp_path_factory.mktemp("run")
     recipe = folder / "tiny.toml"
     recipe.write_text(RECIPE.replace("DATA", str(tiny_data)))
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.setattr(sys, "argv", ["itmkit", "train", str(recipe), "--out", str(folder / "out"), "--device", "cpu"])
-        mp.setitem(cli._state, "debug", False)
-        with pytest.raises(SystemExit) as exc:
-            cli.run()
-            raise SystemExit(0)
-        assert exc.value.code in (0, None)
-    finally:
-        mp.undo()
+    result = invoke("train", str(recipe), "--out", str(folder / "out"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
     return folder
 
 
@@ -213,30 +173,30 @@ CASES: dict[str, tuple[Callable[[Path, Path], None], tuple[str, ...], str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_damaged_checkpoint_is_one_clear_error(monkeypatch, capsys, tmp_path, run, case):
+def test_damaged_checkpoint_is_one_clear_error(tmp_path, run, case):
     damage, commands, fragment = CASES[case]
     if "eval" in commands:
         target = tmp_path / "model.safetensors"
         damage(run, target)
-        message = one_clear_line(run_cli(monkeypatch, capsys, "eval", str(target), "--device", "cpu"))
+        message = assert_clean_failure(invoke("eval", str(target), "--device", "cpu"))
         assert str(target) in message and fragment in message, message
     if "resume" in commands:
         out = tmp_path / "resumed"
         out.mkdir()
         damage(run, out / "last.safetensors")
-        result = run_cli(monkeypatch, capsys, "train", str(run / "tiny.toml"), "--out", str(out), "--resume", "--device", "cpu")
-        message = one_clear_line(result)
+        result = invoke("train", str(run / "tiny.toml"), "--out", str(out), "--resume", "--device", "cpu")
+        message = assert_clean_failure(result)
         assert str(out / "last.safetensors") in message, message
         # Damaged metadata may be reported by the data checks that run first (a width that does not fit).
         assert fragment in message or "eval" in commands, message
         assert not (out / "model_best.safetensors").exists()  # refused before any epoch ran
 
 
-def test_the_undamaged_run_resumes_and_evaluates(monkeypatch, capsys, tmp_path, run):
+def test_the_undamaged_run_resumes_and_evaluates(tmp_path, run):
     """So every failure above is the damage's doing."""
     target = tmp_path / "model.safetensors"
     edit(lambda tensors, meta: None, "model_best")(run, target)
-    result = run_cli(monkeypatch, capsys, "eval", str(target), "--device", "cpu", "--json")
+    result = invoke("eval", str(target), "--device", "cpu", "--json")
     assert result.returncode == 0, result.stderr
     assert "rsum" in json.loads(result.stdout)
     out = tmp_path / "resumed"
@@ -244,7 +204,7 @@ def test_the_undamaged_run_resumes_and_evaluates(monkeypatch, capsys, tmp_path, 
     shutil.copyfile(run / "out" / "last.safetensors", out / "last.safetensors")
     # Resuming after the last epoch trains nothing, only re-evaluates the best model: quick.
     shutil.copyfile(run / "out" / "model_best.safetensors", out / "model_best.safetensors")
-    result = run_cli(monkeypatch, capsys, "train", str(run / "tiny.toml"), "--out", str(out), "--resume", "--device", "cpu")
+    result = invoke("train", str(run / "tiny.toml"), "--out", str(out), "--resume", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stderr
 

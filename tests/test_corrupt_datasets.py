@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
+from cliutil import invoke
 from itmkit.data import hdf5
-from test_cli import invoke
 from tinydata import write_recipe, write_tiny
 
 

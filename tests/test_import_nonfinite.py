@@ -9,38 +9,17 @@ importer gets them; the SCAN fixtures stand in for all.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from itmkit import cli
+from cliutil import invoke
 from itmkit.data.vocab import Vocabulary
 from itmkit.plugins import get_registry
 
 pytestmark = pytest.mark.skipif("scan" not in get_registry().importers, reason="the scan plugin is not loaded")
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    """``itmkit ARGS`` in this process through ``cli.run`` (what the console script calls)."""
-    saved = sys.argv, cli._state["debug"], os.environ.pop("ITMKIT_DEBUG", None)
-    sys.argv, cli._state["debug"] = ["itmkit", *args], False
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.run()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv, cli._state["debug"] = saved[0], saved[1]
-        if saved[2] is not None:
-            os.environ["ITMKIT_DEBUG"] = saved[2]
-    return code, out.getvalue(), err.getvalue()
 
 
 def container(**changes) -> dict:

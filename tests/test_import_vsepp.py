@@ -292,12 +292,9 @@ def test_the_dot_head_does_not_normalise():
 
 def test_itmkit_eval_on_vsepp_precomp_data_gives_the_official_matrix(tmp_path):
     """VSE++'s own layout: one 2-D feature row per caption (each image's row repeated 5 times)."""
-    import contextlib
-    import os
-
     import numpy as np
 
-    from itmkit import cli
+    from cliutil import invoke
     from itmkit.data import precomp
 
     Vocabulary(WORDS).save(tmp_path / "vocab.json")
@@ -308,20 +305,9 @@ def test_itmkit_eval_on_vsepp_precomp_data_gives_the_official_matrix(tmp_path):
     feats = rng.random((4, IMG_DIM)).astype(np.float32)
     captions = [" ".join(rng.choice(WORDS[4:], 5)) for _ in range(20)]
     precomp.write_split(tmp_path / "data", "test", features=np.repeat(feats, 5, axis=0), captions=captions)
-    saved_argv, saved_env = sys.argv, os.environ.pop("ITMKIT_DEBUG", None)
-    sys.argv = ["itmkit", "eval", str(out), "--data", str(tmp_path / "data"), "--save-sims", str(tmp_path / "s.npy"),
-                "--device", "cpu"]
-    code, err = 0, io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            cli.run()
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = saved_argv
-        if saved_env is not None:
-            os.environ["ITMKIT_DEBUG"] = saved_env
-    assert code == 0, err.getvalue()
+    code, _, err = invoke("eval", str(out), "--data", str(tmp_path / "data"), "--save-sims", str(tmp_path / "s.npy"),
+                          "--device", "cpu")
+    assert code == 0, err
     vocab = Vocabulary(WORDS)
     ids = [vocab.encode(c) for c in captions]
     width = max(map(len, ids))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from cliutil import invoke
 from itmkit.build import build_model
 from itmkit.data.split import Split
 from itmkit.data.vocab import Vocabulary
@@ -22,7 +23,6 @@ from itmkit.datasets import data_ports
 from itmkit.evaluate import NonFiniteScores, check_finite, evaluate
 from itmkit.recipe import load_recipe
 from itmkit.train import TrainingStopped, _nonfinite_parameter, read_metrics, strict_json, train
-from test_cli import invoke
 from tinydata import captions, write_recipe, write_tiny
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cliutil import flat, invoke
 from itmkit.evaluation import protocol_problem
 from itmkit.preflight import fit_problems, fixed_region_counts
 from itmkit.recipe import load_recipe
 from itmkit.train import train
-from test_cli import invoke
 from tinydata import write_recipe, write_tiny
 
 SGRAF_POOL = 'pool = { stage = "core.mean" }\n\n[text]'
@@ -29,10 +29,6 @@ def run(data, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("run")
     train(load_recipe(write_recipe(folder / "tiny.toml", data)), out_dir=folder / "run", log=lambda *a: None)
     return folder / "run"
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def test_eval_on_features_of_another_width_is_one_line_before_scoring(run, tmp_path):

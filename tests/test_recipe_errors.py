@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import attrs
 import pytest
 
+from cliutil import Result, assert_clean_failure, invoke
 from itmkit import cli
 from itmkit.errors import ItmkitError
 
@@ -64,11 +64,6 @@ def broken(old: str, new: str, text: str = VSEPP) -> str:
     """``text`` with ``old`` replaced once; fails loudly if the base recipe no longer has ``old``."""
     assert text.count(old) == 1, f"the base recipe should contain {old!r} exactly once"
     return text.replace(old, new)
-
-
-def flat(text: str) -> str:
-    """Whitespace collapsed: rich wraps long messages at the console width."""
-    return " ".join(text.split())
 
 
 TOML_ERROR_LINE = VSEPP.splitlines().index("margin = 0.2") + 1
@@ -164,35 +159,12 @@ END_TO_END = {
 }
 
 
-@attrs.frozen
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def assert_clean_failure(result: Result) -> str:
-    """Exit 1, nothing on stdout, one 'error:' message on stderr, no traceback; returns the message."""
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+def assert_only_the_error(result: Result) -> str:
+    """A clean failure that prints nothing else: stdout empty, stderr the one 'error:' message alone."""
+    message = assert_clean_failure(result)
     assert result.stdout.strip() == ""
-    assert result.stderr.startswith("error:"), result.stderr
-    assert result.stderr.count("error:") == 1, result.stderr
-    return flat(result.stderr)
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> Result:
-    """``itmkit ARGS`` in this process through ``cli.run`` (what the console script calls)."""
-    monkeypatch.setattr(sys, "argv", ["itmkit", *args])
-    monkeypatch.delenv("ITMKIT_DEBUG", raising=False)
-    monkeypatch.setitem(cli._state, "debug", False)
-    code = 0
-    try:
-        cli.run()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
+    assert result.stderr.startswith("error:") and result.stderr.count("error:") == 1, result.stderr
+    return message
 
 
 # ------------------------------------------------------------------------ through the console script
@@ -222,14 +194,14 @@ def console(tmp_path_factory, tiny_data) -> dict[str, Result]:
 
 @pytest.mark.parametrize("case", sorted(END_TO_END))
 def test_console_script_reports_broken_recipe(console, case):
-    message = assert_clean_failure(console[case])
+    message = assert_only_the_error(console[case])
     assert f"{case}.toml" in message
     for fragment in END_TO_END[case][2]:
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
 def test_several_problems_are_all_reported_at_once(console):
-    message = assert_clean_failure(console["combined"])
+    message = assert_only_the_error(console["combined"])
     assert message.count(" - ") == COMBINED_COUNT, message
 
 
@@ -243,7 +215,7 @@ def test_the_ten_cases_are_covered_end_to_end():
 
 
 def test_port_mismatch_without_pools_names_what_is_available(console):
-    message = assert_clean_failure(console["port_mismatch_no_pools"])
+    message = assert_only_the_error(console["port_mismatch_no_pools"])
     assert "(inputs: )" not in message
     assert "Local[1024] from [image] fragments" in message and "Local[1024] from [text] fragments" in message
 
@@ -263,11 +235,11 @@ def data_dir(tiny_data) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_broken_recipe_is_one_clear_error(monkeypatch, capsys, tmp_path, data_dir, case):
+def test_broken_recipe_is_one_clear_error(tmp_path, data_dir, case):
     text, args, fragments = CASES[case]
     path = tmp_path / f"{case}.toml"
     path.write_text(text)
-    message = assert_clean_failure(run_cli(monkeypatch, capsys, "build", str(path), "--data", str(data_dir), *args))
+    message = assert_only_the_error(invoke("build", str(path), "--data", str(data_dir), *args))
     assert str(path) in message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -276,23 +248,23 @@ def test_broken_recipe_is_one_clear_error(monkeypatch, capsys, tmp_path, data_di
         assert f"{count} problem{'s' if count > 1 else ''} in the recipe" in message
 
 
-def test_the_unedited_base_recipe_builds(monkeypatch, capsys, tmp_path, data_dir):
+def test_the_unedited_base_recipe_builds(tmp_path, data_dir):
     """So each failure above is the edit's doing."""
     path = tmp_path / "vsepp.toml"
     path.write_text(VSEPP)
-    result = run_cli(monkeypatch, capsys, "build", str(path), "--data", str(data_dir))
+    result = invoke("build", str(path), "--data", str(data_dir))
     assert result.returncode == 0, result.stderr
     assert "total parameters" in result.stdout
 
 
-def test_recipe_file_not_found(monkeypatch, capsys, tmp_path):
+def test_recipe_file_not_found(tmp_path):
     missing = tmp_path / "nothere.toml"
-    message = assert_clean_failure(run_cli(monkeypatch, capsys, "build", str(missing), "--data", str(tmp_path)))
+    message = assert_only_the_error(invoke("build", str(missing), "--data", str(tmp_path)))
     assert f"recipe not found: {missing}" in message
 
 
-def test_recipe_path_is_a_folder(monkeypatch, capsys, tmp_path):
-    message = assert_clean_failure(run_cli(monkeypatch, capsys, "build", str(tmp_path)))
+def test_recipe_path_is_a_folder(tmp_path):
+    message = assert_only_the_error(invoke("build", str(tmp_path)))
     assert f"cannot read recipe {tmp_path}" in message
 
 
@@ -303,32 +275,30 @@ def vsepp_path(tmp_path) -> Path:
     return path
 
 
-def test_set_without_equals(monkeypatch, capsys, vsepp_path, data_dir):
-    result = run_cli(monkeypatch, capsys, "build", str(vsepp_path), "--data", str(data_dir), "--set", "train.epochs")
-    message = assert_clean_failure(result)
+def test_set_without_equals(vsepp_path, data_dir):
+    result = invoke("build", str(vsepp_path), "--data", str(data_dir), "--set", "train.epochs")
+    message = assert_only_the_error(result)
     assert "--set expects KEY=VALUE, got 'train.epochs'" in message
 
 
-def test_set_on_a_branch_that_does_not_exist(monkeypatch, capsys, vsepp_path, data_dir):
-    result = run_cli(monkeypatch, capsys, "build", str(vsepp_path), "--data", str(data_dir),
-                     "--set", "match[3].weight=2")
-    message = assert_clean_failure(result)
+def test_set_on_a_branch_that_does_not_exist(vsepp_path, data_dir):
+    result = invoke("build", str(vsepp_path), "--data", str(data_dir), "--set", "match[3].weight=2")
+    message = assert_only_the_error(result)
     assert "--set match[3].weight=2" in message
     assert "only 1 entry" in message and "@ match[3]" in message
 
 
-def test_set_on_an_unknown_section(monkeypatch, capsys, vsepp_path, data_dir):
-    result = run_cli(monkeypatch, capsys, "build", str(vsepp_path), "--data", str(data_dir), "--set", "trian.epochs=2")
-    message = assert_clean_failure(result)
+def test_set_on_an_unknown_section(vsepp_path, data_dir):
+    result = invoke("build", str(vsepp_path), "--data", str(data_dir), "--set", "trian.epochs=2")
+    message = assert_only_the_error(result)
     assert "no section 'trian'" in message and "did you mean 'train'" in message
 
 
-def test_set_problems_and_file_problems_are_reported_together(monkeypatch, capsys, tmp_path, data_dir):
+def test_set_problems_and_file_problems_are_reported_together(tmp_path, data_dir):
     path = tmp_path / "r.toml"
     path.write_text(CASES["wrong_type"][0])
-    result = run_cli(monkeypatch, capsys, "build", str(path), "--data", str(data_dir),
-                     "--set", "train.lr=-1", "--set", "data.protocol=coco")
-    message = assert_clean_failure(result)
+    result = invoke("build", str(path), "--data", str(data_dir), "--set", "train.lr=-1", "--set", "data.protocol=coco")
+    message = assert_only_the_error(result)
     assert "3 problems" in message
     assert "@ loss.margin" in message
     assert "(from --set train.lr=-1) @ train.lr" in message

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import attrs
 import pytest
 import tomli_w
 
-from itmkit import cli
+from cliutil import invoke
 from itmkit.plugins import get_registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,30 +293,22 @@ def data_dir(tiny_data) -> Path:
 
 
 @pytest.mark.parametrize("seed", range(CASES))
-def test_mutated_recipe_builds_or_fails_cleanly(monkeypatch, capsys, tmp_path, data_dir, seed):
+def test_mutated_recipe_builds_or_fails_cleanly(monkeypatch, tmp_path, data_dir, seed):
     case = make_case(seed)
     path = tmp_path / "fuzzed.toml"
     path.write_bytes(case.recipe)
     args = [arg for item in case.sets for arg in ("--set", item)]
-    monkeypatch.setattr(sys, "argv", ["itmkit", "build", str(path), "--data", str(data_dir), *args])
-    monkeypatch.delenv("ITMKIT_DEBUG", raising=False)
     monkeypatch.setenv("ITMKIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setitem(cli._state, "debug", False)
-    code = 0
-    try:
-        cli.run()
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    where = f"case {seed}: {case.description}; sets {[s[:60] for s in case.sets]}\nstderr: {captured.err[-2000:]}"
-    assert "Traceback" not in captured.out + captured.err, where
+    code, out, err = invoke("build", str(path), "--data", str(data_dir), *args)
+    where = f"case {seed}: {case.description}; sets {[s[:60] for s in case.sets]}\nstderr: {err[-2000:]}"
+    assert "Traceback" not in out + err, where
     assert code in (0, 1), where
     if code == 0:
-        assert "total parameters" in captured.out, where
+        assert "total parameters" in out, where
     else:
-        assert captured.err.startswith("error:"), where
-        assert sum(line.startswith("error:") for line in captured.err.splitlines()) == 1, where
-        assert "internal error" not in captured.err, where
+        assert err.startswith("error:"), where
+        assert sum(line.startswith("error:") for line in err.splitlines()) == 1, where
+        assert "internal error" not in err, where
     assert not (tmp_path / "home").exists(), where  # nothing generated
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from cliutil import invoke
 from itmkit import datasets
 from itmkit.errors import DataError, ItmkitError
 from itmkit.recipe import load_recipe
 from itmkit.runs import LOCK_NAME, RunFolderBusy, own_run_folder, remove_dead_temp_dirs, remove_stale_temporaries
 from itmkit.train import _keep_epochs_up_to, read_metrics, train
-from test_cli import invoke
 from tinydata import write_recipe, write_tiny
 
 ITMKIT = [sys.executable, "-m", "itmkit"]

@@ -15,11 +15,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cliutil import invoke
 from itmkit.errors import ItmkitError
 from itmkit.recipe import load_recipe
 from itmkit.runs import default_run_folder, plain_name
 from itmkit.train import train
-from test_cli import invoke
 from tinydata import write_recipe, write_tiny
 
 
