@@ -12,12 +12,18 @@ from itmkit.data.check import check_dataset, summarize_dataset
 from itmkit.data.vocab import Vocabulary
 
 
+def xyxy(corners: np.ndarray) -> np.ndarray:
+    """Random corner pairs as valid x1, y1, x2, y2 boxes (x1 <= x2, y1 <= y2), float32."""
+    a, b = corners[..., :2], corners[..., 2:]
+    return np.concatenate([np.minimum(a, b), np.maximum(a, b)], axis=-1).astype(np.float32)
+
+
 def arrays(num_images: int, regions: int = 3, dim: int = 4, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {
         "features": rng.standard_normal((num_images, regions, dim)).astype(np.float32),
         "captions": [f"a photo of thing {i} number {j}" for i in range(num_images) for j in range(5)],
-        "boxes": rng.uniform(0, 100, (num_images, regions, 4)).astype(np.float32),
+        "boxes": xyxy(rng.uniform(0, 100, (num_images, regions, 4))),
     }
 
 

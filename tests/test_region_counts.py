@@ -154,7 +154,10 @@ def test_counts_survive_the_hdf5_round_trip_and_conversion(tmp_path):
     (np.array([3, 7, 1, 11, 5]), r"outside 1\.\.10 .* image 3 has 11"),
     (np.array([3, 7, 1, 10]), r"one region count per image, shape \(5,\), but has shape \(4,\)"),
     (np.array([[3, 7, 1, 10, 5]]), r"shape \(5,\), but has shape \(1, 5\)"),
-    (np.array([3, 7, 1.5, 10, 5]), r"integer region counts but has dtype float64"),
+    (np.array([3, 7, 1.5, 10, 5]), r"integer region counts \(int64\) but has dtype float64"),
+    # Booleans were read as counts of 1 and whole floats accepted: any non-integer dtype is refused.
+    (np.array([True, True, True, True, True]), r"integer region counts \(int64\) but has dtype bool"),
+    (np.array([3.0, 7.0, 1.0, 10.0, 5.0]), r"integer region counts \(int64\) but has dtype float64"),
 ])
 @pytest.mark.parametrize("layout", ["precomp", "hdf5"])
 def test_bad_counts_are_refused_naming_the_file(tmp_path, layout, counts, message):

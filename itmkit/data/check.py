@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from itmkit.data.split import (BOX_LAYOUTS, SplitParts, available_splits, image_shape, open_parts, repeated_rows,
-                               split_problems)
+from itmkit.data.split import (BOX_LAYOUTS, SplitParts, as_read, available_splits, image_shape, open_parts,
+                               region_count_problems, repeated_rows, split_problems)
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import DataError
 
@@ -35,7 +35,8 @@ def _scan_features(parts: SplitParts) -> tuple[list[int], list[int], list[int]]:
     step = SCAN_CHUNK_IMAGES * repeat  # whole images per chunk
     for start in range(0, int(features.shape[0]), step):
         chunk = np.asarray(features[start : start + step])
-        finite = np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1)
+        # As the model reads them: float64 beyond float32's range is inf there.
+        finite = np.isfinite(as_read(chunk)).reshape(chunk.shape[0], -1).all(axis=1)
         bad.extend(sorted({(start + int(i)) // repeat for i in np.flatnonzero(~finite)}))
         if look_for_padding:
             last_row_zero = ~chunk[:, -1].reshape(chunk.shape[0], -1).any(axis=1)
@@ -61,13 +62,29 @@ def _repeat_problem(parts: SplitParts, differ: list[int]) -> str | None:
 
 
 def _nonfinite_problem(parts: SplitParts, bad: list[int]) -> str | None:
-    """A sentence about images whose features hold NaN or inf, or None if there are none."""
+    """A sentence about images whose features hold NaN or inf (read as float32), or None if there are none.
+
+    Padded rows (past an image's region count) are refused too: the stages mask them out of every
+    score, but a linear layer's weight gradient still multiplies them by 0, and NaN * 0 is NaN.
+    """
     if not bad:
         return None
-    return (
-        f"{parts.file('features')} has NaN or inf values in {len(bad)} image(s) "
-        f"(the first is image {bad[0]})."
-    )
+    note = ""
+    first = bad[0]
+    if parts.region_counts is not None and len(parts.features.shape) == 3 \
+            and not region_count_problems(parts.region_counts, *image_shape(parts)[:2], ""):
+        count = int(np.asarray(parts.region_counts)[first])
+        rows = np.flatnonzero(~np.isfinite(as_read(parts.features[first])).all(axis=1))
+        if rows.size and rows[0] >= count:
+            note = (f"; row {int(rows[0])} of image {first} is padding past its {count} region(s), "
+                    f"which is ignored but must still be finite (store zeros)")
+    k = repeated_rows(parts)  # 2-D global rows: image i is rows k*i .. k*i+k-1
+    stored = np.asarray(parts.features[first] if len(parts.features.shape) == 3 else
+                        parts.features[first * k : first * k + k])
+    if np.isfinite(stored).all():
+        note += (f"; its {stored.dtype} values are finite but beyond float32's range (largest magnitude "
+                 f"{float(np.abs(stored).max()):.3g}), so the model, which reads float32, gets inf")
+    return f"{parts.file('features')} has NaN or inf values in {len(bad)} image(s) (the first is image {first}){note}."
 
 
 def _padding_problem(parts: SplitParts, padded: list[int]) -> str | None:
@@ -104,7 +121,8 @@ def _empty_captions_problem(parts: SplitParts) -> str | None:
 def _split_checks(parts: SplitParts) -> list[str]:
     """The problems of one split on its own."""
     problems = split_problems(parts)
-    if image_shape(parts) is not None and np.issubdtype(parts.features.dtype, np.floating):
+    shape = image_shape(parts)
+    if shape is not None and 0 not in shape[1:] and np.issubdtype(parts.features.dtype, np.floating):
         bad, padded, differ = _scan_features(parts)
         problems += [_nonfinite_problem(parts, bad), _padding_problem(parts, padded), _repeat_problem(parts, differ)]
     problems.append(_empty_captions_problem(parts))

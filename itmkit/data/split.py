@@ -354,17 +354,133 @@ def region_count_problems(counts: Any, num_images: int, num_regions: int, file: 
     if counts.ndim != 1 or counts.shape[0] != num_images:
         return [f"{file} should hold one region count per image, shape ({num_images},), but has shape "
                 f"{tuple(counts.shape)}."]
-    if counts.size and not (np.issubdtype(counts.dtype, np.integer) or counts.dtype == bool):
-        if not np.issubdtype(counts.dtype, np.floating) or not np.all(np.isfinite(counts)) \
-                or not np.all(counts == np.round(counts)):
-            return [f"{file} should hold integer region counts but has dtype {counts.dtype} with non-integer "
-                    f"values."]
+    # Integer dtypes only: booleans would be read as counts of 0 or 1, floats are a conversion mistake.
+    if counts.size and not np.issubdtype(counts.dtype, np.integer):
+        return [f"{file} should hold integer region counts (int64) but has dtype {counts.dtype}."]
     bad = np.flatnonzero((counts < 1) | (counts > num_regions))
     if bad.size:
         first = int(bad[0])
         return [f"{file} has {bad.size} region count(s) outside 1..{num_regions} (the regions stored per "
                 f"image): image {first} has {counts[first]}."]
     return []
+
+
+# Images whose boxes and sizes are checked per step: a memory-mapped file is never read whole.
+SCAN_CHUNK_IMAGES = 256
+
+
+def as_read(chunk: Any) -> np.ndarray:
+    """`chunk` as float32, as the loader hands it to the model: float64 beyond float32's range becomes inf.
+
+    A finiteness check of the stored values would pass 1e39 in a float64 file, which the model then
+    reads as inf; every NaN/inf scan looks at this instead.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(chunk, dtype=np.float32)
+
+
+def _first_image(bad_images: list[int]) -> str:
+    return f"{len(bad_images)} image(s) (the first is image {bad_images[0]})"
+
+
+def box_problems(
+    boxes: Any,
+    image_sizes: Any,
+    *,
+    region_counts: Any = None,
+    boxes_file: str = "boxes",
+    sizes_file: str = "image sizes",
+) -> list[str]:
+    """What is wrong with the values of boxes (N_img, R, 4 or 30) and image sizes (N_img, 2), as sentences.
+
+    Shapes are split_problems' to check; this reads the values, SCAN_CHUNK_IMAGES images at a time,
+    as float32 (what the loader gives the model). Every stored number must be finite, padded rows
+    included (the loader casts them, PFAN computes a block layout from every row before masking).
+    In the rows of real regions (below each image's region count, or all rows without counts):
+    an xyxy box must have x1 <= x2 and y1 <= y2 (a zero-size box is allowed: PFAN gives it no block;
+    a reversed one is a layout mistake, e.g. x, y, width, height stored as xyxy); a PFAN-layout row
+    must have whole, non-negative block indices (the upper bound depends on the recipe's grid, the
+    stage checks it) and non-negative weights. Image sizes are width, height in pixels: finite, > 0.
+    """
+    problems = []
+    if boxes is not None:
+        if not (np.issubdtype(boxes.dtype, np.integer) or np.issubdtype(boxes.dtype, np.floating)) \
+                or boxes.dtype == bool:
+            problems.append(f"{boxes_file} should hold numbers (float32) but has dtype {boxes.dtype}.")
+        else:
+            problems.extend(_box_value_problems(boxes, region_counts, boxes_file))
+    if image_sizes is not None:
+        if not (np.issubdtype(image_sizes.dtype, np.integer) or np.issubdtype(image_sizes.dtype, np.floating)) \
+                or image_sizes.dtype == bool:
+            problems.append(f"{sizes_file} should hold numbers (width, height in pixels) but has dtype "
+                            f"{image_sizes.dtype}.")
+        else:
+            bad: list[int] = []
+            for start in range(0, int(image_sizes.shape[0]), SCAN_CHUNK_IMAGES):
+                chunk = as_read(image_sizes[start : start + SCAN_CHUNK_IMAGES])
+                wrong = ~(np.isfinite(chunk) & (chunk > 0)).all(axis=1)
+                bad.extend(start + int(i) for i in np.flatnonzero(wrong))
+            if bad:
+                first = as_read(image_sizes[bad[0]])
+                problems.append(
+                    f"{sizes_file} should hold each image's width and height in pixels, finite and positive, "
+                    f"but {_first_image(bad)} do not: image {bad[0]} has ({first[0]:g}, {first[1]:g})."
+                )
+    return problems
+
+
+def _box_value_problems(boxes: Any, region_counts: Any, file: str) -> list[str]:
+    """The value checks of box_problems for a numeric (N_img, R, C) box array."""
+    num_images, num_regions, columns = (int(n) for n in boxes.shape)
+    counts = None
+    if region_counts is not None and not region_count_problems(region_counts, num_images, num_regions, file):
+        counts = np.asarray(region_counts, dtype=np.int64)
+    nonfinite: list[int] = []
+    reversed_: list[int] = []
+    for start in range(0, num_images, SCAN_CHUNK_IMAGES):
+        chunk = as_read(boxes[start : start + SCAN_CHUNK_IMAGES])  # (n, R, C)
+        nonfinite.extend(start + int(i) for i in np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(1)))
+        real = np.ones(chunk.shape[:2], dtype=bool)
+        if counts is not None:
+            real = np.arange(num_regions)[None, :] < counts[start : start + len(chunk), None]
+        with np.errstate(invalid="ignore"):
+            if columns == 4:
+                wrong = (chunk[..., 2] < chunk[..., 0]) | (chunk[..., 3] < chunk[..., 1])
+            else:
+                half = columns // 2
+                index, weight = chunk[..., :half], chunk[..., half:]
+                wrong = ((index < 0) | (index != np.round(index)) | (weight < 0)).any(axis=-1)
+        wrong &= np.isfinite(chunk).all(axis=-1)  # a non-finite row has its own sentence
+        reversed_.extend(start + int(i) for i in np.flatnonzero((wrong & real).any(axis=1)))
+    problems = []
+    if nonfinite:
+        problems.append(f"{file} has NaN or inf values in {_first_image(nonfinite)}; every row must be finite "
+                        f"(padded rows too: zeros).")
+    if reversed_:
+        image = reversed_[0]
+        rows = as_read(boxes[image])
+        real = int(counts[image]) if counts is not None else num_regions
+        rows = np.where(np.isfinite(rows).all(axis=-1, keepdims=True), rows, 0)[:real]
+        with np.errstate(invalid="ignore"):
+            if columns == 4:
+                row = int(np.flatnonzero((rows[:, 2] < rows[:, 0]) | (rows[:, 3] < rows[:, 1]))[0])
+                problems.append(
+                    f"{file} should hold x1, y1, x2, y2 pixel boxes with x1 <= x2 and y1 <= y2, but "
+                    f"{_first_image(reversed_)} have reversed boxes: region {row} of image {image} is "
+                    f"{tuple(float(v) for v in rows[row])} (x, y, width, height stored as x1, y1, x2, y2?)."
+                )
+            else:
+                half = columns // 2
+                bad = np.concatenate([(rows[:, :half] < 0) | (rows[:, :half] != np.round(rows[:, :half])),
+                                      rows[:, half:] < 0], axis=1)
+                row, column = (int(v[0]) for v in np.nonzero(bad))
+                what = "block index" if column < half else "weight"
+                problems.append(
+                    f"{file} should hold PFAN's block layout ({half} whole, non-negative block indices, then "
+                    f"{half} non-negative weights per region), but {_first_image(reversed_)} do not: region "
+                    f"{row} of image {image} has {what} {float(rows[row, column]):g} (column {column})."
+                )
+    return problems
 
 
 def caption_index_problems(index: Any, num_images: int, num_captions: int, file: str) -> list[str]:
@@ -435,7 +551,13 @@ def split_problems(parts: SplitParts) -> list[str]:
         ]
     if not np.issubdtype(parts.features.dtype, np.floating):
         problems.append(f"{features_file} should hold floats (float32) but has dtype {parts.features.dtype}.")
-    num_images, num_regions, _ = shape
+    num_images, num_regions, feature_dim = shape
+    if num_regions == 0:
+        problems.append(f"{features_file} has shape {tuple(parts.features.shape)}: 0 regions per image; every "
+                        f"image needs at least one region row.")
+    if feature_dim == 0:
+        problems.append(f"{features_file} has shape {tuple(parts.features.shape)}: 0-wide features; each "
+                        f"region needs a feature vector of at least one number.")
     num_captions = len(parts.captions)
     repeat = repeated_rows(parts)
     rows_note = f" ({num_images * repeat} rows, each image's repeated {repeat} times)" if repeat > 1 else ""
@@ -473,6 +595,7 @@ def split_problems(parts: SplitParts) -> list[str]:
     if parts.region_counts is not None:
         problems.extend(region_count_problems(parts.region_counts, num_images, num_regions,
                                               parts.file("region_counts")))
+    boxes, sizes = parts.boxes, parts.image_sizes  # their values are checked once their shapes fit
     if parts.boxes is not None:
         boxes_shape = tuple(parts.boxes.shape)
         if len(boxes_shape) != 3 or boxes_shape[:2] != (num_images, num_regions) or boxes_shape[2] not in BOX_LAYOUTS:
@@ -481,6 +604,7 @@ def split_problems(parts: SplitParts) -> list[str]:
                 f"or ({num_images}, {num_regions}, 30) to match {features_file} {shape}, "
                 f"but has shape {boxes_shape}."
             )
+            boxes = None
     if parts.image_sizes is not None:
         sizes_shape = tuple(parts.image_sizes.shape)
         if sizes_shape != (num_images, 2):
@@ -488,6 +612,10 @@ def split_problems(parts: SplitParts) -> list[str]:
                 f"{parts.file('image_sizes')} should have shape ({num_images}, 2) "
                 f"(width, height per image) but has shape {sizes_shape}."
             )
+            sizes = None
+    if boxes is not None or sizes is not None:
+        problems.extend(box_problems(boxes, sizes, region_counts=parts.region_counts,
+                                     boxes_file=parts.file("boxes"), sizes_file=parts.file("image_sizes")))
     return problems
 
 
