@@ -12,6 +12,7 @@ the key sets and shapes are checked explicitly, so no key is ever dropped silent
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import re
 import typing
@@ -24,9 +25,12 @@ import torch
 
 from itmkit.build import DataPorts, build_model
 from itmkit.checkpoint import save_checkpoint
+from itmkit.core_stages import Triplet
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.recipe import parse_recipe
+from itmkit.recipe import TrainSpec, parse_recipe
+from itmkit.stage import stage_params
+from itmkit.structure import Problem, check_param
 
 ALLOWED_GLOBALS = [argparse.Namespace]
 DATA_PARALLEL = "module."  # the prefix nn.DataParallel gives every key of the model it wraps
@@ -50,6 +54,7 @@ class Converted:
     recipe: str
     state: dict[str, torch.Tensor]
     data: DataPorts
+    notes: tuple[str, ...] = ()  # what the import left out or replaced, one line each (training_options)
 
 
 @attrs.frozen
@@ -78,6 +83,7 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_container(path)
     raw = None
     with torch.serialization.safe_globals(ALLOWED_GLOBALS):
         for kwargs in ({}, {"encoding": "latin1"}):
@@ -88,10 +94,12 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
                 continue
             except pickle.UnpicklingError as exc:
                 refused = re.search(r"GLOBAL (\S+)", str(exc))
-                what = f"the global {refused.group(1)}" if refused else f"objects ({_first_line(exc)})"
+                if not refused:  # junk the weights-only unpickler cannot parse: no class was involved
+                    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: the pickle is damaged"
+                                          f" ({_detail(exc)})") from None
                 raise CheckpointError(
-                    f"{path}: refused to unpickle: it references {what}, outside the allow-list"
-                    " (only argparse.Namespace is allowed); nothing was run"
+                    f"{path}: refused to unpickle: it references the global {refused.group(1)}, outside the"
+                    " allow-list (only argparse.Namespace is allowed); nothing was run"
                 ) from None
             except Exception as exc:  # the weights-only unpickler fails on junk with many error types
                 raise CheckpointError(
@@ -111,6 +119,37 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
     states = [_state_dict(path, i, m) for i, m in enumerate(modules)]
     return OfficialCheckpoint(str(path), states, _options(path, raw.get("opt")), _number(path, raw, "epoch"),
                               _number(path, raw, "best_rsum"))
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6: a zip archive
+PICKLE_PROTO = b"\x80"  # the legacy format (PyTorch 0.3 / 0.4: SCAN, BFAN, ...): pickles, protocol 2 or later
+
+
+def _check_container(path: Path) -> None:
+    """Refuse a file that is neither of torch.save's formats before torch reads it.
+
+    torch's own errors for these say "Weights only load failed" or "legacy .tar format", which
+    reads like a refused class or a version problem; an empty or zero-filled file (a failed copy,
+    an unfinished download) is neither.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a PyTorch checkpoint; was the download or"
+                              " copy interrupted?")
+    if not head.strip(b"\0"):
+        zeros = "holds only zero bytes" if len(head) == path.stat().st_size else f"starts with {len(head)} zero bytes"
+        raise CheckpointError(f"{path}: the file {zeros}, not a PyTorch checkpoint; was the download or copy"
+                              " interrupted?")
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: it starts with {head[:8]!r}, where torch.save"
+                              " writes a zip archive (PK..) or a pickle (\\x80..)")
+
+
+def _detail(exc: BaseException) -> str:
+    """An unpickling error's own words, without torch's page of weights_only advice."""
+    text = _first_line(exc)
+    return type(exc).__name__ if text.startswith("Weights only load failed") else text
 
 
 def _first_line(exc: BaseException) -> str:
@@ -237,7 +276,7 @@ def check_vocabulary_size(official: OfficialCheckpoint, text_state: Mapping[str,
             f"{official.path}: the vocabulary has {words} words but the checkpoint's word embedding"
             f" (txt_enc embed.weight) has {embedding.shape[0]} rows; pass the vocabulary {which}")
     options = official.options
-    if "vocab_size" in options and int(options["vocab_size"]) != words:
+    if option(options, "vocab_size", f"{official.path} (options)", int, None) not in (None, words):
         raise CheckpointError(f"{official.path}: the options say vocab_size={options['vocab_size']}, the vocabulary"
                               f" has {words} words; pass the vocabulary the model was trained with")
 
@@ -278,15 +317,123 @@ def gru_text_layout(vocab_size: int, word_dim: int, embed: int, layers: int, bid
     return out
 
 
-def option(options: Mapping[str, Any], name: str, where: str) -> Any:
-    """An option the converter needs, or a clear error naming it."""
+KINDS = {int: "an integer", float: "a finite number", bool: "a flag: True or False (or 0 or 1)", str: "text"}
+REQUIRED: Any = object()  # option()'s default: the checkpoint must hold the option
+
+
+def option(options: Mapping[str, Any], name: str, where: str, kind: type | None = None,
+           default: Any = REQUIRED) -> Any:
+    """An option the converter needs, as ``kind``, or one clear error naming the file, the option and its value.
+
+    Strict, because the options decide the model's layers and its scores and a coercion guesses:
+    ``int("16.7")`` would import a wrong width, ``bool("False")`` is True. ``int`` takes an integer
+    or a float with an integral value (16.0: some forks store sizes as floats); ``float`` any finite
+    number; ``bool`` a real bool, or the integers 0 and 1 (flags that forks declare with type=int);
+    ``str`` text. ``kind=None`` returns the value unchecked (the caller compares it with choices).
+    An absent option is ``default``, or an error when there is none.
+    """
     if name not in options:
+        if default is not REQUIRED:
+            return default
         raise CheckpointError(f"{where}: the checkpoint's options lack {name!r}" + did_you_mean(name, options))
-    return options[name]
+    value = options[name]
+    if kind is None:
+        return value
+    typed = typed_value(value, kind)
+    if typed is None:
+        raise CheckpointError(f"{where}: option {name}={_shown(value)} is not {KINDS[kind]}; found {_kind_of(value)}")
+    return typed[0]
 
 
-def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: str | Path, importers: Mapping[str, Converter]) -> Path:
-    """Convert an official checkpoint with the named importer and write an itmkit checkpoint."""
+def typed_value(value: Any, kind: type) -> tuple[Any] | None:
+    """``(value as kind,)`` when it is one (see ``option``), else None."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return (value,)
+        return (bool(value),) if isinstance(value, int) and value in (0, 1) else None
+    if isinstance(value, bool) or kind not in KINDS:  # True is an int to Python, never a size or a rate
+        return None
+    if kind is str:
+        return (value,) if isinstance(value, str) else None
+    if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if kind is float:
+        try:
+            return (float(value),)
+        except OverflowError:  # an integer beyond any float
+            return None
+    if isinstance(value, float):
+        return (int(value),) if value.is_integer() else None
+    return (value,)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a non-finite float"
+    if isinstance(value, float) and not value.is_integer():
+        return "a float with a fraction"
+    return f"a {type(value).__name__}"
+
+
+# Official training options -> (recipe table, field, the spec that validates it). They change neither the
+# model nor its scores, only how the converted recipe would train a model anew.
+TRAINING_FIELDS: dict[str, tuple[str, str, type]] = {
+    "margin": ("loss", "margin", Triplet),
+    "max_violation": ("loss", "max_violation", Triplet),
+    "vse_mean_warmup_epochs": ("loss", "warmup_epochs", Triplet),
+    "num_epochs": ("train", "epochs", TrainSpec),
+    "batch_size": ("train", "batch_size", TrainSpec),
+    "learning_rate": ("train", "lr", TrainSpec),
+    "lr_update": ("train", "lr_update", TrainSpec),
+    "grad_clip": ("train", "grad_clip", TrainSpec),
+}
+
+
+@attrs.frozen
+class Training:
+    """The recipe's training settings carried over from the options: loss and train fields, and what was not."""
+
+    loss: dict[str, Any]
+    train: dict[str, Any]
+    notes: tuple[str, ...]
+
+
+def training_options(options: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> Training:
+    """The official training options named in ``defaults`` (official name -> the paper's default) as recipe fields.
+
+    They never refuse an import: the model and its scores do not depend on them. An absent option is
+    the paper's default; one the recipe would refuse (``batch_size=1``, ``learning_rate=-1``, a string)
+    is the paper's default too, with a note saying so.
+    """
+    tables: dict[str, dict[str, Any]] = {"loss": {}, "train": {}}
+    notes = []
+    for name, fallback in defaults.items():
+        table, field, spec = TRAINING_FIELDS[name]
+        info = next(p for p in stage_params(spec) if p.name == field)
+        value = options.get(name, fallback)
+        typed = typed_value(value, type(fallback))
+        problems = ([Problem("", f"not {KINDS[type(fallback)]}, found {_kind_of(value)}")] if typed is None
+                    else check_param(info, typed[0], "")[1])
+        if problems:
+            notes.append(f"{where}: training option {name}={_shown(value)} is not a valid {table}.{field}"
+                         f" ({problems[0].message}); the recipe has the default {fallback!r} instead")
+            typed = (fallback,)
+        tables[table][field] = typed[0]
+    return Training(tables["loss"], tables["train"], tuple(notes))
+
+
+def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: str | Path, importers: Mapping[str, Converter],
+                      note: Callable[[str], None] = lambda line: None) -> Path:
+    """Convert an official checkpoint with the named importer and write an itmkit checkpoint.
+
+    ``note`` receives each line of what the converter left out or replaced (``Converted.notes``);
+    the lines are also kept in the checkpoint's metadata (``import_notes``).
+    """
     if name not in importers:
         raise CheckpointError(f"no importer {name!r}" + did_you_mean(name, importers))
     official = read_official(path)
@@ -310,8 +457,11 @@ def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: 
     model = build_model(recipe, data)
     check_state(converted.state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, f"{path} -> {name}")
     model.load_state_dict(converted.state, strict=True)
+    notes = {"import_notes": "\n".join(converted.notes)} if converted.notes else {}
     save_checkpoint(out, model, vocab, imported_from=str(path), epoch=str(official.epoch),
-                    official_best_rsum=str(official.best_rsum), protocol=recipe.data.protocol)
+                    official_best_rsum=str(official.best_rsum), protocol=recipe.data.protocol, **notes)
+    for line in converted.notes:
+        note(line)
     return Path(out)
 
 

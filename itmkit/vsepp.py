@@ -30,8 +30,8 @@ import tomli_w
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
-from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_vocabulary_size, gru_text_layout,
-                              option)
+from itmkit.importing import (Converted, OfficialCheckpoint, Training, check_state, check_vocabulary_size,
+                              gru_text_layout, option, training_options)
 
 MEASURES = ("cosine", "order")
 FLAG_DEFAULTS = {"measure": "cosine", "use_abs": False, "no_imgnorm": False}  # train.py's defaults
@@ -47,31 +47,22 @@ def image_layout(embed: int, img_dim: int) -> dict[str, tuple[int, ...]]:
     return {"fc.weight": (embed, img_dim), "fc.bias": (embed,)}
 
 
-def _flag(options: dict[str, Any], name: str, where: str) -> bool:
-    value = option(options, name, where)
-    if not isinstance(value, (bool, int)) or value not in (0, 1):
-        raise CheckpointError(f"{where}: option {name}={value!r} is not a flag (True or False)")
-    return bool(value)
-
-
 def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     """Map VSE++'s options to a recipe of core stages and its img_enc / txt_enc weights to them."""
     where = f"{official.path} (VSE++ options)"
     opts = official.options
-    data_name = str(option(opts, "data_name", where))
+    data_name = option(opts, "data_name", where, str)
     if not data_name.endswith("_precomp"):
         raise CheckpointError(f"{where}: data_name={data_name!r} is a full-image model (a {opts.get('cnn_type', 'CNN')}"
                               " on raw pixels), which itmkit has no stage for; only the precomp models import"
                               " (data_name ending in _precomp)")
     # Checkpoints older than the order-embedding flags were all cosine models of normalised vectors,
     # which is what train.py's defaults still say: an absent flag means that, not a guess.
-    opts = {**FLAG_DEFAULTS, **opts}
-    measure = opts["measure"]
+    measure = option(opts, "measure", where, str, FLAG_DEFAULTS["measure"])
     if measure not in MEASURES:
-        raise CheckpointError(f"{where}: option measure={measure!r} is not supported" + did_you_mean(str(measure),
-                                                                                                     MEASURES))
-    use_abs, no_imgnorm = _flag(opts, "use_abs", where), _flag(opts, "no_imgnorm", where)
-    embed, word_dim, img_dim, layers = (int(option(opts, k, where))
+        raise CheckpointError(f"{where}: option measure={measure!r} is not supported" + did_you_mean(measure, MEASURES))
+    use_abs, no_imgnorm = (option(opts, k, where, bool, FLAG_DEFAULTS[k]) for k in ("use_abs", "no_imgnorm"))
+    embed, word_dim, img_dim, layers = (option(opts, k, where, int)
                                         for k in ("embed_size", "word_dim", "img_dim", "num_layers"))
     if len(official.modules) != 2:
         raise CheckpointError(f"{official.path}: a VSE++ checkpoint's 'model' holds 2 state dicts"
@@ -85,14 +76,15 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     state.update({f"text.encoder.{k}": v for k, v in txt.items()})
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
     similarity = "core.order" if measure == "order" else "core.dot" if no_imgnorm else "core.cosine"
-    recipe = _recipe(official, data_name, measure, similarity, embed=embed, word_dim=word_dim, layers=layers,
-                     use_abs=use_abs, no_imgnorm=no_imgnorm)
-    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))
+    training = training_options(opts, TRAIN_DEFAULTS, where)
+    recipe = _recipe(official, data_name, measure, similarity, training, embed=embed, word_dim=word_dim,
+                     layers=layers, use_abs=use_abs, no_imgnorm=no_imgnorm)
+    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)),
+                     training.notes)
 
 
-def _recipe(official: OfficialCheckpoint, data_name: str, measure: str, similarity: str, *, embed: int, word_dim: int,
-            layers: int, use_abs: bool, no_imgnorm: bool) -> dict[str, Any]:
-    train = {k: official.options.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+def _recipe(official: OfficialCheckpoint, data_name: str, measure: str, similarity: str, training: Training, *,
+            embed: int, word_dim: int, layers: int, use_abs: bool, no_imgnorm: bool) -> dict[str, Any]:
     protocol, test_split = PROTOCOLS.get(data_name, ("f30k-1k", "test"))
     return {
         "recipe": {
@@ -107,9 +99,7 @@ def _recipe(official: OfficialCheckpoint, data_name: str, measure: str, similari
                              "normalize": True, "absolute": use_abs},
                  "pool": {"stage": "core.last"}},
         "match": [{"similarity": {"stage": similarity}}],
-        "loss": {"stage": "core.triplet", "margin": float(train["margin"]), "max_violation": bool(train["max_violation"])},
+        "loss": {"stage": "core.triplet", **training.loss},
         "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
-        "train": {"epochs": int(train["num_epochs"]), "batch_size": int(train["batch_size"]),
-                  "lr": float(train["learning_rate"]), "lr_update": int(train["lr_update"]),
-                  "grad_clip": float(train["grad_clip"])},
+        "train": training.train,
     }

@@ -24,10 +24,14 @@ from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError
 from itmkit.importing import (Converted, OfficialCheckpoint, check_state, fold_weight_norm, gru_text_layout, option,
-                              scalar_gain, weight_norm_layout)
+                              scalar_gain, training_options, weight_norm_layout)
 
 FOCAL_TYPES = ("equal", "prob")
 ENCODER_TYPES = ("basic", "weight_norm")
+# Options that only matter for training: when a checkpoint lacks one (or holds one the recipe
+# cannot take), the official train.py's default is used.
+TRAIN_DEFAULTS = {"margin": 0.2, "max_violation": False, "learning_rate": 2e-4, "num_epochs": 15,
+                  "lr_update": 15, "batch_size": 128, "grad_clip": 2.0}
 
 
 def official_image_layout(embed: int, img_dim: int, enc_type: str) -> dict[str, tuple[int, ...]]:
@@ -45,31 +49,29 @@ def _dataset(data_name: str) -> tuple[str, str, str]:
     return data_name.removesuffix("_precomp") or "f30k", "f30k-1k", "test"
 
 
-def recipe_table(options: dict[str, Any], where: str) -> dict[str, Any]:
-    """The itmkit recipe (as a TOML table) equivalent to BFAN's training options."""
-
-    def opt(name: str) -> Any:
-        return option(options, name, where)
-
-    focal_type = opt("focal_type")
+def recipe_table(options: dict[str, Any], where: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The itmkit recipe (as a TOML table) equivalent to BFAN's training options, and the training notes."""
+    focal_type = option(options, "focal_type", where, str)
     if focal_type not in FOCAL_TYPES:
         raise CheckpointError(f"{where}: unknown focal_type {focal_type!r}; BFAN has {', '.join(FOCAL_TYPES)}")
-    data_name = str(opt("data_name"))
+    data_name = option(options, "data_name", where, str)
     short, protocol, test_split = _dataset(data_name)
-    branch = {"lambda_softmax": float(opt("lambda_softmax")), "focal_type": focal_type}
-    return {
+    branch = {"lambda_softmax": option(options, "lambda_softmax", where, float), "focal_type": focal_type}
+    training = training_options(options, TRAIN_DEFAULTS, where)
+    table = {
         "recipe": {
             "name": f"bfan-{short}-{focal_type}-imported",
             "description": f"official BFAN-{focal_type} checkpoint ({data_name}) imported from {where}",
-            "embed_dim": int(opt("embed_size")),
+            "embed_dim": option(options, "embed_size", where, int),
         },
-        "image": {"encoder": {"stage": "core.precomp", "normalize": not options.get("no_imgnorm", False)}},
+        "image": {"encoder": {"stage": "core.precomp",
+                              "normalize": not option(options, "no_imgnorm", where, bool, False)}},
         "text": {"encoder": {
             "stage": "core.bigru",
-            "word_dim": int(opt("word_dim")),
-            "num_layers": int(opt("num_layers")),
+            "word_dim": option(options, "word_dim", where, int),
+            "num_layers": option(options, "num_layers", where, int),
             "bidirectional": True,
-            "normalize": not options.get("no_txtnorm", False),
+            "normalize": not option(options, "no_txtnorm", where, bool, False),
         }},
         "match": [
             {"cross": {"stage": "bfan.t2i", **branch}, "similarity": {"stage": "core.cosine"},
@@ -77,29 +79,24 @@ def recipe_table(options: dict[str, Any], where: str) -> dict[str, Any]:
             {"cross": {"stage": "bfan.i2t", **branch}, "similarity": {"stage": "core.cosine"},
              "aggregate": {"stage": "core.mean"}, "weight": 1.0},
         ],
-        "loss": {"stage": "core.triplet", "margin": float(opt("margin")), "max_violation": bool(opt("max_violation"))},
+        "loss": {"stage": "core.triplet", **training.loss},
         "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
-        "train": {
-            "epochs": int(opt("num_epochs")),
-            "batch_size": int(options.get("batch_size", 128)),
-            "lr": float(opt("learning_rate")),
-            "lr_update": int(opt("lr_update")),
-            "grad_clip": float(options.get("grad_clip", 2.0)),
-        },
+        "train": training.train,
     }
+    return table, training.notes
 
 
 def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     """BFAN options -> recipe, official weights -> our keys, after checking the official layout."""
     where = f"{official.path} (bfan)"
     options = official.options
-    table = recipe_table(options, where)
+    table, notes = recipe_table(options, where)
     if len(official.modules) != 2:
         raise CheckpointError(f"{where}: expected 'model' = [img_enc, txt_enc] (2 state dicts),"
                               f" found {len(official.modules)}")
     image, text = official.modules
-    embed, img_dim = int(option(options, "embed_size", where)), int(option(options, "img_dim", where))
-    enc_type = options.get("precomp_enc_type", "basic")
+    embed, img_dim = option(options, "embed_size", where, int), option(options, "img_dim", where, int)
+    enc_type = option(options, "precomp_enc_type", where, str, "basic")
     if enc_type not in ENCODER_TYPES:
         raise CheckpointError(f"{where}: unknown precomp_enc_type {enc_type!r}; BFAN has {', '.join(ENCODER_TYPES)}")
     image = scalar_gain(image, "fc.weight_g")
@@ -111,4 +108,4 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
         image = {"fc.weight": fold_weight_norm(image["fc.weight_g"], image["fc.weight_v"]), "fc.bias": image["fc.bias"]}
     state = {f"image.encoder.{k}": v.float() for k, v in image.items()}
     state.update({f"text.encoder.{k}": v.float() for k, v in text.items()})
-    return Converted(tomli_w.dumps(table), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))
+    return Converted(tomli_w.dumps(table), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)), notes)

@@ -30,7 +30,8 @@ import torch
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError
-from itmkit.importing import Converted, ModelDirectory, OfficialCheckpoint, check_state, gru_text_layout, option
+from itmkit.importing import (Converted, ModelDirectory, OfficialCheckpoint, check_state, gru_text_layout, option,
+                              training_options)
 from itmkit_bert.vocab import WordPieceVocabulary
 
 # The official training defaults (arguments.py), used when an option is absent.
@@ -98,13 +99,13 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary | ModelDirectory) ->
     if len(official.modules) != 2:
         raise CheckpointError(f"{official.path}: a VSE-infinity checkpoint's 'model' holds 2 state dicts"
                               f" [img_enc, txt_enc], this one holds {len(official.modules)}")
-    encoder_type = option(opts, "precomp_enc_type", where)
+    encoder_type = option(opts, "precomp_enc_type", where, str)
     if encoder_type != "basic":
         raise CheckpointError(f"{where}: precomp_enc_type={encoder_type!r}; only region-feature models ('basic')"
                               " import: the grid models ('backbone') run a CNN on raw images, which itmkit has no"
                               " stage for")
-    embed, img_dim = int(option(opts, "embed_size", where)), int(option(opts, "img_dim", where))
-    unnormalised = [k for k in ("no_imgnorm", "no_txtnorm") if opts.get(k)]
+    embed, img_dim = option(opts, "embed_size", where, int), option(opts, "img_dim", where, int)
+    unnormalised = [k for k in ("no_imgnorm", "no_txtnorm") if option(opts, k, where, bool, False)]
     if unnormalised:
         raise CheckpointError(f"{where}: {' and '.join(unnormalised)} set: the official score is then a dot product of"
                               " unnormalised vectors, which core.cosine does not compute")
@@ -126,7 +127,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary | ModelDirectory) ->
             raise CheckpointError(f"{official.path}: a BiGRU checkpoint (bigru branch) reads the SCAN vocabulary:"
                                   " pass vocab/{f30k,coco}_precomp_vocab.json as --vocab,"
                                   f" not the directory {vocab.path}")
-        word_dim, layers = int(option(opts, "word_dim", where)), int(opts.get("num_layers", 1))
+        word_dim, layers = option(opts, "word_dim", where, int), option(opts, "num_layers", where, int, 1)
         size = len(vocab) + (vocab.mask_id is None)  # the official code appends <mask>
         rows = txt["embed.weight"].shape[0] if txt["embed.weight"].dim() == 2 else None
         if rows != size:
@@ -134,7 +135,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary | ModelDirectory) ->
                 f"{official.path}: the vocabulary has {len(vocab)} words, so with <mask> appended {size}, but the"
                 f" checkpoint's word embedding (txt_enc embed.weight) has {rows} rows; pass the SCAN vocabulary the"
                 " model was trained with (F30K 8481 words, COCO 11353)")
-        if "vocab_size" in opts and int(opts["vocab_size"]) != size:
+        if option(opts, "vocab_size", where, int, None) not in (None, size):
             raise CheckpointError(f"{official.path}: the options say vocab_size={opts['vocab_size']}, the vocabulary"
                                   f" with <mask> has {size} words; pass the vocabulary the model was trained with")
         check_state(txt, {**gru_text_layout(size, word_dim, embed, layers, True), **gpo_layout()},
@@ -157,17 +158,16 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary | ModelDirectory) ->
     state.update({f"text.pool.{k[len('gpool.'):]}": v for k, v in txt.items() if k.startswith("gpool.")})
     state = {k: v.detach().contiguous() if k.endswith("num_batches_tracked") else v.detach().float().contiguous()
              for k, v in state.items()}
-    return Converted(tomli_w.dumps(_recipe(official, variant, encoder, embed)), state, data)
+    training = training_options(opts, TRAIN_DEFAULTS, where)
+    return Converted(tomli_w.dumps(_recipe(official, variant, encoder, embed, training.loss, training.train, where)),
+                     state, data, training.notes)
 
 
-def _recipe(official: OfficialCheckpoint, variant: str, encoder: dict[str, Any], embed: int) -> dict[str, Any]:
-    opts = official.options
-    train = {k: opts.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
-    data_name = str(opts.get("data_name", "f30k"))
+def _recipe(official: OfficialCheckpoint, variant: str, encoder: dict[str, Any], embed: int, loss: dict[str, Any],
+            train: dict[str, Any], where: str) -> dict[str, Any]:
+    data_name = option(official.options, "data_name", where, str, "f30k")
     coco = "coco" in data_name
     short = "coco" if coco else "f30k"
-    # The official loop turns max_violation on from epoch vse_mean_warmup_epochs on, whatever the flag.
-    warmup = int(train["vse_mean_warmup_epochs"])
     return {
         "recipe": {"name": f"gpo-{short}-{variant}-imported", "embed_dim": embed,
                    "description": f"official VSE-infinity checkpoint {official.path} (epoch {official.epoch},"
@@ -176,12 +176,9 @@ def _recipe(official: OfficialCheckpoint, variant: str, encoder: dict[str, Any],
                   "pool": {"stage": "gpo.pool", "normalize": True}},
         "text": {"encoder": encoder, "pool": {"stage": "gpo.pool", "normalize": True}},
         "match": [{"similarity": {"stage": "core.cosine"}}],
-        "loss": {"stage": "core.triplet", "margin": float(train["margin"]), "max_violation": True,
-                 "warmup_epochs": warmup},
+        # The official loop turns max_violation on from epoch vse_mean_warmup_epochs on, whatever the flag.
+        "loss": {"stage": "core.triplet", "max_violation": True, **loss},
         "data": {"path": f"data/{short}_precomp", "protocol": "coco-1k-5fold" if coco else "f30k-1k",
                  "test_split": "testall" if coco else "test"},
-        "train": {"epochs": int(train["num_epochs"]), "batch_size": int(train["batch_size"]),
-                  "lr": float(train["learning_rate"]), "lr_update": int(train["lr_update"]),
-                  "grad_clip": float(train["grad_clip"]), "optimizer": "adamw",
-                  "weight_decay": 1e-4 if variant == "bert" else 0.01},
+        "train": {**train, "optimizer": "adamw", "weight_decay": 1e-4 if variant == "bert" else 0.01},
     }

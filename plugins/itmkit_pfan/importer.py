@@ -21,7 +21,7 @@ from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
 from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_vocabulary_size, gru_text_layout,
-                              option)
+                              option, training_options)
 
 GRID, TOP_BLOCKS, POSITION_DIM = 16, 15, 200  # hard-coded in the official EncoderImagePrecomp
 MAX_ATTENTION_WEIGHT = 0.5  # official xattn_score_t2i: row_sim + 0.5 * max_attn
@@ -60,7 +60,7 @@ def _aggregate(agg: str, cross: str, options: dict[str, Any], where: str) -> dic
     if agg == "Max":
         return {"stage": "core.max"}
     if agg == "LogSumExp":
-        return {"stage": "scan.lse", "lambda_lse": float(option(options, "lambda_lse", where))}
+        return {"stage": "scan.lse", "lambda_lse": option(options, "lambda_lse", where, float)}
     raise CheckpointError(f"{where}: option agg_func={agg!r} is not supported"
                           + did_you_mean(agg, ("Mean", "Sum", "Max", "LogSumExp")))
 
@@ -69,23 +69,22 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     """Map PFAN's options to a recipe and its img_enc / txt_enc weights to our stages."""
     where = f"{official.path} (PFAN options)"
     opts = official.options
-    cross = option(opts, "cross_attn", where)
+    cross = option(opts, "cross_attn", where, str)
     if cross not in ("t2i", "i2t"):
         raise CheckpointError(f"{where}: option cross_attn={cross!r} is not supported" + did_you_mean(str(cross), ("t2i", "i2t")))
-    raw_norm = option(opts, "raw_feature_norm", where)
+    raw_norm = option(opts, "raw_feature_norm", where, str)
     if raw_norm not in RAW_NORMS:
         raise CheckpointError(f"{where}: option raw_feature_norm={raw_norm!r} is not supported" + did_you_mean(str(raw_norm), RAW_NORMS))
-    encoder_type = opts.get("precomp_enc_type", "basic")
+    encoder_type = option(opts, "precomp_enc_type", where, str, "basic")
     if encoder_type != "basic":
         raise CheckpointError(f"{where}: precomp_enc_type={encoder_type!r}: only 'basic' has PFAN's position"
                               " attention (the official weight_norm encoder takes no boxes)")
-    lambda_softmax = float(option(opts, "lambda_softmax", where))
-    embed, word_dim, img_dim = (int(option(opts, k, where)) for k in ("embed_size", "word_dim", "img_dim"))
-    layers = int(option(opts, "num_layers", where))
-    bidirectional = bool(option(opts, "bi_gru", where))
-    no_imgnorm, no_txtnorm = bool(option(opts, "no_imgnorm", where)), bool(option(opts, "no_txtnorm", where))
-    data_name = str(opts.get("data_name", "precomp"))
-    aggregate = _aggregate(str(option(opts, "agg_func", where)), cross, opts, where)
+    lambda_softmax = option(opts, "lambda_softmax", where, float)
+    embed, word_dim, img_dim, layers = (option(opts, k, where, int)
+                                        for k in ("embed_size", "word_dim", "img_dim", "num_layers"))
+    bidirectional, no_imgnorm, no_txtnorm = (option(opts, k, where, bool) for k in ("bi_gru", "no_imgnorm", "no_txtnorm"))
+    data_name = option(opts, "data_name", where, str, "precomp")
+    aggregate = _aggregate(option(opts, "agg_func", where, str), cross, opts, where)
 
     if len(official.modules) != 2:
         raise CheckpointError(f"{official.path}: a PFAN checkpoint's 'model' holds 2 state dicts"
@@ -100,7 +99,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
 
     protocol, test_split = PROTOCOLS.get(data_name, ("f30k-1k", "test"))
-    train = {k: opts.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+    training = training_options(opts, TRAIN_DEFAULTS, where)
     similarity = ({"stage": "pfan.cosine_max", "max_weight": MAX_ATTENTION_WEIGHT} if cross == "t2i"
                   else {"stage": "core.cosine"})
     recipe = {
@@ -119,10 +118,9 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
             "similarity": similarity,
             "aggregate": aggregate,
         }],
-        "loss": {"stage": "core.triplet", "margin": float(train["margin"]), "max_violation": bool(train["max_violation"])},
+        "loss": {"stage": "core.triplet", **training.loss},
         "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
-        "train": {"epochs": int(train["num_epochs"]), "batch_size": int(train["batch_size"]),
-                  "lr": float(train["learning_rate"]), "lr_update": int(train["lr_update"]),
-                  "grad_clip": float(train["grad_clip"])},
+        "train": training.train,
     }
-    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))
+    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)),
+                     training.notes)

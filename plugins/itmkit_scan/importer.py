@@ -25,7 +25,7 @@ from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
 from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_vocabulary_size, fold_weight_norm,
-                              gru_text_layout, option, scalar_gain, weight_norm_layout)
+                              gru_text_layout, option, scalar_gain, training_options, weight_norm_layout)
 
 # agg_func -> the aggregate stage of the [[match]] branch
 AGGREGATES = {"LogSumExp": "scan.lse", "Mean": "core.mean", "Max": "core.max", "Sum": "scan.sum"}
@@ -39,7 +39,7 @@ TRAIN_DEFAULTS = {"margin": 0.2, "max_violation": False, "learning_rate": 2e-4, 
 
 
 def _choice(options: dict[str, Any], name: str, choices, where: str) -> Any:
-    value = option(options, name, where)
+    value = option(options, name, where, str)
     if value not in choices:
         raise CheckpointError(f"{where}: option {name}={value!r} is not supported" + did_you_mean(str(value), choices))
     return value
@@ -67,12 +67,11 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     agg = _choice(opts, "agg_func", AGGREGATES, where)
     raw_norm = _choice(opts, "raw_feature_norm", RAW_NORMS, where)
     encoder_type = _choice(opts, "precomp_enc_type", ENCODER_TYPES, where)
-    lambda_softmax = float(option(opts, "lambda_softmax", where))
-    embed, word_dim, img_dim = (int(option(opts, k, where)) for k in ("embed_size", "word_dim", "img_dim"))
-    layers = int(option(opts, "num_layers", where))
-    bidirectional = bool(option(opts, "bi_gru", where))
-    no_imgnorm, no_txtnorm = bool(option(opts, "no_imgnorm", where)), bool(option(opts, "no_txtnorm", where))
-    data_name = str(opts.get("data_name", "precomp"))
+    lambda_softmax = option(opts, "lambda_softmax", where, float)
+    embed, word_dim, img_dim, layers = (option(opts, k, where, int)
+                                        for k in ("embed_size", "word_dim", "img_dim", "num_layers"))
+    bidirectional, no_imgnorm, no_txtnorm = (option(opts, k, where, bool) for k in ("bi_gru", "no_imgnorm", "no_txtnorm"))
+    data_name = option(opts, "data_name", where, str, "precomp")
 
     img, txt = _check_modules(official)
     check_vocabulary_size(official, txt, len(vocab), f"JSON the model was trained with"
@@ -91,9 +90,9 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
 
     aggregate: dict[str, Any] = {"stage": AGGREGATES[agg]}
     if agg == "LogSumExp":
-        aggregate["lambda_lse"] = float(option(opts, "lambda_lse", where))
+        aggregate["lambda_lse"] = option(opts, "lambda_lse", where, float)
     protocol, test_split = PROTOCOLS.get(data_name, ("f30k-1k", "test"))
-    train = {k: opts.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+    training = training_options(opts, TRAIN_DEFAULTS, where)
     recipe = {
         "recipe": {
             "name": f"scan-{data_name.removesuffix('_precomp')}-{cross}-{agg.lower()}-imported",
@@ -109,10 +108,9 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
             "similarity": {"stage": "core.cosine"},
             "aggregate": aggregate,
         }],
-        "loss": {"stage": "core.triplet", "margin": float(train["margin"]), "max_violation": bool(train["max_violation"])},
+        "loss": {"stage": "core.triplet", **training.loss},
         "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
-        "train": {"epochs": int(train["num_epochs"]), "batch_size": int(train["batch_size"]),
-                  "lr": float(train["learning_rate"]), "lr_update": int(train["lr_update"]),
-                  "grad_clip": float(train["grad_clip"])},
+        "train": training.train,
     }
-    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)))
+    return Converted(tomli_w.dumps(recipe), state, DataPorts(feature_dim=img_dim, vocab_size=len(vocab)),
+                     training.notes)

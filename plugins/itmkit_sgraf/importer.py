@@ -32,7 +32,7 @@ from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
 from itmkit.importing import (Converted, OfficialCheckpoint, check_state, check_vocabulary_size, gru_text_layout,
-                              option)
+                              option, training_options)
 
 MODULES = {"SGR": "sgraf.sgr", "SAF": "sgraf.saf"}
 # data_name -> (evaluation protocol, test split) of the official evaluation
@@ -116,17 +116,15 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     """Map SGRAF's options to a recipe and its img_enc / txt_enc / sim_enc weights to our stages."""
     where = f"{official.path} (SGRAF options)"
     opts = official.options
-    module = option(opts, "module_name", where)
+    module = option(opts, "module_name", where, str)
     if module not in MODULES:
         raise CheckpointError(f"{where}: option module_name={module!r} is not supported"
                               + did_you_mean(str(module), MODULES))
-    steps = int(option(opts, "sgr_step", where)) if module == "SGR" else 0
-    embed, word_dim, img_dim, sim_dim = (int(option(opts, k, where))
-                                         for k in ("embed_size", "word_dim", "img_dim", "sim_dim"))
-    layers = int(option(opts, "num_layers", where))
-    bidirectional = bool(option(opts, "bi_gru", where))
-    no_imgnorm, no_txtnorm = bool(option(opts, "no_imgnorm", where)), bool(option(opts, "no_txtnorm", where))
-    data_name = str(opts.get("data_name", "precomp"))
+    steps = option(opts, "sgr_step", where, int) if module == "SGR" else 0
+    embed, word_dim, img_dim, sim_dim, layers = (option(opts, k, where, int)
+                                                 for k in ("embed_size", "word_dim", "img_dim", "sim_dim", "num_layers"))
+    bidirectional, no_imgnorm, no_txtnorm = (option(opts, k, where, bool) for k in ("bi_gru", "no_imgnorm", "no_txtnorm"))
+    data_name = option(opts, "data_name", where, str, "precomp")
 
     img, txt, sim = _modules(official)
     check_vocabulary_size(official, txt, len(vocab), f"JSON the model was trained with"
@@ -156,7 +154,7 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     if module == "SGR":
         aggregate["steps"] = steps
     protocol, test_split = PROTOCOLS.get(data_name, ("f30k-1k", "test"))
-    train = {k: opts.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+    training = training_options(opts, TRAIN_DEFAULTS, where)
     recipe = {
         "recipe": {
             "name": f"sgraf-{data_name.removesuffix('_precomp')}-{module.lower()}-imported",
@@ -174,12 +172,9 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
             "similarity": {"stage": "sgraf.vector", "sim_dim": sim_dim, "normalize_attended": True},
             "aggregate": aggregate,
         }],
-        "loss": {"stage": "core.triplet", "margin": float(train["margin"]),
-                 "max_violation": bool(train["max_violation"])},
+        "loss": {"stage": "core.triplet", **training.loss},
         "data": {"path": f"data/{data_name}", "protocol": protocol, "test_split": test_split},
-        "train": {"epochs": int(train["num_epochs"]), "batch_size": int(train["batch_size"]),
-                  "lr": float(train["learning_rate"]), "lr_update": int(train["lr_update"]),
-                  "grad_clip": float(train["grad_clip"])},
+        "train": training.train,
     }
     data = DataPorts(feature_dim=img_dim, vocab_size=len(vocab), num_regions=regions)
-    return Converted(tomli_w.dumps(recipe), state, data)
+    return Converted(tomli_w.dumps(recipe), state, data, training.notes)
