@@ -223,7 +223,8 @@ def import_(
     """Convert an official checkpoint into an itmkit checkpoint that `itmkit eval` uses directly."""
     from itmkit.importing import get_importers, import_checkpoint
 
-    written = import_checkpoint(name, checkpoint, vocab, output, get_importers())
+    written = import_checkpoint(name, checkpoint, vocab, output, get_importers(),
+                                note=lambda line: err.print(f"note: {escape(line)}"))
     out.print(f"wrote {written}")
 
 
