@@ -39,7 +39,7 @@ def problems_of(data_dir) -> str:
     """Every problem data check finds; the train pre-flight (open_used_splits) must find the same."""
     found = check_dataset(data_dir)
     _, _, preflight = open_used_splits(data_dir, DEFAULT_USE)
-    assert found == preflight
+    assert [p.lower() for p in found] == [p.lower() for p in preflight]  # 'Split'/'split' aside
     return " ".join(found)
 
 
@@ -201,3 +201,112 @@ def test_nan_in_padded_rows_is_refused_with_the_reason(data):
     found = problems_of(data)
     assert ("train_ims.npy has NaN or inf values in 1 image(s) (the first is image 5); row 2 of image 5 is "
             "padding past its 2 region(s), which is ignored but must still be finite (store zeros).") in found
+
+
+# --- readers: one DataError naming the file, never an internal error ------------------------------
+
+def test_caption_images_out_of_int64_range_is_a_data_error(data):
+    lines = [str(i // 5) for i in range(5 * N)]
+    lines[7] = "9999999999999999999999"
+    (data / "test_cap_images.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"test_cap_images.txt, line 8: 9999999999999999999999 is out of range"):
+        open_split(data, "test")
+    assert "line 8: 9999999999999999999999 is out of range" in problems_of(data)
+
+
+def test_blank_line_in_caption_images_is_refused_naming_the_line(data):
+    """A skipped blank line would give caption j the image of line j + 1."""
+    lines = [str(i // 5) for i in range(5 * N)]
+    lines.insert(3, "")
+    (data / "test_cap_images.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"test_cap_images.txt, line 4 is blank"):
+        open_split(data, "test")
+
+
+def h5data(tmp_path):
+    precomp.write_split(tmp_path, "train", **arrays(0, 8))
+    hdf5.write_split(tmp_path / "data.h5", "test", **arrays(1), region_counts=np.full(N, R))
+    return tmp_path / "data.h5"
+
+
+def edit(path, change) -> None:
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        change(f)
+
+
+def _replace_with(name, make):
+    def change(f):
+        del f[name]
+        make(f, name)
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.attrs.__setitem__("version", "one"), r"root attribute version should be a whole number .* 'one'"),
+    (lambda f: f.attrs.__setitem__("version", np.nan), r"root attribute version should be a whole number"),
+    (_replace_with("test/features", lambda f, n: f.create_group(n)),
+     r"/test/features is an HDF5 group; expected a dataset holding the image features"),
+    (_replace_with("test/region_counts", lambda f, n: f.create_group(n)),
+     r"/test/region_counts is an HDF5 group; expected a dataset holding one region count per image"),
+    (_replace_with("test/boxes", lambda f, n: f.create_group(n)), r"/test/boxes is an HDF5 group"),
+    (_replace_with("test/image_sizes", lambda f, n: f.create_group(n)), r"/test/image_sizes is an HDF5 group"),
+    (_replace_with("test/captions", lambda f, n: f.create_group(n)), r"/test/captions is an HDF5 group"),
+    (_replace_with("test/features", lambda f, n: f.__setitem__(n, __import__("h5py").ExternalLink("gone.h5", "/x"))),
+     r"/test/features is an external link to gone.h5:/x; expected a dataset stored in this file"),
+    (_replace_with("test/boxes", lambda f, n: f.__setitem__(n, __import__("h5py").SoftLink("/nowhere"))),
+     r"/test/boxes is a link to /nowhere, which cannot be opened"),
+    (_replace_with("test/captions", lambda f, n: f.create_dataset(
+        n, data=np.array([b"a photo"] * 7 + [b"\xff\xfe"] + [b"a photo"] * 12, dtype=object),
+        dtype=__import__("h5py").string_dtype("utf-8"))),
+     r"/test/captions: caption 7 is not UTF-8 text \(bad byte at offset 0: b'\\xff'\)"),
+    (_replace_with("test/captions", lambda f, n: f.create_dataset(n, data="one string", dtype=__import__("h5py").string_dtype())),
+     r"/test/captions has shape \(\); expected one caption string per row"),
+    (_replace_with("test/region_counts", lambda f, n: f.create_dataset(n, data=np.ones(N, bool))),
+     r"/test/region_counts should hold integer region counts \(int64\) but has dtype bool"),
+    (lambda f: f["test"].attrs.__setitem__("captions_per_image", True), r"captions_per_image should be an integer"),
+])
+def test_malformed_hdf5_objects_are_one_data_error(tmp_path, change, message):
+    path = h5data(tmp_path)
+    edit(path, change)
+    with pytest.raises(DataError, match=message):
+        open_split(path, "test")
+    found = " ".join(check_dataset(tmp_path))
+    assert __import__("re").search(message, found), found
+
+
+def test_broken_link_at_the_root_does_not_break_listing(tmp_path):
+    import h5py
+
+    path = h5data(tmp_path)
+    edit(path, lambda f: f.__setitem__("dev", h5py.ExternalLink("gone.h5", "/dev")))
+    assert hdf5.split_names(path) == ["test"]
+
+
+# --- the kind of file where a data file is expected -----------------------------------------------
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: p.symlink_to(p.parent / "nowhere.npy"), r"is a symbolic link to .*nowhere.npy, which does not exist"),
+    (lambda p: p.mkdir(), "is a folder; expected a regular file"),
+    (lambda p: __import__("os").mkfifo(p), r"is a FIFO \(named pipe\); expected a regular file"),
+])
+@pytest.mark.parametrize("name", ["test_ims.npy", "test_caps.txt", "test_boxes.npy", "test_region_counts.npy",
+                                  "test_cap_images.txt"])
+def test_wrong_kind_of_file_is_named_not_taken_as_missing(data, name, make, kind):
+    """A FIFO would block the reader forever; a folder or broken link is not a missing split."""
+    path = data / name
+    path.unlink(missing_ok=True)
+    make(path)
+    found = problems_of(data)
+    assert __import__("re").search(f"{__import__('re').escape(str(path))} {kind}", found), found
+    assert "no split" not in found and "did you mean" not in found
+
+
+def test_fifo_named_data_h5_is_refused(tmp_path):
+    import os
+
+    precomp.write_split(tmp_path, "train", **arrays(0, 8))
+    os.mkfifo(tmp_path / "data.h5")
+    found = " ".join(check_dataset(tmp_path))
+    assert f"HDF5 file {tmp_path / 'data.h5'} is a FIFO (named pipe); expected a regular file" in found

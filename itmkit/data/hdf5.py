@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,8 @@ import h5py
 import numpy as np
 
 from itmkit.data import precomp
-from itmkit.data.split import CAPTIONS_PER_IMAGE, Split, SplitParts, array_problems, assemble, atomic_path
+from itmkit.data.split import (CAPTIONS_PER_IMAGE, Split, SplitParts, array_problems, assemble, atomic_path,
+                               data_file)
 from itmkit.errors import DataError, did_you_mean
 
 FILE_NAME = "data.h5"
@@ -26,7 +28,7 @@ OPTIONAL_PARTS = ("boxes", "image_sizes", "region_counts", "caption_images")
 def find_file(data_dir: str | Path) -> Path | None:
     """`data_dir`/data.h5, else its only *.h5 / *.hdf5 file, else None."""
     data_dir = Path(data_dir)
-    if (data_dir / FILE_NAME).is_file():
+    if os.path.lexists(data_dir / FILE_NAME):  # a folder, FIFO or broken link too: the reader says what it is
         return data_dir / FILE_NAME
     found = sorted(p for pattern in ("*.h5", "*.hdf5") for p in data_dir.glob(pattern) if p.is_file())
     if len(found) > 1:
@@ -46,9 +48,27 @@ def _resolve(path_or_dir: str | Path) -> Path:
         if found is None:
             raise DataError(f"no HDF5 file in {path}: looked for {FILE_NAME}, *.h5 and *.hdf5")
         return found
-    if not path.is_file():
-        raise DataError(f"HDF5 file {path} does not exist")
-    return path
+    return data_file(path, "HDF5 file")  # never a FIFO: opening one would block
+
+
+def _attribute(obj: Any, name: str, where: str) -> Any:
+    """Attribute `name` of a file or group (None if absent), with a DataError if it cannot be read."""
+    try:
+        return obj.attrs.get(name)
+    except (OSError, TypeError, ValueError) as err:
+        raise DataError(f"{where} attribute {name} cannot be read: {err}") from None
+
+
+def _version(value: Any, path: Path) -> int:
+    """The file's `version` attribute as an int: a whole number, as the writers store it."""
+    number = value
+    if isinstance(number, np.ndarray) and number.shape in ((), (1,)):
+        number = number.reshape(-1)[0]
+    if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, np.integer, float, np.floating)) \
+            or not np.isfinite(number) or number != int(number):
+        raise DataError(f"{path}: root attribute version should be a whole number ({FORMAT} version, e.g. "
+                        f"{VERSION}), found {value!r}")
+    return int(number)
 
 
 def _open_read(path: Path) -> h5py.File:
@@ -57,31 +77,115 @@ def _open_read(path: Path) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as err:
         raise DataError(f"{path} is not a readable HDF5 file: {err}") from None
-    version = f.attrs.get("version")
-    if f.attrs.get("format") == FORMAT and version is not None and int(version) > VERSION:
+    try:
+        if _attribute(f, "format", str(path)) == FORMAT:
+            version = _attribute(f, "version", str(path))
+            if version is not None and _version(version, path) > VERSION:
+                raise DataError(f"{path} uses {FORMAT} version {version}; this itmkit reads up to {VERSION}")
+    except DataError:
         f.close()
-        raise DataError(f"{path} uses {FORMAT} version {version}; this itmkit reads up to {VERSION}")
+        raise
     return f
 
 
-def _is_split_group(name: str, obj: Any) -> bool:
-    """Groups holding a split; a leading dot marks one being written."""
-    return isinstance(obj, h5py.Group) and not name.startswith(".") and "features" in obj
+def _link(group: h5py.Group, name: str) -> Any:
+    """The link `name` in `group` without following it (None if absent): a broken one does not raise."""
+    try:
+        return group.get(name, getlink=True)
+    except (KeyError, OSError, RuntimeError):
+        return None
+
+
+def _is_split_group(f: h5py.File, name: str) -> bool:
+    """Groups holding a split (a `features` entry, whatever its kind); a leading dot marks one being written."""
+    if name.startswith(".") or not isinstance(_link(f, name), h5py.HardLink):
+        return False
+    obj = f.get(name)
+    return isinstance(obj, h5py.Group) and _link(obj, "features") is not None
+
+
+def _object(group: h5py.Group, name: str, where: str) -> Any:
+    """The object `name` in `group` (None if absent), refusing links that leave the file or lead nowhere."""
+    link = _link(group, name)
+    if link is None:
+        return None
+    if isinstance(link, h5py.ExternalLink):
+        raise DataError(f"{where} is an external link to {link.filename}:{link.path}; expected a dataset stored "
+                        f"in this file (copy the data in, e.g. with h5copy)")
+    try:
+        return group[name]
+    except (KeyError, OSError, RuntimeError) as err:
+        raise DataError(f"{where} is a link to {getattr(link, 'path', '?')}, which cannot be opened: {err}") from None
+
+
+def _dataset(group: h5py.Group, name: str, where: str, what: str, *, ndim: int | None = None) -> h5py.Dataset | None:
+    """Dataset `name` of `group` (None if absent), refusing a group, a broken or external link, a dataset
+    without data (an empty dataspace) or of another number of dimensions, each naming `where`."""
+    obj = _object(group, name, where)
+    if obj is None:
+        return None
+    if not isinstance(obj, h5py.Dataset):
+        raise DataError(f"{where} is an HDF5 {type(obj).__name__.lower()}; expected a dataset holding {what}")
+    if obj.shape is None:
+        raise DataError(f"{where} is an empty dataset (no dataspace); expected {what}")
+    if ndim is not None and obj.ndim != ndim:
+        raise DataError(f"{where} has shape {obj.shape}; expected {what}")
+    return obj
+
+
+def _read(group: h5py.Group, name: str, where: str, what: str) -> np.ndarray | None:
+    """A small dataset read whole (None if absent); split_problems checks its shape and dtype."""
+    dataset = _dataset(group, name, where, what)
+    if dataset is None:
+        return None
+    try:
+        return np.asarray(dataset[()])
+    except (OSError, TypeError, ValueError) as err:
+        raise DataError(f"{where} cannot be read: {err}") from None
+
+
+def _captions(dataset: h5py.Dataset, where: str) -> list[str]:
+    """The captions of a 1-D string dataset, each decoded as UTF-8 (the bad one named)."""
+    if dataset.dtype.kind not in ("O", "S", "U") or h5py.check_string_dtype(dataset.dtype) is None \
+            and dataset.dtype.kind == "O":
+        raise DataError(f"{where} should hold strings but has dtype {dataset.dtype}")
+    try:
+        raw = dataset[()]
+    except (OSError, TypeError, ValueError) as err:
+        raise DataError(f"{where} cannot be read: {err}") from None
+    captions = []
+    for i, value in enumerate(raw):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: caption {i} is not UTF-8 text (bad byte at offset {err.start}: "
+                                f"{value[err.start:err.start + 1]!r})") from None
+        captions.append(str(value))
+    return captions
 
 
 def split_names(path: str | Path) -> list[str]:
-    """The splits (groups with a `features` dataset) in an HDF5 file."""
+    """The splits (groups with a `features` entry) in an HDF5 file."""
     with _open_read(_resolve(path)) as f:
-        return sorted(name for name, obj in f.items() if _is_split_group(name, obj))
+        return sorted(name for name in f.keys() if _is_split_group(f, name))
 
 
 def read_parts(path_or_dir: str | Path, split: str) -> SplitParts:
     """The unchecked parts of `split`; the file stays open and features stay an h5py.Dataset."""
     path = _resolve(path_or_dir)
     f = _open_read(path)
-    splits = [name for name, obj in f.items() if _is_split_group(name, obj)]
-    if split not in f or not _is_split_group(split, f[split]):
+    try:
+        return _read_group(f, path, split)
+    except BaseException:
         f.close()
+        raise
+
+
+def _read_group(f: h5py.File, path: Path, split: str) -> SplitParts:
+    """read_parts on an open file; every object is fetched as the kind it must be."""
+    splits = [name for name in f.keys() if _is_split_group(f, name)]
+    if not _is_split_group(f, split):
         found = ", ".join(sorted(splits)) if splits else "none"
         raise DataError(
             f"{path} has no split group '/{split}'{did_you_mean(split, splits) if splits else ''}; "
@@ -90,30 +194,26 @@ def read_parts(path_or_dir: str | Path, split: str) -> SplitParts:
     group = f[split]
     files = {part: f"{path}:/{split}/{part}" for part in OPTIONAL_PARTS + ("features", "captions")}
     files["captions_per_image"] = f"{path}:/{split} attribute captions_per_image"
-    if "captions" not in group:
-        f.close()
+    features = _dataset(group, "features", files["features"], "the image features (images, regions, dim)")
+    captions_ds = _dataset(group, "captions", files["captions"], "one caption string per row", ndim=1)
+    if captions_ds is None:
         raise DataError(f"{files['captions']} does not exist (every split needs its captions)")
-    captions_ds = group["captions"]
-    if captions_ds.dtype.kind not in ("O", "S", "U"):
-        f.close()
-        raise DataError(f"{files['captions']} should hold strings but has dtype {captions_ds.dtype}")
-    captions = [str(c) for c in captions_ds.asstr()[()]]
-    per_image = group.attrs.get("captions_per_image")
-    if per_image is not None and not isinstance(per_image, (int, np.integer)):
-        f.close()
+    captions = _captions(captions_ds, files["captions"])
+    per_image = _attribute(group, "captions_per_image", f"{path}:/{split}")
+    if per_image is not None and (not isinstance(per_image, (int, np.integer)) or isinstance(per_image, bool)):
         raise DataError(f"{files['captions_per_image']} should be an integer, found {per_image!r}")
     return SplitParts(
         name=split,
         layout="hdf5",
         source=str(path),
-        features=group["features"],
+        features=features,
         captions=captions,
-        boxes=group["boxes"][()] if "boxes" in group else None,
-        image_sizes=group["image_sizes"][()] if "image_sizes" in group else None,
+        boxes=_read(group, "boxes", files["boxes"], "boxes (images, regions, 4 or 30)"),
+        image_sizes=_read(group, "image_sizes", files["image_sizes"], "width, height per image (images, 2)"),
         files=files,
         declared_captions_per_image=None if per_image is None else int(per_image),
-        region_counts=group["region_counts"][()] if "region_counts" in group else None,
-        caption_index=group["caption_images"][()] if "caption_images" in group else None,
+        region_counts=_read(group, "region_counts", files["region_counts"], "one region count per image"),
+        caption_index=_read(group, "caption_images", files["caption_images"], "the image of each caption"),
     )
 
 

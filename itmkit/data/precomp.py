@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from itmkit.data.split import Split, SplitParts, array_problems, assemble, atomic_path, read_text, text_lines
+from itmkit.data.split import (Split, SplitParts, array_problems, assemble, atomic_path, data_file, read_text,
+                               text_lines)
 from itmkit.errors import DataError
 
 # Rows copied per step when writing features, so a memmap or HDF5 source is streamed.
 CHUNK_IMAGES = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def file_names(split: str) -> dict[str, str]:
@@ -31,6 +33,7 @@ def file_names(split: str) -> dict[str, str]:
 
 def _load_npy(path: Path) -> np.ndarray:
     """Memory-map an .npy file read-only (never read whole), with a DataError if it is not one."""
+    data_file(path, "array file")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
@@ -42,16 +45,27 @@ def read_captions(path: Path) -> list[str]:
     return [line.strip() for line in text_lines(read_text(path, "captions file"))]
 
 
-def _read_ints(path: Path, what: str) -> list[int]:
-    """One integer per non-blank line of a small text file, with the line of a bad one named."""
+def _read_ints(path: Path, what: str, *, blank_lines: bool = True) -> list[int]:
+    """One integer (fitting int64) per line of a small text file, with the line of a bad one named.
+
+    Blank lines are skipped, unless the line number means something (``blank_lines=False``: line j
+    is about caption j, so a skipped line would shift every later one).
+    """
     values = []
     for number, line in enumerate(text_lines(read_text(path, what)), start=1):
         if not line.strip():
-            continue
+            if blank_lines:
+                continue
+            raise DataError(f"{what} {path}, line {number} is blank: expected one integer per line "
+                            f"(line j is about caption j - 1)")
         try:
-            values.append(int(line.strip()))
+            value = int(line.strip())
         except ValueError:
             raise DataError(f"{what} {path}, line {number}: expected an integer, found {line.strip()!r}") from None
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise DataError(f"{what} {path}, line {number}: {line.strip()[:30]} is out of range (expected an "
+                            f"integer that fits 64 bits)")
+        values.append(value)
     return values
 
 
@@ -66,7 +80,7 @@ def read_captions_per_image(path: Path) -> int:
 
 def read_caption_images(path: Path) -> np.ndarray:
     """A `{split}_cap_images.txt`: the image (0-based row of the features) of each caption, one per line."""
-    return np.array(_read_ints(path, "caption-to-image file"), dtype=np.int64)
+    return np.array(_read_ints(path, "caption-to-image file", blank_lines=False), dtype=np.int64)
 
 
 def read_parts(data_dir: str | Path, split: str) -> SplitParts:
@@ -74,14 +88,15 @@ def read_parts(data_dir: str | Path, split: str) -> SplitParts:
     data_dir = Path(data_dir)
     names = file_names(split)
     paths = {part: data_dir / name for part, name in names.items()}
-    if not paths["features"].is_file():
-        raise DataError(f"features file {paths['features']} does not exist")
-    features = _load_npy(paths["features"])
+    features = _load_npy(data_file(paths["features"], "features file"))
     captions = read_captions(paths["captions"])
-    boxes = _load_npy(paths["boxes"]) if paths["boxes"].is_file() else None
-    sizes = _load_npy(paths["image_sizes"]) if paths["image_sizes"].is_file() else None
+    # Optional parts: absent is fine, a folder, a FIFO or a broken link in their place is not.
+    present = {part: data_file(paths[part], f"{part.replace('_', ' ')} file", optional=True) is not None
+               for part in ("boxes", "image_sizes", "region_counts", "captions_per_image", "caption_images")}
+    boxes = _load_npy(paths["boxes"]) if present["boxes"] else None
+    sizes = _load_npy(paths["image_sizes"]) if present["image_sizes"] else None
     # Small per-image and per-caption arrays: read whole.
-    counts = np.asarray(_load_npy(paths["region_counts"])) if paths["region_counts"].is_file() else None
+    counts = np.asarray(_load_npy(paths["region_counts"])) if present["region_counts"] else None
     per_image = paths["captions_per_image"]
     index = paths["caption_images"]
     return SplitParts(
@@ -93,9 +108,9 @@ def read_parts(data_dir: str | Path, split: str) -> SplitParts:
         boxes=boxes,
         image_sizes=sizes,
         files={part: str(path) for part, path in paths.items()},
-        declared_captions_per_image=read_captions_per_image(per_image) if per_image.is_file() else None,
+        declared_captions_per_image=read_captions_per_image(per_image) if present["captions_per_image"] else None,
         region_counts=counts,
-        caption_index=read_caption_images(index) if index.is_file() else None,
+        caption_index=read_caption_images(index) if present["caption_images"] else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,31 @@ CAPTIONS_PER_IMAGE = 5
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
+def data_file(path: str | Path, what: str, *, optional: bool = False) -> Path | None:
+    """`path` if it is a regular file (or a link to one); None if `optional` and nothing is there.
+
+    Checked before opening: a FIFO or a device named like a data file would block the reader
+    forever, and a folder or a dangling link is not "missing", whatever is_file() says.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode  # follows links
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
+        if optional:
+            return None
+        raise DataError(f"{what} {path} does not exist") from None
+    except OSError as err:
+        raise DataError(f"cannot read {what} {path}: {err}") from None
+    if stat.S_ISREG(mode):
+        return path
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise DataError(f"{what} {path} is {kind}; expected a regular file")
+
+
 def read_text(path: str | Path, what: str) -> str:
     """The text of a UTF-8 file, without a leading byte-order mark, lines ending in '\\n'.
 
@@ -28,7 +54,7 @@ def read_text(path: str | Path, what: str) -> str:
     would stick to the first word ('\\ufeffa' -> <unk>) or break JSON, so it is dropped. Newlines
     are universal (\\r\\n and \\r become \\n), as when iterating over a file opened in text mode.
     """
-    path = Path(path)
+    path = data_file(path, what)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -732,7 +758,7 @@ def open_parts(data_dir: str | Path, split: str) -> SplitParts:
         return hdf5.read_parts(data_dir, split)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist")
-    if (data_dir / f"{split}_ims.npy").is_file():
+    if os.path.lexists(data_dir / f"{split}_ims.npy"):  # a folder or a broken link too: read_parts says what it is
         return precomp.read_parts(data_dir, split)
     h5_path = hdf5.find_file(data_dir)
     if h5_path is not None:
