@@ -39,6 +39,29 @@ def _remove(*names):
     return lambda d: [(d / n).unlink() for n in names]
 
 
+def _boxes(split: str, change):
+    """Valid xyxy boxes and image sizes for `split`, then ``change(boxes, sizes)``."""
+    def corrupt(d: Path) -> None:
+        n, r = np.load(d / f"{split}_ims.npy", mmap_mode="r").shape[:2]
+        boxes = np.tile(np.array([10, 20, 50, 60], np.float32), (n, r, 1))
+        sizes = np.full((n, 2), 100, np.int64)
+        change(boxes, sizes)
+        np.save(d / f"{split}_boxes.npy", boxes)
+        np.save(d / f"{split}_sizes.npy", sizes)
+    return corrupt
+
+
+def _set(array, index, value):
+    array[index] = value
+
+
+def _replace_in_hdf5(name: str, make):
+    def edit(f) -> None:
+        del f[name]
+        make(f, name)
+    return lambda d: _to_hdf5(d, edit)
+
+
 # name -> (corruption, what stderr must say, extra --set for train, whether a plain `data check` sees it too)
 CASES = {
     "missing test split": (_remove("test_ims.npy", "test_caps.txt"), "has no test split 'test' (data.test_split)", [], True),
@@ -63,6 +86,40 @@ CASES = {
                                "train_ims.npy has NaN or inf values in 1 image(s) (the first is image 2)", [], True),
     "inf in a test feature": (lambda d: _set_features(d, "test", lambda f: np.where(np.arange(6)[:, None, None] == 4, np.inf, f)),
                               "test_ims.npy has NaN or inf values in 1 image(s) (the first is image 4)", [], True),
+    "inf in a train box": (_boxes("train", lambda b, s: _set(b, (3, 1, 2), np.inf)),
+                           "train_boxes.npy has NaN or inf values in 1 image(s) (the first is image 3)", [], True),
+    "negative image size": (_boxes("dev", lambda b, s: _set(s, 1, -5)),
+                            "dev_sizes.npy should hold each image's width and height in pixels, finite and positive, "
+                            "but 1 image(s) (the first is image 1) do not: image 1 has (-5, -5)", [], True),
+    "zero image size": (_boxes("test", lambda b, s: _set(s, (2, 0), 0)), "image 2 has (0, 100)", [], True),
+    "zero regions per image": (lambda d: _set_features(d, "test", lambda f: f[:, :0]),
+                               "0 regions per image; every image needs at least one region row", [], True),
+    "zero-wide features": (lambda d: _set_features(d, "dev", lambda f: f[..., :0]),
+                           "0-wide features; each region needs a feature vector", [], True),
+    "float64 beyond float32": (lambda d: _set_features(d, "train", lambda f: np.where(
+        np.arange(len(f))[:, None, None] == 5, 1e39, f.astype(np.float64))),
+        "train_ims.npy has NaN or inf values in 1 image(s) (the first is image 5); its float64 values are finite "
+        "but beyond float32's range", [], True),
+    "huge caption image index": (lambda d: (d / "test_cap_images.txt").write_text(
+        "9999999999999999999999\n" + "0\n" * 29), "test_cap_images.txt, line 1: 9999999999999999999999 is out of range",
+        [], True),
+    "boolean region counts": (lambda d: np.save(d / "dev_region_counts.npy", np.ones(6, bool)),
+                              "dev_region_counts.npy should hold integer region counts (int64) but has dtype bool",
+                              [], True),
+    "folder named like features": (lambda d: [_remove("test_ims.npy")(d), (d / "test_ims.npy").mkdir()],
+                                   "test_ims.npy is a folder; expected a regular file", [], True),
+    "FIFO named like captions": (lambda d: [_remove("test_caps.txt")(d), __import__("os").mkfifo(d / "test_caps.txt")],
+                                 "test_caps.txt is a FIFO (named pipe); expected a regular file", [], True),
+    "hdf5 version not a number": (lambda d: _to_hdf5(d, lambda f: f.attrs.__setitem__("version", "one")),
+                                  "root attribute version should be a whole number", [], True),
+    "hdf5 features a group": (_replace_in_hdf5("test/features", lambda f, n: f.create_group(n)),
+                              "data.h5:/test/features is an HDF5 group; expected a dataset", [], True),
+    "hdf5 features an external link": (_replace_in_hdf5("test/features", lambda f, n: f.__setitem__(
+        n, h5py.ExternalLink("missing.h5", "/x"))), "data.h5:/test/features is an external link to missing.h5:/x",
+        [], True),
+    "hdf5 captions not UTF-8": (_replace_in_hdf5("dev/captions", lambda f, n: f.create_dataset(
+        n, data=np.array([b"\xff\xfe"] * 30, dtype=object), dtype=h5py.string_dtype("utf-8"))),
+        "data.h5:/dev/captions: caption 0 is not UTF-8 text", [], True),
     "train smaller than one batch": (lambda d: write_tiny(d, {"train": 1}),
                                      "has 5 captions, fewer than one batch of train.batch_size = 8", [], False),
     "coco protocol on a small test split": (lambda d: None, "protocol coco-5k needs the 5000-image COCO test split",
