@@ -310,3 +310,23 @@ def test_fifo_named_data_h5_is_refused(tmp_path):
     os.mkfifo(tmp_path / "data.h5")
     found = " ".join(check_dataset(tmp_path))
     assert f"HDF5 file {tmp_path / 'data.h5'} is a FIFO (named pipe); expected a regular file" in found
+
+
+def test_unreadable_hdf5_features_are_a_problem_not_a_crash(tmp_path):
+    """A chunk that cannot be decoded (corrupt, or a filter this h5py lacks) is named, not a traceback."""
+    path = h5data(tmp_path)
+
+    def gzip_features(f):
+        data = f["test/features"][()]
+        del f["test/features"]
+        f.create_dataset("test/features", data=data, chunks=(1, R, F), compression="gzip")
+    edit(path, gzip_features)
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f["test/features"].id.get_chunk_info(1).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + 8] = b"\xff" * 8  # no longer a deflate stream
+    path.write_bytes(bytes(raw))
+    found = " ".join(check_dataset(tmp_path))
+    assert "data.h5:/test/features cannot be read:" in found, found

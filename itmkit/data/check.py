@@ -123,8 +123,13 @@ def _split_checks(parts: SplitParts) -> list[str]:
     problems = split_problems(parts)
     shape = image_shape(parts)
     if shape is not None and 0 not in shape[1:] and np.issubdtype(parts.features.dtype, np.floating):
-        bad, padded, differ = _scan_features(parts)
-        problems += [_nonfinite_problem(parts, bad), _padding_problem(parts, padded), _repeat_problem(parts, differ)]
+        try:
+            bad, padded, differ = _scan_features(parts)
+        except OSError as err:  # e.g. an HDF5 chunk that is corrupt or needs a filter this h5py lacks
+            problems.append(f"{parts.file('features')} cannot be read: {err}.")
+        else:
+            problems += [_nonfinite_problem(parts, bad), _padding_problem(parts, padded),
+                         _repeat_problem(parts, differ)]
     problems.append(_empty_captions_problem(parts))
     return [p for p in problems if p]
 
