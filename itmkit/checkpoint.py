@@ -28,7 +28,7 @@ from itmkit import __version__
 from itmkit.build import DataPorts, ITMModel, build_model
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, DataError
-from itmkit.recipe import parse_recipe
+from itmkit.recipe import Recipe, parse_recipe
 
 TRAINER_PREFIXES = ("optimizer.", "rng.")
 # Bounds on the dims a checkpoint's metadata may claim, so that an edited number is refused with a
@@ -305,6 +305,43 @@ def _param_group(group: Any) -> bool:
 def _state_key(name: str) -> bool:
     index, dot, key = name.partition(".")
     return bool(dot and key) and index.isascii() and index.isdigit()
+
+
+# What a resumed run may change: running more (or fewer) epochs continues the same training.
+RESUMABLE_CHANGES = ("train.epochs",)
+
+
+def _flat(value: Any, key: str = "") -> dict[str, Any]:
+    """A recipe dict as {key path: value}, list items as ``match[0].weight``."""
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _flat(item, f"{key}.{name}" if key else name).items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{key}[{i}]").items()}
+    return {key: value}
+
+
+def recipe_changes(started: Recipe, now: Recipe) -> list[str]:
+    """``KEY: OLD -> NEW`` for each recipe key that differs between a run's start and now, except
+    the ones a resume may change (``RESUMABLE_CHANGES``); [] when the run can go on as it was."""
+    old, new = _flat(started.to_dict()), _flat(now.to_dict())
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "(none)"  # a stage's parameter, or a match branch
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in sorted(old.keys() | new.keys())
+            if key not in RESUMABLE_CHANGES and (key not in old or key not in new or old[key] != new[key])]
+
+
+def check_resumed_recipe(path: str | Path, recipe: Recipe) -> None:
+    """Refuse to ``--resume`` the run whose ``last.safetensors`` is ``path`` with another recipe than it was
+    started with: a mix of two settings in one run is no result of either. Only ``train.epochs`` may change."""
+    started = parse_recipe(read_checkpoint_meta(path).recipe, f"{path} [recipe metadata]")
+    changes = recipe_changes(started, recipe)
+    if changes:
+        lines = "\n".join(f"  - {change}" for change in changes)
+        raise CheckpointError(f"{path}: --resume continues the run with the recipe it was started with; these"
+                              f" settings differ from it (only train.epochs may change on --resume); start a new run"
+                              f" (another --out) to change these:\n{lines}")
 
 
 def resume_training(path: str | Path, model: ITMModel, optimizer: torch.optim.Optimizer,

@@ -9,10 +9,13 @@ maps it onto byte-range locks, which the server must support.)
 Temporary files (``.NAME.PID.HEX.tmp``) are what an atomic write leaves when its process is
 killed between writing and renaming. Only a writer that is gone may lose its temporary: every
 atomic writer (``itmkit.checkpoint.atomic_write_bytes``, ``itmkit.data.split.atomic_path``) puts
-its PID in the name, so a temporary is removed only once that process is dead (``itmkit eval
---save-sims`` into a run folder keeps its file while it writes). A ``.*.tmp`` name without a PID
-(an older itmkit's) is removed once the folder's lock is held, since only the lock holder wrote
-checkpoints there.
+its PID and eight hex digits in the name, so a temporary is removed only once that process is dead
+(``itmkit eval --save-sims`` into a run folder keeps its file while it writes). Any other ``.tmp``
+name is not itmkit's, and stays: a run folder may be a folder of the user's.
+
+A folder is taken as a run folder only if it is empty or an itmkit run made it
+(``check_run_folder``): ``--out`` naming a folder of other files is refused rather than filling it
+with checkpoints and replacing a ``metrics.jsonl`` that may be the user's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ from itmkit.errors import ItmkitError
 
 LOCK_NAME = ".itmkit.lock"
 RUNS_DIR = "runs"
-_PID_TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # split.atomic_path's names
+# Exactly the names atomic_write_bytes and split.atomic_path give: .NAME.PID.HEX.tmp, eight hex digits.
+_PID_TEMP = re.compile(r"^\.(.+)\.([1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp$")
+# What an itmkit run leaves in its folder; a checkpoint counts when its metadata says itmkit wrote it.
+RUN_CHECKPOINTS = ("last.safetensors", "model_best.safetensors")
+RUN_OUTPUTS = (*RUN_CHECKPOINTS, "metrics.jsonl", "test_metrics.json")
 
 
 class RunFolderBusy(ItmkitError):
@@ -136,21 +143,59 @@ def own_run_folder(folder: str | Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def _temp_owner(name: str) -> int | None:
+def temp_owner(name: str) -> int | None:
+    """The writer's PID if ``name`` is an itmkit temporary (``.NAME.PID.HEX.tmp``), else None."""
     match = _PID_TEMP.match(name)
-    return int(match.group(1)) if match else None
+    return int(match.group(2)) if match else None
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete ``.*.tmp`` files left by killed writers; call only while holding the folder's lock."""
+    """Delete the temporaries of itmkit writers that died; call only while holding the folder's lock.
+
+    Only names of the exact form the atomic writers give are touched, and only once their PID is
+    dead: a ``.notes.tmp`` or ``.a.b.tmp`` of the user's stays.
+    """
     removed = []
     for tmp in folder.glob(".*.tmp"):
-        owner = _temp_owner(tmp.name)
-        if owner is not None and owner != os.getpid() and pid_alive(owner):
-            continue  # a live process is writing it
+        owner = temp_owner(tmp.name)
+        if owner is None or (owner != os.getpid() and pid_alive(owner)) or not tmp.is_file():
+            continue  # not itmkit's, or a live process is writing it
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
+
+
+def _written_by_itmkit(checkpoint: Path) -> bool:
+    from itmkit.checkpoint import read_metadata  # imported here: checkpoint imports the model stack
+
+    try:
+        return "itmkit_version" in read_metadata(checkpoint)
+    except ItmkitError:
+        return False
+
+
+def check_run_folder(folder: str | Path) -> list[str]:
+    """What of an earlier itmkit run ``folder`` holds (checkpoints, metrics); [] for a new or empty folder.
+
+    An existing folder holding other files, without the lock file every run creates or a checkpoint
+    itmkit wrote, is not a run folder: training into it would replace a ``metrics.jsonl`` or
+    ``recipe.toml`` of the user's, so it is refused naming what is there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    try:
+        entries = sorted(p.name for p in folder.iterdir())
+    except OSError as exc:
+        raise ItmkitError(f"cannot use {folder} as a run folder: {exc.strerror or exc} (choose another with --out)") from None
+    if not entries:
+        return []
+    is_run = LOCK_NAME in entries or any(_written_by_itmkit(folder / name) for name in RUN_CHECKPOINTS if name in entries)
+    if not is_run:
+        shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
+        raise ItmkitError(f"--out {folder} is a folder of other files, not an itmkit run folder (it holds {shown});"
+                          " train into a new or empty folder with --out, so nothing there is overwritten")
+    return [name for name in RUN_OUTPUTS if name in entries]
 
 
 # Folders named before generators put their PID in the name are another's only while recent.

@@ -23,6 +23,7 @@ from itmkit.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     optimizer_to_tensors,
+    check_resumed_recipe,
     resume_training,
     save_checkpoint,
 )
@@ -33,7 +34,7 @@ from itmkit.evaluate import evaluate
 from itmkit.preflight import check_model_fits, check_training_data
 from itmkit.progress import task
 from itmkit.recipe import Recipe
-from itmkit.runs import own_run_folder
+from itmkit.runs import check_run_folder, own_run_folder
 from itmkit.types import Regions, Tokens
 
 BEST, LAST = "model_best.safetensors", "last.safetensors"
@@ -161,9 +162,16 @@ def train(
     """Train ``recipe`` into ``out_dir``; returns the test metrics of the best dev checkpoint.
 
     The run folder is held for the whole run (a second run into it is refused); temporaries that
-    a killed run left there are removed first (``itmkit.runs``).
+    a killed run left there are removed first (``itmkit.runs``). A folder of other files than a
+    run's is refused, and ``resume`` continues only with the recipe the run was started with.
     """
+    earlier = check_run_folder(out_dir)  # refuses a folder of the user's files
     with own_run_folder(out_dir) as out:
+        if resume and (out / LAST).exists():
+            check_resumed_recipe(out / LAST, recipe)  # before any data is read: only train.epochs may change
+        elif earlier and not resume:
+            log(f"{out} holds an earlier run ({', '.join(earlier)}): starting afresh replaces its checkpoints and"
+                " metrics; --resume continues that run instead")
         return _train(recipe, out, device=device, resume=resume, progress=progress, log=log)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cliutil import invoke
+from cliutil import assert_clean_failure, flat, invoke
 from itmkit import datasets
 from itmkit.errors import DataError, ItmkitError
 from itmkit.recipe import load_recipe
@@ -91,15 +91,65 @@ def test_the_lock_holds_within_one_process_and_is_released_after(tmp_path):
 
 def test_only_dead_writers_temporaries_are_removed(tmp_path, live_pid, dead_pid):
     names = {
-        "checkpoint (no PID: only the lock holder writes them)": ".last.safetensors.k2j4h1.tmp",
         "dead writer": f".metrics.jsonl.{dead_pid}.0123abcd.tmp",
         "live writer": f".recipe.toml.{live_pid}.0123abcd.tmp",
     }
-    for name in names.values():
+    # Not of the form .NAME.PID.HEX.tmp (eight hex digits) the atomic writers give: the user's, kept.
+    users = [".notes.tmp", ".a.b.tmp", ".last.safetensors.k2j4h1.tmp", f".draft.{dead_pid}.tmp",
+             f".x.{dead_pid}.0123ABCD.tmp", f".x.{dead_pid}.0123abcd9.tmp", f".{dead_pid}.0123abcd.tmp"]
+    for name in [*names.values(), *users]:
         (tmp_path / name).write_text("partial")
     removed = remove_stale_temporaries(tmp_path)
-    assert sorted(p.name for p in removed) == sorted([names["dead writer"], names["checkpoint (no PID: only the lock holder writes them)"]])
-    assert [p.name for p in tmp_path.glob(".*.tmp")] == [names["live writer"]]
+    assert [p.name for p in removed] == [names["dead writer"]]
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == sorted([names["live writer"], *users])
+
+
+def test_training_into_a_folder_of_the_users_files_is_refused_and_touches_nothing(data, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.toml", data)
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    files = {"metrics.jsonl": '{"mine": 1}\n', ".notes.tmp": "draft", ".a.b.tmp": "draft", "recipe.toml": "x = 1\n"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    message = assert_clean_failure(invoke("train", str(recipe), "--out", str(mine), "--device", "cpu"))
+    assert f"--out {mine} is a folder of other files, not an itmkit run folder (it holds .a.b.tmp, .notes.tmp," in message
+    assert {p.name: p.read_text() for p in mine.iterdir()} == files  # no lock file, nothing replaced
+
+
+def test_rerunning_into_a_run_folder_says_what_it_replaces(data, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.toml", data)
+    run = tmp_path / "run"
+    assert invoke("train", str(recipe), "--out", str(run), "--device", "cpu").returncode == 0
+    (run / ".notes.tmp").write_text("mine")
+    again = invoke("train", str(recipe), "--out", str(run), "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert (f"{run} holds an earlier run (last.safetensors, model_best.safetensors, metrics.jsonl, test_metrics.json):"
+            " starting afresh replaces its checkpoints and metrics; --resume continues that run instead") in flat(again.stderr)
+    assert (run / ".notes.tmp").read_text() == "mine"
+    # A folder holding only a checkpoint itmkit wrote (its lock file deleted) is still a run folder.
+    for path in run.iterdir():
+        if path.name != "last.safetensors":
+            path.unlink()
+    assert invoke("train", str(recipe), "--out", str(run), "--device", "cpu").returncode == 0
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_runs_recipe(data, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.toml", data)
+    run = tmp_path / "run"
+    args = ["train", str(recipe), "--out", str(run), "--device", "cpu"]
+    assert invoke(*args, "--set", "train.epochs=2").returncode == 0
+    started = (run / "recipe.toml").read_text()
+    last = (run / "last.safetensors").read_bytes()
+    changed = invoke(*args, "--resume", "--set", "train.epochs=3", "--set", "train.lr=0.5", "--set", "loss.margin=5.0")
+    message = assert_clean_failure(changed)
+    assert "start a new run (another --out) to change these" in message
+    listed = [line.strip() for line in changed.stderr.splitlines() if line.strip().startswith("- ")]
+    assert listed == ["- loss.margin: 0.2 -> 5.0", "- train.lr: 0.0002 -> 0.5"]  # epochs may change: not listed
+    assert (run / "recipe.toml").read_text() == started and (run / "last.safetensors").read_bytes() == last
+    extended = invoke(*args, "--resume", "--set", "train.epochs=3")
+    assert extended.returncode == 0, extended.stderr
+    assert "resuming" in extended.stderr
+    assert load_recipe(run / "recipe.toml").train.epochs == 3
 
 
 def _fake_generator(calls: list, gate: threading.Event | None = None):
