@@ -98,8 +98,8 @@ def _build_ports(recipe, path: str):
     from itmkit.build import DataPorts
     from itmkit.data.shapes import SHAPES_FEATURE_DIM, SHAPES_REGIONS
     from itmkit.data.vocab import Vocabulary
-    from itmkit.datasets import (BUILTIN, builtin_folder, builtin_words, data_ports, open_named_split, resolve_data_dir,
-                                 text_vocabulary)
+    from itmkit.datasets import (BUILTIN, builtin_folder, builtin_words, data_ports, is_dataset_path, open_named_split,
+                                 resolve_data_dir, text_vocabulary)
 
     if path == BUILTIN and not (builtin_folder() / "shapes.json").exists():
         # Printing a stage tree is no reason to render 6,500 images: the built-in dims are constants
@@ -109,7 +109,7 @@ def _build_ports(recipe, path: str):
         ports = DataPorts(SHAPES_FEATURE_DIM, len(vocab), SHAPES_REGIONS, mask_id=getattr(vocab, "mask_id", None))
         return ports, (f"built-in 'shapes', not generated yet ({SHAPES_REGIONS} x {SHAPES_FEATURE_DIM}-d regions,"
                        f" {len(vocab)} words; `itmkit train` generates it)")
-    if path == BUILTIN or Path(path).is_dir():
+    if path == BUILTIN or is_dataset_path(path):
         folder = resolve_data_dir(path, log=err.print)
         train = open_named_split(folder, "train")
         vocab = text_vocabulary(recipe, folder, train)
@@ -139,6 +139,7 @@ def train(
     """Train a recipe, validate each epoch, keep the best checkpoint, print the test R@K table."""
     from itmkit.progress import make_progress
     from itmkit.recipe import load_recipe
+    from itmkit.outputs import check_output_folder
     from itmkit.runs import default_run_folder
     from itmkit.train import train as run_training
 
@@ -147,6 +148,8 @@ def train(
         overrides.append(f"data.path={json.dumps(data)}")
     r = load_recipe(recipe, overrides)
     folder = out_dir or default_run_folder(r.info.name)
+    if out_dir:
+        check_output_folder(out_dir, "--out", create_parents=True)
     dev = _device(device)
     err.print(f"training {r.info.name} on {r.data.path} ({dev}), run folder {folder}")
     with make_progress() as progress:
@@ -177,8 +180,11 @@ def eval_(
     from itmkit.preflight import check_eval_data
     from itmkit.evaluation import PROTOCOLS, protocol_metrics
     from itmkit.errors import did_you_mean
+    from itmkit.outputs import check_output_file
     from itmkit.progress import make_progress
 
+    if save_sims:
+        check_output_file(save_sims, "--save-sims", inputs=tuple(checkpoints), example="sims.npy")
     dev = _device(device)
     loaded = [load_checkpoint(path, dev) for path in checkpoints]
     first = loaded[0].model.recipe
@@ -222,7 +228,9 @@ def import_(
 ) -> None:
     """Convert an official checkpoint into an itmkit checkpoint that `itmkit eval` uses directly."""
     from itmkit.importing import get_importers, import_checkpoint
+    from itmkit.outputs import check_output_file
 
+    check_output_file(output, "-o", inputs=(checkpoint, vocab), example="model.safetensors")
     written = import_checkpoint(name, checkpoint, vocab, output, get_importers(),
                                 note=lambda line: err.print(f"note: {escape(line)}"))
     out.print(f"wrote {written}")
@@ -267,7 +275,11 @@ def stages(
     if describe is not None:
         if describe not in registry.stages:
             raise ItmkitError(f"unknown stage {describe!r}" + did_you_mean(describe, registry.stages))
-        classes = [registry.stages[describe]]
+        described = registry.stages[describe]
+        if kind is not None and described.kind != kind:
+            raise ItmkitError(f"--describe {describe} is a stage of kind {described.kind!r}, not {kind!r} (--kind);"
+                              f" leave out --kind, or use --kind {described.kind}")
+        classes = [described]
     for cls in classes:
         inputs = ", ".join(s.describe() for s in stage_inputs(cls))
         outputs = " | ".join(p.__name__ for p in stage_outputs(cls))
@@ -297,18 +309,37 @@ def data_synth(
     from itmkit.data.shapes import DEFAULT_SIZES, write_shapes
     from itmkit.progress import make_progress, task
 
-    chosen = dict(DEFAULT_SIZES)
-    if sizes:
-        chosen = {}
-        for item in sizes.split(","):
-            name, _, count = item.partition("=")
-            if not count.strip().isdigit():
-                raise ItmkitError(f"--sizes expects NAME=COUNT pairs like train=5000,test=1000, got {item!r}")
-            chosen[name.strip()] = int(count)
+    chosen = dict(DEFAULT_SIZES) if sizes is None else _synth_sizes(sizes)
     with make_progress() as progress, task(progress, "render and extract", None) as update:
         write_shapes(out_dir, seed=seed, sizes=chosen, images=images,
                      progress=lambda name, done, total: update(done, total, info=name))
     out.print(f"wrote {', '.join(f'{k} ({v} images)' for k, v in chosen.items())} to {out_dir}")
+
+
+# Images per generated split: the default train split is 5,000; a million is about 40 GB of features.
+MAX_SYNTH_IMAGES = 1_000_000
+
+
+def _synth_sizes(text: str) -> dict[str, int]:
+    """``--sizes train=5000,test=1000`` as {split: images}: plain split names, each once, 1 to MAX_SYNTH_IMAGES."""
+    from itmkit.runs import name_problem
+
+    usage = "--sizes expects NAME=COUNT pairs like train=5000,test=1000"
+    if not text.strip():
+        raise ItmkitError(f"{usage}, got an empty value (leave out --sizes for the default sizes)")
+    chosen: dict[str, int] = {}
+    for item in text.split(","):
+        name, equals, count = (part.strip() for part in item.partition("="))
+        problem = name_problem(name, "--sizes split name")
+        if not equals or problem or not (count.isascii() and count.isdigit()):
+            raise ItmkitError(f"{usage}, got {item!r}" + (f": {problem}" if equals and problem else ""))
+        if name in chosen:
+            raise ItmkitError(f"--sizes names split {name!r} twice")
+        if not 1 <= int(count) <= MAX_SYNTH_IMAGES:
+            raise ItmkitError(f"--sizes {name}={count}: the image count must be a whole number from 1 to"
+                              f" {MAX_SYNTH_IMAGES:,}")
+        chosen[name] = int(count)
+    return chosen
 
 
 @data_app.command("check")
@@ -327,8 +358,9 @@ def data_check(
         from itmkit.recipe import load_recipe
 
         use = DataUse.of_recipe(load_recipe(recipe, set_ or []))
-    if not data_dir.is_dir():
-        raise ItmkitError(f"data folder not found: {data_dir}")
+    from itmkit.datasets import resolve_data_dir
+
+    data_dir = resolve_data_dir(str(data_dir))  # a folder, or an HDF5 file itself
     table = Table(title=str(data_dir))
     for column in ("split", "layout", "images", "captions", "regions", "feature dim", "boxes"):
         table.add_column(column)
@@ -364,9 +396,16 @@ def data_convert(
     from itmkit.data import bottomup
     from itmkit.data.hdf5 import convert_precomp_to_hdf5
     from itmkit.data.split import read_text, text_lines
+    from itmkit.outputs import check_output_file, check_output_folder
     from itmkit.progress import make_progress, task
 
-    if src.is_dir() and any(src.glob("*_ims.npy")):
+    precomp_source = src.is_dir() and any(src.glob("*_ims.npy"))
+    # DST is an HDF5 file, else a precomp folder: a new dataset's folders may be made, as a run's are.
+    if precomp_source or fmt == "hdf5":
+        check_output_file(dst, "DST", inputs=(src,), example="data.h5", create_parents=True)
+    else:
+        check_output_folder(dst, "DST", create_parents=True)
+    if precomp_source:
         if fmt not in (None, "hdf5"):
             raise ItmkitError(f"{src} is already in the precomp layout; --format hdf5 converts it")
         done = convert_precomp_to_hdf5(src, dst, splits.split(",") if splits else None)
@@ -395,7 +434,9 @@ def data_vocab(
     """Build a vocabulary in the official JSON format from a dataset's captions."""
     from itmkit.data.split import open_split
     from itmkit.data.vocab import Vocabulary
+    from itmkit.outputs import check_output_file
 
+    check_output_file(output, "-o", inputs=(data_dir,), example="vocab.json")
     captions = [c for name in splits.split(",") for c in open_split(data_dir, name.strip()).captions]
     vocab = Vocabulary.build(captions, threshold=threshold)
     vocab.save(output)

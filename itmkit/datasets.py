@@ -18,6 +18,8 @@ from itmkit.runs import hold_lock, plain_name, remove_dead_temp_dirs, temp_dir_p
 
 BUILTIN = "shapes"
 GENERATION_LOCK = ".shapes.lock"
+HDF5_SUFFIXES = (".h5", ".hdf5")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def cache_home() -> Path:
@@ -25,12 +27,39 @@ def cache_home() -> Path:
     return Path(os.environ.get("ITMKIT_HOME") or Path.home() / ".cache" / "itmkit")
 
 
+def is_hdf5_file(path: Path) -> bool:
+    """Whether ``path`` is a file meant as an HDF5 dataset: by its suffix, else by HDF5's signature."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in HDF5_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def is_dataset_path(path: str | Path) -> bool:
+    """Whether ``path`` is where a dataset can be: a folder, or an HDF5 file (docs/data.md)."""
+    path = Path(path).expanduser()
+    return path.is_dir() or is_hdf5_file(path)
+
+
 def resolve_data_dir(path: str, progress=None, log=None) -> Path:
-    """A dataset folder; 'shapes' is the built-in dataset, generated once into the cache."""
+    """A dataset folder or HDF5 file; 'shapes' is the built-in dataset, generated once into the cache.
+
+    Every reader of splits (``split.open_parts``, ``available_splits``) takes either: naming the
+    HDF5 file is also how a folder holding several of them says which one it means.
+    """
     if path != BUILTIN:
         folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise DataError(f"data folder not found: {folder} (use 'shapes' for the built-in dataset, or `itmkit data synth DIR`)")
+        if folder.is_file() and not is_hdf5_file(folder):
+            raise DataError(f"data path {folder} is a file but not an HDF5 file (.h5, .hdf5): a dataset is a folder"
+                            " (precomp or HDF5 files) or an HDF5 file itself")
+        if not is_dataset_path(folder):
+            raise DataError(f"data folder not found: {folder} (a folder or an HDF5 file; use 'shapes' for the"
+                            " built-in dataset, or `itmkit data synth DIR`)")
         return folder
     folder = builtin_folder()
     if (folder / "shapes.json").exists():
@@ -89,10 +118,11 @@ def _clean_dead_generations(cache: Path) -> None:
 
 
 def resolve_vocab(vocab_path: str, data_dir: Path, train: Split) -> Vocabulary:
-    """The recipe's vocabulary file, else DATA/vocab.json, else one built from the train captions."""
+    """The recipe's vocabulary file, else DATA/vocab.json (beside DATA when it is an HDF5 file), else one
+    built from the train captions."""
     if vocab_path:
         return Vocabulary.load(vocab_path)
-    default = data_dir / "vocab.json"
+    default = (data_dir if data_dir.is_dir() else data_dir.parent) / "vocab.json"
     if default.exists():
         return Vocabulary.load(default)
     return Vocabulary.build(train.captions, threshold=4)
@@ -132,9 +162,9 @@ def recorded_data_dir(data: str | None, recorded: str, checkpoint: str | Path, l
     """
     if data:
         return resolve_data_dir(data, log=log)
-    if recorded != BUILTIN and not Path(recorded).expanduser().is_dir():
-        raise DataError(f"{checkpoint} was trained on data.path = {recorded!r}, which is not a folder here;"
-                        " pass the dataset to evaluate on with --data DIR")
+    if recorded != BUILTIN and not is_dataset_path(recorded):
+        raise DataError(f"{checkpoint} was trained on data.path = {recorded!r}, which is not a folder or HDF5 file"
+                        " here; pass the dataset to evaluate on with --data DIR")
     folder = resolve_data_dir(recorded, log=log)
     if log and recorded != BUILTIN:
         log(f"data: {folder} (the data.path recorded in {checkpoint}; --data overrides it)")

@@ -67,6 +67,14 @@ class DataSpec:
     protocol: str = param("f30k-1k", "evaluation protocol of the test split", choices=PROTOCOLS)
     dev_images: int = param(1000, "validate on the first N dev images (the official code: 1000)", ge=1, le=10**7)
 
+    @path.validator
+    def _given(self, attribute: Any, value: str) -> None:
+        # An empty path is the current folder to pathlib: a run would read (or a check pass on)
+        # whatever split files happen to lie where itmkit was started.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"data.path = {value!r} names no dataset: give a dataset folder, an HDF5 file,"
+                             " or 'shapes' for the built-in dataset")
+
 
 @attrs.frozen(kw_only=True)
 class TrainSpec:

@@ -96,8 +96,8 @@ def test_a_recorded_data_path_that_is_not_here_asks_for_data(checkpoint, data, t
     moved = edited_checkpoint(checkpoint, tmp_path / "moved.safetensors", f'path = "{data}"', 'path = "/nowhere/f30k_precomp"')
     result = invoke("eval", str(moved), "--device", "cpu")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert (f"{moved} was trained on data.path = '/nowhere/f30k_precomp', which is not a folder here; pass the dataset"
-            " to evaluate on with --data DIR") in " ".join(result.stderr.split())
+    assert (f"{moved} was trained on data.path = '/nowhere/f30k_precomp', which is not a folder or HDF5 file here; pass"
+            " the dataset to evaluate on with --data DIR") in " ".join(result.stderr.split())
     assert invoke("eval", str(moved), "--data", str(data), "--device", "cpu").returncode == 0
 
 
