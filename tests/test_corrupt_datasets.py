@@ -3,6 +3,7 @@ lines naming the file, no traceback, and nothing trained (no metrics, no checkpo
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -108,7 +109,7 @@ CASES = {
                               [], True),
     "folder named like features": (lambda d: [_remove("test_ims.npy")(d), (d / "test_ims.npy").mkdir()],
                                    "test_ims.npy is a folder; expected a regular file", [], True),
-    "FIFO named like captions": (lambda d: [_remove("test_caps.txt")(d), __import__("os").mkfifo(d / "test_caps.txt")],
+    "FIFO named like captions": (lambda d: [_remove("test_caps.txt")(d), os.mkfifo(d / "test_caps.txt")],
                                  "test_caps.txt is a FIFO (named pipe); expected a regular file", [], True),
     "hdf5 version not a number": (lambda d: _to_hdf5(d, lambda f: f.attrs.__setitem__("version", "one")),
                                   "root attribute version should be a whole number", [], True),

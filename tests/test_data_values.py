@@ -4,6 +4,10 @@ float64 beyond float32, and the kind of file where a data file is expected. Each
 
 from __future__ import annotations
 
+import os
+import re
+
+import h5py
 import numpy as np
 import pytest
 
@@ -150,7 +154,7 @@ def test_zero_regions_or_zero_wide_features_are_refused(data, shape, message):
     (data / "test_boxes.npy").unlink()
     found = problems_of(data)
     assert f"{data / 'test_ims.npy'} " in found
-    assert __import__("re").search(message, found), found
+    assert re.search(message, found), found
     assert "padding" not in found  # F = 0 was reported as zero padding
     with pytest.raises(DataError, match=message):
         open_split(data, "test")
@@ -180,8 +184,6 @@ def test_float64_beyond_float32_range_is_non_finite(data, shape):
 def test_float64_beyond_float32_range_in_hdf5(tmp_path):
     precomp.write_split(tmp_path, "train", **arrays(0, 8))
     hdf5.write_split(tmp_path / "data.h5", "test", **arrays(1))
-    import h5py
-
     with h5py.File(tmp_path / "data.h5", "a") as f:
         features = f["test/features"][()].astype(np.float64)
         features[3, 0, 0] = 1e39
@@ -230,8 +232,6 @@ def h5data(tmp_path):
 
 
 def edit(path, change) -> None:
-    import h5py
-
     with h5py.File(path, "a") as f:
         change(f)
 
@@ -253,15 +253,15 @@ def _replace_with(name, make):
     (_replace_with("test/boxes", lambda f, n: f.create_group(n)), r"/test/boxes is an HDF5 group"),
     (_replace_with("test/image_sizes", lambda f, n: f.create_group(n)), r"/test/image_sizes is an HDF5 group"),
     (_replace_with("test/captions", lambda f, n: f.create_group(n)), r"/test/captions is an HDF5 group"),
-    (_replace_with("test/features", lambda f, n: f.__setitem__(n, __import__("h5py").ExternalLink("gone.h5", "/x"))),
+    (_replace_with("test/features", lambda f, n: f.__setitem__(n, h5py.ExternalLink("gone.h5", "/x"))),
      r"/test/features is an external link to gone.h5:/x; expected a dataset stored in this file"),
-    (_replace_with("test/boxes", lambda f, n: f.__setitem__(n, __import__("h5py").SoftLink("/nowhere"))),
+    (_replace_with("test/boxes", lambda f, n: f.__setitem__(n, h5py.SoftLink("/nowhere"))),
      r"/test/boxes is a link to /nowhere, which cannot be opened"),
     (_replace_with("test/captions", lambda f, n: f.create_dataset(
         n, data=np.array([b"a photo"] * 7 + [b"\xff\xfe"] + [b"a photo"] * 12, dtype=object),
-        dtype=__import__("h5py").string_dtype("utf-8"))),
+        dtype=h5py.string_dtype("utf-8"))),
      r"/test/captions: caption 7 is not UTF-8 text \(bad byte at offset 0: b'\\xff'\)"),
-    (_replace_with("test/captions", lambda f, n: f.create_dataset(n, data="one string", dtype=__import__("h5py").string_dtype())),
+    (_replace_with("test/captions", lambda f, n: f.create_dataset(n, data="one", dtype=h5py.string_dtype())),
      r"/test/captions has shape \(\); expected one caption string per row"),
     (_replace_with("test/region_counts", lambda f, n: f.create_dataset(n, data=np.ones(N, bool))),
      r"/test/region_counts should hold integer region counts \(int64\) but has dtype bool"),
@@ -273,12 +273,10 @@ def test_malformed_hdf5_objects_are_one_data_error(tmp_path, change, message):
     with pytest.raises(DataError, match=message):
         open_split(path, "test")
     found = " ".join(check_dataset(tmp_path))
-    assert __import__("re").search(message, found), found
+    assert re.search(message, found), found
 
 
 def test_broken_link_at_the_root_does_not_break_listing(tmp_path):
-    import h5py
-
     path = h5data(tmp_path)
     edit(path, lambda f: f.__setitem__("dev", h5py.ExternalLink("gone.h5", "/dev")))
     assert hdf5.split_names(path) == ["test"]
@@ -289,7 +287,7 @@ def test_broken_link_at_the_root_does_not_break_listing(tmp_path):
 @pytest.mark.parametrize("make, kind", [
     (lambda p: p.symlink_to(p.parent / "nowhere.npy"), r"is a symbolic link to .*nowhere.npy, which does not exist"),
     (lambda p: p.mkdir(), "is a folder; expected a regular file"),
-    (lambda p: __import__("os").mkfifo(p), r"is a FIFO \(named pipe\); expected a regular file"),
+    (lambda p: os.mkfifo(p), r"is a FIFO \(named pipe\); expected a regular file"),
 ])
 @pytest.mark.parametrize("name", ["test_ims.npy", "test_caps.txt", "test_boxes.npy", "test_region_counts.npy",
                                   "test_cap_images.txt"])
@@ -299,13 +297,11 @@ def test_wrong_kind_of_file_is_named_not_taken_as_missing(data, name, make, kind
     path.unlink(missing_ok=True)
     make(path)
     found = problems_of(data)
-    assert __import__("re").search(f"{__import__('re').escape(str(path))} {kind}", found), found
+    assert re.search(f"{re.escape(str(path))} {kind}", found), found
     assert "no split" not in found and "did you mean" not in found
 
 
 def test_fifo_named_data_h5_is_refused(tmp_path):
-    import os
-
     precomp.write_split(tmp_path, "train", **arrays(0, 8))
     os.mkfifo(tmp_path / "data.h5")
     found = " ".join(check_dataset(tmp_path))
@@ -321,8 +317,6 @@ def test_unreadable_hdf5_features_are_a_problem_not_a_crash(tmp_path):
         del f["test/features"]
         f.create_dataset("test/features", data=data, chunks=(1, R, F), compression="gzip")
     edit(path, gzip_features)
-    import h5py
-
     with h5py.File(path, "r") as f:
         offset = f["test/features"].id.get_chunk_info(1).byte_offset
     raw = bytearray(path.read_bytes())
