@@ -142,8 +142,8 @@ def _check_container(path: Path) -> None:
         raise CheckpointError(f"{path}: the file {zeros}, not a PyTorch checkpoint; was the download or copy"
                               " interrupted?")
     if not head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: it starts with {head[:8]!r}, where torch.save"
-                              " writes a zip archive (PK..) or a pickle (\\x80..)")
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: it starts with {head[:8]!r}, where"
+                              " torch.save writes a zip archive (PK..) or a pickle (\\x80..)")
 
 
 def _detail(exc: BaseException) -> str:

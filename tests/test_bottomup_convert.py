@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,3 +290,106 @@ def test_a_precomp_folder_still_converts_to_hdf5(tmp_path):
     np.testing.assert_array_equal(hdf5.read_split(tmp_path / "data.h5", "test").features[()], feats)
     code, _, err = invoke("data", "convert", str(tmp_path / "pre"), str(tmp_path / "x"), "--format", "precomp")
     assert code == 1 and "already in the precomp layout" in err
+
+
+# ------------------------------------------------------------- values that would be written wrong
+
+
+ERRORS.update({
+    "width past float range": (["1", "1e400", "10", "1", b64(np.zeros(4)), b64(np.zeros(DIM))],
+                               r"line 4 \(image 1\): image size \(image_w, image_h\) is inf x 10.0; expected positive,"
+                               r" finite pixel counts"),
+    "negative width": (["1", "-5", "10", "1", b64(np.zeros(4)), b64(np.zeros(DIM))],
+                       r"line 4 \(image 1\): image size \(image_w, image_h\) is -5.0 x 10.0"),
+    "zero height": (["1", "10", "0", "1", b64(np.zeros(4)), b64(np.zeros(DIM))], r"line 4 \(image 1\): image size"),
+    "NaN width": (["1", "nan", "10", "1", b64(np.zeros(4)), b64(np.zeros(DIM))], r"line 4 \(image 1\): image size"),
+    "infinite box": (["1", "10", "10", "1", b64(np.array([0, 0, np.inf, 5])), b64(np.zeros(DIM))],
+                     r"line 4 \(image 1\): the boxes hold non-finite values \(NaN or inf\): 1 value\(s\), the first"
+                     r" in row 0"),
+})
+
+
+def _npz_folder(tmp_path, **bad) -> Path:
+    """Two good per-image .npz files and '9.npz' with the given arrays changed."""
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    for image_id, (feats, boxes) in image_arrays({"1": 3, "2": 2, "9": 3}).items():
+        arrays = dict(x=feats, bbox=boxes, num_bbox=len(feats), image_w=100, image_h=80)
+        np.savez(folder / f"{image_id}.npz", **(arrays | bad if image_id == "9" else arrays))
+    return folder
+
+
+NPZ_ERRORS = {
+    "image_w NaN": (dict(image_w=np.nan), r"9.npz: image size \(image_w, image_h\) is nan x 80.0"),
+    "image_w negative": (dict(image_w=-5), r"9.npz: image size \(image_w, image_h\) is -5.0 x 80.0"),
+    "image_h infinite": (dict(image_h=np.inf), r"9.npz: image size \(image_w, image_h\) is 100.0 x inf"),
+    "image_w an array": (dict(image_w=np.array([100, 200])), r"9.npz: image_w holds int64 of shape \(2,\); expected"
+                                                              r" one number"),
+    "box NaN": (dict(bbox=np.full((3, 4), np.nan)), r"9.npz: the boxes hold non-finite values"),
+    "more boxes than features": (dict(bbox=np.ones((5, 4))), r"9.npz: bbox has 5 boxes but x has 3 feature rows"),
+    "boxes of 5 numbers": (dict(bbox=np.ones((3, 5))), r"9.npz: bbox has shape \(3, 5\); expected \(num_boxes, 4\)"),
+    "num_bbox past the rows": (dict(num_bbox=7), r"9.npz: num_bbox = 7, but x has only 3 feature rows"),
+    "num_bbox an array": (dict(num_bbox=np.array([3, 2])), r"9.npz: num_bbox holds int64 of shape \(2,\); expected"
+                                                          r" one number \(an integer\)"),
+    "num_bbox a float": (dict(num_bbox=2.5), r"9.npz: num_bbox holds float64 of shape \(\); expected one number"),
+    "float64 past float32": (dict(x=np.full((3, DIM), 1e39)),
+                             r"9.npz: the features hold values beyond float32's range \(\|x\| > 3.4e38\), which"
+                             r" become inf: 18 value\(s\), the first in row 0"),
+    "complex features": (dict(x=np.ones((3, DIM), np.complex64)), r"9.npz: the features are complex64; expected real"),
+}
+
+
+@pytest.mark.parametrize("case", NPZ_ERRORS)
+def test_a_bad_npz_is_one_clear_error_and_writes_nothing(tmp_path, case):
+    bad, message = NPZ_ERRORS[case]
+    folder = _npz_folder(tmp_path, **bad)
+    code, _, err = invoke("data", "convert", str(folder), str(tmp_path / "out"), "--split", "test")
+    assert code == 1 and "Traceback" not in err and "internal error" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_float64_npy_feature_past_float32_is_refused(tmp_path):
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "1.npy", np.ones((2, DIM)))
+    np.save(tmp_path / "npy" / "2.npy", np.full((2, DIM), -1e39))
+    with pytest.raises(DataError, match=r"2.npy: the features hold values beyond float32's range"):
+        bottomup.convert(tmp_path / "npy", tmp_path / "out", split="test")
+
+
+@pytest.mark.parametrize("stale", ["test_caps.txt", "test_cap_images.txt", "test_caps_per_image.txt"])
+def test_captions_of_an_earlier_dataset_are_not_kept_beside_new_features(tmp_path, tsv, stale):
+    source, arrays = tsv
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / stale).write_text("an older dataset's line\n")
+    code, _, err = invoke("data", "convert", str(source), str(tmp_path / "out"), "--split", "test")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path / 'out' / stale} exists" in err and "pass --captions FILE" in err and "remove the file" in err
+    assert not (tmp_path / "out" / "test_ims.npy").exists()
+    assert (tmp_path / "out" / stale).read_text() == "an older dataset's line\n"  # refused, not removed
+    write_captions(tmp_path / "c.token", list(COUNTS), per_image=1)  # with --captions they are replaced
+    code, _, err = invoke("data", "convert", str(source), str(tmp_path / "out"), "--split", "test", "--captions",
+                          str(tmp_path / "c.token"))
+    assert code == 0, err
+    assert len(precomp.read_split(tmp_path / "out", "test").captions) == len(COUNTS)
+
+
+def test_ids_that_differ_only_in_unicode_normalisation_are_one_id(tmp_path):
+    composed, decomposed = "d\u00e4t\u00e4", "da\u0308ta\u0308"
+    (tmp_path / "npy").mkdir()
+    for name in (composed, decomposed):
+        np.save(tmp_path / "npy" / f"{name}.npy", np.ones((2, DIM), np.float32))
+    code, _, err = invoke("data", "convert", str(tmp_path / "npy"), str(tmp_path / "out"), "--split", "test")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert ascii(composed) in err and ascii(decomposed) in err and "one id written two ways" in err
+
+
+def test_a_decomposed_file_name_joins_composed_captions(tmp_path):
+    """macOS writes file names decomposed (NFD); caption tables are usually composed (NFC)."""
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "mu\u0308ller.npy", np.ones((2, DIM), np.float32))
+    (tmp_path / "c.token").write_text("m\u00fcller.jpg#0\ta caption\n", encoding="utf-8")
+    bottomup.convert(tmp_path / "npy", tmp_path / "out", split="test", captions=tmp_path / "c.token")
+    assert (tmp_path / "out" / "test_ids.txt").read_text(encoding="utf-8") == "m\u00fcller\n"  # written in NFC
+    assert precomp.read_split(tmp_path / "out", "test").captions == ["a caption"]

@@ -31,9 +31,11 @@ import base64
 import binascii
 import contextlib
 import csv
+import math
 import os
 import re
 import sys
+import unicodedata
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -156,6 +158,7 @@ class TsvSource:
                                 " float32")
             if dim is not None and width != dim:
                 raise DataError(f"{where}: {width}-d features, but earlier images have {dim}-d")
+            _check_size(_tsv_size(row, where), where)  # cheap, so before any work rather than midway
             dim = width
             ids.append(row[0])
             counts.append(count)
@@ -171,10 +174,16 @@ class TsvSource:
             try:
                 boxes, feats = (np.frombuffer(base64.b64decode(row[i], validate=True), dtype=np.float32)
                                 for i in (4, 5))
-                width, height = float(row[1]), float(row[2])
             except (binascii.Error, ValueError) as err:
                 raise DataError(f"{where}: cannot decode the image's fields: {err}") from None
-            yield Image(row[0], feats.reshape(count, -1), boxes.reshape(count, 4), (width, height), where)
+            yield Image(row[0], feats.reshape(count, -1), boxes.reshape(count, 4), _tsv_size(row, where), where)
+
+
+def _tsv_size(row: list[str], where: str) -> tuple[float, float]:
+    try:
+        return float(row[1]), float(row[2])
+    except ValueError:
+        raise DataError(f"{where}: image_w, image_h are {row[1][:20]!r}, {row[2][:20]!r}; expected numbers") from None
 
 
 def _npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
@@ -208,6 +217,33 @@ class FolderSource:
         with archive.open(key + ".npy") as stream:
             return np.lib.format.read_array(stream, allow_pickle=False)  # never unpickle (bua-caffe's 'info')
 
+    def _number(self, path: Path, archive: zipfile.ZipFile, key: str, integer: bool = False) -> float:
+        """A scalar entry (num_bbox, image_w, image_h): one real number, saved as a 0-d or one-element array."""
+        value = self._read(path, archive, key)
+        if value.size != 1 or value.dtype.kind not in ("iu" if integer else "iuf"):
+            what = "an integer" if integer else "a number"
+            raise DataError(f"{path}: {key} holds {value.dtype} of shape {value.shape}; expected one number ({what})")
+        return int(value.item()) if integer else float(value.item())
+
+    def _count(self, path: Path, archive: zipfile.ZipFile, keys: dict[str, str | None], rows: int) -> int:
+        """The box count: the feature rows, or fewer when num_bbox says the rest are padding."""
+        if keys["count"] is None:
+            return rows
+        count = self._number(path, archive, keys["count"], integer=True)
+        if count > rows:
+            raise DataError(f"{path}: {keys['count']} = {count}, but {keys['features']} has only {rows} feature rows")
+        return count
+
+    def _box_rows(self, path: Path, shape: tuple[int, ...], keys: dict[str, str | None], rows: int, count: int) -> None:
+        """One (x1, y1, x2, y2) row per box: as many as the feature rows, or as num_bbox says when those are padded."""
+        box_rows = 1 if shape == (4,) else shape[0] if len(shape) == 2 and shape[1] == 4 else None
+        if box_rows is None:
+            raise DataError(f"{path}: {keys['boxes']} has shape {shape}; expected (num_boxes, 4) boxes x1, y1, x2, y2")
+        if box_rows not in (rows, count):
+            counted = f" and {keys['count']} = {count}" if count != rows else ""
+            raise DataError(f"{path}: {keys['boxes']} has {box_rows} boxes but {keys['features']} has {rows} feature"
+                            f" rows{counted}; each box needs its feature row")
+
     def _shape(self, path: Path) -> tuple[int, int, bool, bool]:
         """(count, D, has boxes, has size) of one file, from headers and scalars only."""
         try:
@@ -219,9 +255,13 @@ class FolderSource:
                 keys = self._keys(path, archive)
                 with archive.open(keys["features"] + ".npy") as stream:
                     shape, _ = _npy_header(stream)
-                count, width = _rows_and_width(shape, path)
-                if keys["count"] is not None:
-                    count = min(count, int(self._read(path, archive, keys["count"])))
+                rows, width = _rows_and_width(shape, path)
+                count = self._count(path, archive, keys, rows)
+                if keys["boxes"] is not None:
+                    with archive.open(keys["boxes"] + ".npy") as stream:
+                        self._box_rows(path, _npy_header(stream)[0], keys, rows, count)
+                if keys["width"] is not None:
+                    _check_size(self._size(path, archive, keys), str(path))  # cheap, so before any work
                 return count, width, keys["boxes"] is not None, keys["width"] is not None
         except (OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
             raise DataError(f"{path} is not a readable .npy/.npz file: {err}") from None
@@ -256,21 +296,59 @@ class FolderSource:
                     keys = self._keys(path, archive)
                     feats = self._read(path, archive, keys["features"])
                     feats = feats.reshape(-1, feats.shape[-1])
-                    count = feats.shape[0]
-                    if keys["count"] is not None:
-                        count = min(count, int(self._read(path, archive, keys["count"])))
+                    count = self._count(path, archive, keys, feats.shape[0])
                     boxes = None
                     if keys["boxes"] is not None:
-                        boxes = self._read(path, archive, keys["boxes"]).reshape(-1, 4)[:count]
-                    size = None
-                    if keys["width"] is not None:
-                        size = (float(self._read(path, archive, keys["width"])),
-                                float(self._read(path, archive, keys["height"])))
+                        boxes = self._read(path, archive, keys["boxes"])
+                        self._box_rows(path, boxes.shape, keys, feats.shape[0], count)
+                        boxes = boxes.reshape(-1, 4)[:count]
+                    size = self._size(path, archive, keys) if keys["width"] is not None else None
             except (OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
                 raise DataError(f"{path} is not a readable .npy/.npz file: {err}") from None
-            if boxes is not None and boxes.shape[0] != count:
-                raise DataError(f"{path}: {boxes.shape[0]} boxes for {count} feature rows")
             yield Image(path.stem, feats[:count], boxes, size, where)
+
+    def _size(self, path: Path, archive: zipfile.ZipFile, keys: dict[str, str | None]) -> tuple[float, float]:
+        return self._number(path, archive, keys["width"]), self._number(path, archive, keys["height"])
+
+
+# Image sizes are stored as int64 pixels: a width past this is no photograph, and past 2**63 it would wrap.
+MAX_SIDE = 2**31 - 1
+
+
+def _check_size(size: tuple[float, float] | None, where: str) -> None:
+    """Refuse an image size that is not a positive, finite pixel count (PFAN and DP-RNN divide by it)."""
+    if size is None:
+        return
+    width, height = size
+    if not all(math.isfinite(v) and 0 < v <= MAX_SIDE for v in size):
+        raise DataError(f"{where}: image size (image_w, image_h) is {width!r} x {height!r}; expected positive,"
+                        f" finite pixel counts (at most {MAX_SIDE})")
+
+
+def checked(image: Image) -> Image:
+    """The image as it will be written (float32 features and boxes), refused where that would be wrong.
+
+    One place for every source: the values are checked after the cast to float32, because a float64
+    feature of 1e39 is finite in the source and infinite in the file.
+    """
+    for part, array in (("features", image.features), ("boxes", image.boxes)):
+        if array is not None and array.dtype.kind not in "iuf":
+            raise DataError(f"{image.where}: the {part} are {array.dtype}; expected real numbers (float32)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        feats = np.asarray(image.features, dtype=np.float32)
+        boxes = None if image.boxes is None else np.asarray(image.boxes, dtype=np.float32)
+    for part, array, source in (("features", feats, image.features), ("boxes", boxes, image.boxes)):
+        if array is None or np.all(np.isfinite(array)):
+            continue
+        bad = ~np.isfinite(array)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        beyond = bool(np.all(np.isfinite(source)))
+        cause = ("values beyond float32's range (|x| > 3.4e38), which become inf" if beyond
+                 else "non-finite values (NaN or inf)")
+        raise DataError(f"{image.where}: the {part} hold {cause}: {int(bad.sum())} value(s), the first in row"
+                        f" {first[0]}")
+    _check_size(image.size, image.where)
+    return attrs.evolve(image, features=feats, boxes=boxes)
 
 
 def _rows_and_width(shape: tuple[int, ...], path: Path) -> tuple[int, int]:
@@ -299,9 +377,18 @@ def open_source(src: str | Path) -> TsvSource | FolderSource:
 # =================================================================================== captions
 
 
+def normal_id(image_id: str) -> str:
+    """An image id in Unicode NFC: 'ü' as one code point and as 'u' + a combining mark look identical, are one id.
+
+    File names from macOS are decomposed (NFD), caption tables usually composed: both sides are
+    compared, and ids written, in NFC.
+    """
+    return unicodedata.normalize("NFC", image_id)
+
+
 def image_key(image_id: str) -> str:
     """The id that joins images and captions: Flickr's '1000092795.jpg#0' and a '1000092795' file are one image."""
-    key = image_id.strip().split("#", 1)[0]
+    key = normal_id(image_id).strip().split("#", 1)[0]
     stem, dot, extension = key.rpartition(".")
     return stem if dot and extension.lower() in ("jpg", "jpeg", "png") else key
 
@@ -480,13 +567,20 @@ class Hdf5Writer:
 def _order(survey: Survey, ids: Sequence[str] | None, source: str) -> tuple[list[str], dict[str, int]]:
     """The ids to write in row order, and each one's row (the source's order unless ``ids`` is given)."""
     seen: dict[str, int] = {}
-    for i, image_id in enumerate(survey.ids):
+    for i, raw in enumerate(survey.ids):
+        image_id = normal_id(raw)
         if image_id in seen:
-            raise DataError(f"{source}: image {image_id!r} appears twice (entries {seen[image_id] + 1} and {i + 1})")
+            first = survey.ids[seen[image_id]]
+            if first == raw:
+                raise DataError(f"{source}: image {raw!r} appears twice (entries {seen[image_id] + 1} and {i + 1})")
+            raise DataError(f"{source}: images {ascii(first)} (entry {seen[image_id] + 1}) and {ascii(raw)} (entry"
+                            f" {i + 1}) are one id written two ways (Unicode normalisation: they look identical);"
+                            " rename one")
         seen[image_id] = i
     if ids is None:
-        return list(survey.ids), {image_id: row for row, image_id in enumerate(survey.ids)}
-    wanted = [str(i).strip() for i in ids if str(i).strip()]
+        order = [normal_id(i) for i in survey.ids]
+        return order, {image_id: row for row, image_id in enumerate(order)}
+    wanted = [normal_id(str(i).strip()) for i in ids if str(i).strip()]
     missing = [i for i in wanted if i not in seen]
     if missing:
         raise DataError(f"{len(missing)} image id(s) of the id list are not in {source}, e.g. {missing[:3]}")
@@ -496,6 +590,17 @@ def _order(survey: Survey, ids: Sequence[str] | None, source: str) -> tuple[list
             raise DataError(f"the id list names image {image_id!r} twice")
         rows[image_id] = row
     return wanted, rows
+
+
+def _refuse_stale_captions(folder: Path, split: str) -> None:
+    """Without --captions, captions already in the folder would stay beside the new features and be scored with them."""
+    names = precomp.file_names(split)
+    for part in ("captions", "caption_images", "captions_per_image"):
+        stale = folder / names[part]
+        if stale.exists():
+            raise DataError(f"{stale} exists (an earlier dataset's captions) and this conversion writes no captions:"
+                            " they would be scored against the new features; pass --captions FILE"
+                            " (IMAGE_ID<TAB>caption) to replace them, or remove the file")
 
 
 def convert(src: str | Path, dst: str | Path, *, split: str, fmt: str = "precomp", regions: int | None = None,
@@ -515,12 +620,14 @@ def convert(src: str | Path, dst: str | Path, *, split: str, fmt: str = "precomp
         raise DataError(f"regions must be at least 1, got {regions}")
     if fmt == "hdf5" and captions is None:
         raise DataError("an HDF5 split holds its captions: give the captions table (IMAGE_ID<TAB>caption lines)")
+    if fmt == "precomp" and captions is None:
+        _refuse_stale_captions(Path(dst), split)
     update = progress or (lambda done, total=None, info="": None)
     source = open_source(src)
     table = read_caption_table(captions) if captions is not None else None  # read before the long passes
     survey = source.survey(update)
     order, rows = _order(survey, ids, str(src))
-    counts = {image_id: c for image_id, c in zip(survey.ids, survey.counts)}
+    counts = {normal_id(image_id): c for image_id, c in zip(survey.ids, survey.counts)}
     width = regions or max(counts[i] for i in order)
     joined = join_captions(order, table, captions) if table is not None else (None, None, None)
     writer_class = PrecompWriter if fmt == "precomp" else Hdf5Writer
@@ -528,12 +635,11 @@ def convert(src: str | Path, dst: str | Path, *, split: str, fmt: str = "precomp
     truncated = done = 0
     try:
         for image in source.images():
-            row = rows.get(image.image_id)
+            row = rows.get(normal_id(image.image_id))
             if row is None:
                 continue
+            image = checked(image)
             feats = image.features
-            if not np.all(np.isfinite(feats)):
-                raise DataError(f"{image.where}: the features hold non-finite values (NaN or inf)")
             if feats.shape[0] > width:
                 truncated += 1
             keep = min(feats.shape[0], width)

@@ -82,7 +82,8 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     lambda_softmax = option(opts, "lambda_softmax", where, float)
     embed, word_dim, img_dim, layers = (option(opts, k, where, int)
                                         for k in ("embed_size", "word_dim", "img_dim", "num_layers"))
-    bidirectional, no_imgnorm, no_txtnorm = (option(opts, k, where, bool) for k in ("bi_gru", "no_imgnorm", "no_txtnorm"))
+    bidirectional, no_imgnorm, no_txtnorm = (option(opts, k, where, bool)
+                                             for k in ("bi_gru", "no_imgnorm", "no_txtnorm"))
     data_name = option(opts, "data_name", where, str, "precomp")
     aggregate = _aggregate(option(opts, "agg_func", where, str), cross, opts, where)
 

@@ -121,9 +121,10 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
         raise CheckpointError(f"{where}: option module_name={module!r} is not supported"
                               + did_you_mean(str(module), MODULES))
     steps = option(opts, "sgr_step", where, int) if module == "SGR" else 0
-    embed, word_dim, img_dim, sim_dim, layers = (option(opts, k, where, int)
-                                                 for k in ("embed_size", "word_dim", "img_dim", "sim_dim", "num_layers"))
-    bidirectional, no_imgnorm, no_txtnorm = (option(opts, k, where, bool) for k in ("bi_gru", "no_imgnorm", "no_txtnorm"))
+    embed, word_dim, img_dim, sim_dim, layers = (
+        option(opts, k, where, int) for k in ("embed_size", "word_dim", "img_dim", "sim_dim", "num_layers"))
+    bidirectional, no_imgnorm, no_txtnorm = (option(opts, k, where, bool)
+                                             for k in ("bi_gru", "no_imgnorm", "no_txtnorm"))
     data_name = option(opts, "data_name", where, str, "precomp")
 
     img, txt, sim = _modules(official)
