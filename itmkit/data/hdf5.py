@@ -78,7 +78,8 @@ def _open_read(path: Path) -> h5py.File:
     except OSError as err:
         raise DataError(f"{path} is not a readable HDF5 file: {err}") from None
     try:
-        if _attribute(f, "format", str(path)) == FORMAT:
+        fmt = _attribute(f, "format", str(path))
+        if isinstance(fmt, str) and fmt == FORMAT:  # an array attribute would compare elementwise
             version = _attribute(f, "version", str(path))
             if version is not None and _version(version, path) > VERSION:
                 raise DataError(f"{path} uses {FORMAT} version {version}; this itmkit reads up to {VERSION}")
