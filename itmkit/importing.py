@@ -30,7 +30,7 @@ from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
 from itmkit.recipe import TrainSpec, parse_recipe
 from itmkit.stage import stage_params
-from itmkit.structure import Problem, check_param
+from itmkit.structure import Problem, check_param, show_number
 
 ALLOWED_GLOBALS = [argparse.Namespace]
 DATA_PARALLEL = "module."  # the prefix nn.DataParallel gives every key of the model it wraps
@@ -368,11 +368,13 @@ def typed_value(value: Any, kind: type) -> tuple[Any] | None:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = show_number(value) if isinstance(value, int) else repr(value)  # 10**5000 has no repr
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _kind_of(value: Any) -> str:
+    if value is None:
+        return "None"
     if isinstance(value, float) and not math.isfinite(value):
         return "a non-finite float"
     if isinstance(value, float) and not value.is_integer():

@@ -85,13 +85,13 @@ def test_option_accepts_what_argparse_stores(value, kind, expected):
 
 @pytest.mark.parametrize("value, kind, expected", [
     ("abc", int, "an integer; found a str"),
-    (None, int, "an integer; found a NoneType"),
+    (None, int, "an integer; found None"),
     (math.inf, int, "an integer; found a non-finite float"),
     (16.7, int, "an integer; found a float with a fraction"),
     (True, int, "an integer; found a bool"),
     ("abc", float, "a finite number; found a str"),
     (math.nan, float, "a finite number; found a non-finite float"),
-    (10**400, float, "a finite number; found a int"),
+    (10**400, float, "x=an integer of about 400 digits is not a finite number; found a int"),
     ("no", bool, "a flag: True or False"),
     ("False", bool, "a flag: True or False"),
     (2, bool, "a flag: True or False"),
