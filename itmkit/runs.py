@@ -174,12 +174,13 @@ def _written_by_itmkit(checkpoint: Path) -> bool:
         return False
 
 
-def check_run_folder(folder: str | Path) -> list[str]:
+def check_run_folder(folder: str | Path, *, resume: bool = False) -> list[str]:
     """What of an earlier itmkit run ``folder`` holds (checkpoints, metrics); [] for a new or empty folder.
 
     An existing folder holding other files, without the lock file every run creates or a checkpoint
     itmkit wrote, is not a run folder: training into it would replace a ``metrics.jsonl`` or
-    ``recipe.toml`` of the user's, so it is refused naming what is there.
+    ``recipe.toml`` of the user's, so it is refused naming what is there. With ``resume``, a
+    ``last.safetensors`` is enough: resuming reads it first and says what is wrong with it.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -190,7 +191,8 @@ def check_run_folder(folder: str | Path) -> list[str]:
         raise ItmkitError(f"cannot use {folder} as a run folder: {exc.strerror or exc} (choose another with --out)") from None
     if not entries:
         return []
-    is_run = LOCK_NAME in entries or any(_written_by_itmkit(folder / name) for name in RUN_CHECKPOINTS if name in entries)
+    is_run = (LOCK_NAME in entries or (resume and RUN_CHECKPOINTS[0] in entries)
+              or any(_written_by_itmkit(folder / name) for name in RUN_CHECKPOINTS if name in entries))
     if not is_run:
         shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
         raise ItmkitError(f"--out {folder} is a folder of other files, not an itmkit run folder (it holds {shown});"

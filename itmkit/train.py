@@ -165,7 +165,7 @@ def train(
     a killed run left there are removed first (``itmkit.runs``). A folder of other files than a
     run's is refused, and ``resume`` continues only with the recipe the run was started with.
     """
-    earlier = check_run_folder(out_dir)  # refuses a folder of the user's files
+    earlier = check_run_folder(out_dir, resume=resume)  # refuses a folder of the user's files
     with own_run_folder(out_dir) as out:
         if resume and (out / LAST).exists():
             check_resumed_recipe(out / LAST, recipe)  # before any data is read: only train.epochs may change

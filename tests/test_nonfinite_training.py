@@ -60,14 +60,16 @@ def test_a_nonfinite_loss_stops_training_before_anything_is_saved(data, tmp_path
 
 
 def test_a_nonfinite_loss_leaves_the_last_good_epoch_untouched(data, tmp_path):
-    run = tmp_path / "run"
-    good = load_recipe(write_recipe(tmp_path / "tiny.toml", data))
+    run, ours = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(data, ours)
+    good = load_recipe(write_recipe(tmp_path / "tiny.toml", ours))
     train(good, out_dir=run, log=lambda *a: None)
     before = {p.name: p.read_bytes() for p in run.glob("*.safetensors")}
     assert set(before) == {"model_best.safetensors", "last.safetensors"}
-    # The second epoch reads features that overflow: it stops, and the first epoch's files stay as they were.
-    overflow = _overflowing(data, tmp_path)
-    poisoned = load_recipe(tmp_path / "tiny.toml", ["train.epochs=2", f"data.path={json.dumps(str(overflow))}"])
+    # The second epoch reads features that overflow (rewritten in place: --resume keeps the run's data.path):
+    # it stops, and the first epoch's files stay as they were.
+    shutil.copyfile(_overflowing(data, tmp_path) / "train_ims.npy", ours / "train_ims.npy")
+    poisoned = load_recipe(tmp_path / "tiny.toml", ["train.epochs=2"])
     with pytest.raises(TrainingStopped, match=r"at epoch 2, batch 1 of 10: the loss is nan"):
         train(poisoned, out_dir=run, resume=True, log=lambda *a: None)
     assert {p.name: p.read_bytes() for p in run.glob("*.safetensors")} == before

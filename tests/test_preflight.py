@@ -52,12 +52,14 @@ def test_an_ensemble_names_the_member_that_does_not_fit(run, data, tmp_path):
     assert f"but {other / 'model_best.safetensors'} takes 12-d image features" in stderr
 
 
-def test_resume_on_features_of_another_width_is_refused_before_training(run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
+def test_resume_on_features_of_another_width_is_refused_before_training(data, tmp_path):
+    # The run's data.path, rewritten with wider features (--resume refuses another data.path before this check).
+    copy, wide = tmp_path / "run", tmp_path / "data"
+    recipe = write_recipe(tmp_path / "tiny.toml", shutil.copytree(data, wide))
+    train(load_recipe(recipe), out_dir=copy, log=lambda *a: None)
     before = (copy / "last.safetensors").read_bytes()
-    wide = write_tiny(tmp_path / "wide", width=12)
-    recipe = write_recipe(tmp_path / "tiny.toml", wide)
+    shutil.rmtree(wide)
+    write_tiny(wide, width=12)
     result = invoke("train", str(recipe), "--out", str(copy), "--resume", "--set", "train.epochs=2", "--device", "cpu")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (f"{wide / 'train_ims.npy'} has 12-d features, but {copy / 'last.safetensors'} (--resume) takes 8-d image"
