@@ -337,11 +337,20 @@ def check_resumed_recipe(path: str | Path, recipe: Recipe) -> None:
     started with: a mix of two settings in one run is no result of either. Only ``train.epochs`` may change."""
     started = parse_recipe(read_checkpoint_meta(path).recipe, f"{path} [recipe metadata]")
     changes = recipe_changes(started, recipe)
+    if _same_data(started.data.path, recipe.data.path):  # the same folder or file, written another way
+        changes = [c for c in changes if not c.startswith("data.path:")]
     if changes:
         lines = "\n".join(f"  - {change}" for change in changes)
         raise CheckpointError(f"{path}: --resume continues the run with the recipe it was started with; these"
                               f" settings differ from it (only train.epochs may change on --resume); start a new run"
                               f" (another --out) to change these:\n{lines}")
+
+
+def _same_data(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
 
 
 def resume_training(path: str | Path, model: ITMModel, optimizer: torch.optim.Optimizer,
