@@ -307,8 +307,9 @@ def _state_key(name: str) -> bool:
     return bool(dot and key) and index.isascii() and index.isdigit()
 
 
-# What a resumed run may change: running more (or fewer) epochs continues the same training.
-RESUMABLE_CHANGES = ("train.epochs",)
+# What a resumed run may change: running more (or fewer) epochs continues the same training, and
+# the data may have moved (pre-flight checks that what is there fits the checkpoint's model).
+RESUMABLE_CHANGES = ("train.epochs", "data.path")
 
 
 def _flat(value: Any, key: str = "") -> dict[str, Any]:
@@ -334,23 +335,15 @@ def recipe_changes(started: Recipe, now: Recipe) -> list[str]:
 
 def check_resumed_recipe(path: str | Path, recipe: Recipe) -> None:
     """Refuse to ``--resume`` the run whose ``last.safetensors`` is ``path`` with another recipe than it was
-    started with: a mix of two settings in one run is no result of either. Only ``train.epochs`` may change."""
+    started with: a mix of two settings in one run is no result of either. Only ``train.epochs`` and
+    ``data.path`` (a dataset that moved) may change."""
     started = parse_recipe(read_checkpoint_meta(path).recipe, f"{path} [recipe metadata]")
     changes = recipe_changes(started, recipe)
-    if _same_data(started.data.path, recipe.data.path):  # the same folder or file, written another way
-        changes = [c for c in changes if not c.startswith("data.path:")]
     if changes:
         lines = "\n".join(f"  - {change}" for change in changes)
         raise CheckpointError(f"{path}: --resume continues the run with the recipe it was started with; these"
-                              f" settings differ from it (only train.epochs may change on --resume); start a new run"
+                              f" settings differ from it (only train.epochs and data.path may change on --resume); start a new run"
                               f" (another --out) to change these:\n{lines}")
-
-
-def _same_data(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
-    except OSError:
-        return False
 
 
 def resume_training(path: str | Path, model: ITMModel, optimizer: torch.optim.Optimizer,
