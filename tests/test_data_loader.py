@@ -32,7 +32,8 @@ def make_split(num_images: int = 8, regions: int = 3, dim: int = 4, seed: int = 
         name="train",
         features=rng.standard_normal((num_images, regions, dim)).astype(np.float32),
         captions=captions,
-        boxes=rng.uniform(0, 100, (num_images, regions, 4)).astype(np.float32) if boxes else None,
+        boxes=np.sort(rng.uniform(0, 100, (num_images, regions, 2, 2)), axis=2).reshape(num_images, regions, 4)
+        .astype(np.float32) if boxes else None,  # x1 <= x2, y1 <= y2
         image_sizes=rng.integers(100, 500, (num_images, 2)) if boxes else None,
     )
 
