@@ -27,11 +27,11 @@ err = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 1
 F30K_WORDS = 8481  # the SCAN Flickr30K vocabulary, four specials included: `build`'s guess without data
 _state = {"debug": False}
 
-# Flags take no value; their empty metavar keeps typer's help from showing `<bool>` as if they did.
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. train.epochs=2 (repeatable)")]
 DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")]
 
 
+# Flags take no value; their empty metavar keeps typer's help from showing `<bool>` as if they did.
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", metavar="", help="show tracebacks")] = False,
@@ -222,8 +222,8 @@ def eval_(
 def import_(
     name: Annotated[str, typer.Argument(help="which paper's format: scan, bfan, pfan, ... (see `itmkit plugins`)")],
     checkpoint: Annotated[Path, typer.Argument(help="the official model_best.pth.tar")],
-    vocab: Annotated[Path, typer.Option("--vocab", help="the official vocabulary JSON it was trained with"
-                                        " (a BERT text encoder: its local model directory)")],
+    vocab: Annotated[Path, typer.Option("--vocab", help="the official vocabulary it was trained with: JSON, or VSE++'s"
+                                        " pickled .pkl (read safely); a BERT text encoder: its local model directory")],
     output: Annotated[Path, typer.Option("-o", "--output", help="itmkit checkpoint to write (.safetensors)")],
 ) -> None:
     """Convert an official checkpoint into an itmkit checkpoint that `itmkit eval` uses directly."""
