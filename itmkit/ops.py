@@ -10,8 +10,14 @@ EPS = 1e-8
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
-    """x / (||x||_2 + eps) along ``dim`` (the SCAN form of l2 normalisation)."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    """x / (||x||_2 + eps) along ``dim`` (the SCAN form of l2 normalisation).
+
+    A zero vector (a padded region or word, whose rows every stage masks) maps to zero with a zero
+    gradient: the sum of squares is clamped to the smallest normal float before the square root,
+    whose derivative at exactly 0 is infinite (0 x inf = NaN would poison every weight through the
+    masked row). Any other vector's result is bit-identical to the unclamped form.
+    """
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt() + eps)
 
 
 def l1norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:

@@ -679,6 +679,19 @@ def check_region_padding(cls: type[Stage]) -> None:
                         raise _error(cls, f"{EXTRA_REGIONS} more padded rows ({fill}) past each image's region"
                                           f" count change the outputs on {case.describe()}: read regions by"
                                           " Regions.lengths / Local.mask, not by the array's width")
+        # Training through zero rows: a padded row must not reach a square root or a division whose
+        # derivative at 0 is infinite (0 x inf = NaN, and the optimiser spreads it to every weight).
+        module.train()
+        wider = {name: _widen(v, EXTRA_REGIONS, torch.Generator().manual_seed(SEED + 1), "zeros")
+                 if name in image_side else v for name, v in values.items()}
+        leaves = _float_leaves(wider)
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+        try:
+            _check_gradients(cls, module, case, _run(module, cls, case, wider), leaves)
+        except AssertionError as exc:
+            raise _error(cls, f"training on images with {EXTRA_REGIONS} zero-padded rows past their region"
+                              f" count: {exc}") from exc
 
 
 def check_safetensors_roundtrip(cls: type[Stage]) -> None:

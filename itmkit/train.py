@@ -145,8 +145,9 @@ def _nonfinite_parameter(model: torch.nn.Module) -> str | None:
 
 def _stop(message: str, out: Path, data_dir: Path) -> TrainingStopped:
     return TrainingStopped(
-        f"{message}; NaN or inf in the features (run `itmkit data check {data_dir}`) or a learning rate"
-        f" too high (train.lr)? Nothing of this epoch was saved: the checkpoints in {out}, if any, are earlier epochs'"
+        f"{message}; NaN or inf in the features (run `itmkit data check {data_dir}`), a learning rate"
+        f" too high (train.lr), or, with clean data, a bug in a stage's backward (rerun with --debug and report it)?"
+        f" Nothing of this epoch was saved: the checkpoints in {out}, if any, are earlier epochs'"
     )
 
 
@@ -225,13 +226,17 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
                 loss, _ = model(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids, epoch=epoch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                # The gradient norm is wanted even unclipped (max_norm inf scales by exactly 1): a finite loss
+                # with a NaN gradient is a backward through 0 x inf, and it would turn every weight to NaN.
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           t.grad_clip if t.grad_clip > 0 else math.inf)
                 optimizer.step()
-                value = loss.item()
-                if not math.isfinite(value):  # checked after the step: .item() there costs no extra sync
+                value, norm = loss.item(), float(grad_norm)  # after the step: no extra sync on a GPU
+                if not (math.isfinite(value) and math.isfinite(norm)):
+                    what = (f"the loss is {value}" if not math.isfinite(value)
+                            else f"the gradient norm is {norm} (loss {value:.4g})")
                     raise _stop(f"training stopped at epoch {epoch + 1}, batch {batches + 1} of {len(loader)}:"
-                                f" the loss is {value} (images {batch.image_ids[:8].tolist()}, captions"
+                                f" {what} (images {batch.image_ids[:8].tolist()}, captions"
                                 f" {batch.caption_ids[:8].tolist()} of split {train_split.name!r})", out, data_dir)
                 loss_sum += value
                 batches += 1

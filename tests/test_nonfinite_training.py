@@ -141,3 +141,25 @@ def test_metrics_files_are_strict_json(data, tmp_path):
     strict_loads((run / "test_metrics.json").read_text())
     # A non-finite value (the guards keep them out) is written as null, never as a bare NaN token.
     assert strict_loads(strict_json({"loss": math.nan, "lr": math.inf, "epoch": 0})) == {"loss": None, "lr": None, "epoch": 0}
+
+
+def test_a_finite_loss_with_a_nonfinite_gradient_stops_at_that_batch(data, tmp_path, monkeypatch):
+    # A backward through sqrt(0) (l2norm of a zero row, before ops.l2norm clamped it) gives a finite
+    # loss and a NaN gradient: the step would turn every weight to NaN, found only one batch later.
+    import itmkit.core_stages
+
+    def unclamped_l2norm(x, dim=-1, eps=1e-8):
+        return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+
+    monkeypatch.setattr(itmkit.core_stages, "l2norm", unclamped_l2norm)
+    padded = tmp_path / "padded"
+    shutil.copytree(data, padded)
+    features = np.load(padded / "train_ims.npy")
+    counts = np.full(len(features), features.shape[1])
+    counts[::2] -= 1  # every other image's last region is padding (a batch is cut to its longest image)
+    features[::2, -1] = 0
+    np.save(padded / "train_ims.npy", features)
+    np.save(padded / "train_region_counts.npy", counts)
+    with pytest.raises(TrainingStopped, match=r"epoch 1, batch 1 of \d+: the gradient norm is nan \(loss "):
+        train(load_recipe(write_recipe(tmp_path / "tiny.toml", padded)), out_dir=tmp_path / "run", log=lambda *a: None)
+    assert not list((tmp_path / "run").glob("*.safetensors"))
