@@ -28,6 +28,7 @@ from itmkit import __version__
 from itmkit.build import DataPorts, ITMModel, build_model
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, DataError
+from itmkit.inputs import input_file
 from itmkit.recipe import Recipe, parse_recipe
 
 TRAINER_PREFIXES = ("optimizer.", "rng.")
@@ -128,6 +129,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The raw metadata strings of a safetensors file (``read_checkpoint_meta`` checks them)."""
     if Path(path).is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    # A FIFO or a device would block safe_open or map endless bytes: refused before it opens (itmkit.inputs).
+    input_file(path, "checkpoint", error=CheckpointError, missing="checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

@@ -193,6 +193,8 @@ def eval_(
         raise ItmkitError(f"--protocol {protocol!r} is not known" + did_you_mean(protocol, PROTOCOLS))
     folder = recorded_data_dir(data, first.data.path, checkpoints[0], log=err.print)
     split_name = split or first.data.test_split
+    if save_sims:  # again with the dataset, now known: never onto a file of the data being scored
+        check_output_file(save_sims, "--save-sims", inputs=(*checkpoints, folder), example="sims.npy")
     # The split against the protocol and every checkpoint's input width, before anything is scored.
     the_split = check_eval_data(folder, split_name, protocol, [(str(p), x.model) for p, x in zip(checkpoints, loaded)])
     with make_progress() as progress:
@@ -393,7 +395,7 @@ def data_convert(
     splits: Annotated[Optional[str], typer.Option(help="precomp source: comma list of splits (default: all)")] = None,
 ) -> None:
     """Convert features into the precomp or HDF5 layout, streaming: precomp -> HDF5, or bottom-up TSV / .npz files."""
-    from itmkit.data import bottomup
+    from itmkit.data import bottomup, precomp
     from itmkit.data.hdf5 import convert_precomp_to_hdf5
     from itmkit.data.split import read_text, text_lines
     from itmkit.outputs import check_output_file, check_output_folder
@@ -404,7 +406,8 @@ def data_convert(
     if precomp_source or fmt == "hdf5":
         check_output_file(dst, "DST", inputs=(src,), example="data.h5", create_parents=True)
     else:
-        check_output_folder(dst, "DST", create_parents=True)
+        check_output_folder(dst, "DST", inputs=tuple(p for p in (src, ids, captions) if p), create_parents=True,
+                            writes=tuple(precomp.file_names(split).values()) if split else ())
     if precomp_source:
         if fmt not in (None, "hdf5"):
             raise ItmkitError(f"{src} is already in the precomp layout; --format hdf5 converts it")

@@ -28,6 +28,7 @@ from itmkit.checkpoint import save_checkpoint
 from itmkit.core_stages import Triplet
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
+from itmkit.inputs import input_file
 from itmkit.recipe import TrainSpec, parse_recipe
 from itmkit.stage import stage_params
 from itmkit.structure import Problem, check_param, show_number
@@ -80,9 +81,7 @@ def _reads_model_directory(converter: Converter) -> bool:
 
 def read_official(path: str | Path) -> OfficialCheckpoint:
     """Load an official ``.pth.tar`` with the minimal allow-list (Python 2 pickles included)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = input_file(path, "checkpoint", error=CheckpointError, missing="checkpoint not found: {path}")
     _check_container(path)
     raw = None
     with torch.serialization.safe_globals(ALLOWED_GLOBALS):

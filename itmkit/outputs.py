@@ -16,6 +16,7 @@ import secrets
 from pathlib import Path
 
 from itmkit.errors import ItmkitError
+from itmkit.inputs import inside
 
 
 class OutputPathError(ItmkitError):
@@ -53,19 +54,38 @@ def check_output_file(path: str | Path, option: str, *, inputs: tuple[str | Path
     if path.exists() and not path.is_file():
         raise OutputPathError(f"{option} {path} exists and is not a regular file; name a file to write")
     for source in inputs:
-        if _same(path, Path(source).expanduser()):
+        source = Path(source).expanduser()
+        if _same(path, source):
             raise OutputPathError(f"{option} {path} is also an input of this command ({source}); write to another file")
+        # A dataset folder is an input as a whole: any file already in it may be one a split reads
+        # (features, captions, counts, boxes, an HDF5 file, its vocab.json). Rather than knowing every
+        # layout's names, no existing file under an input folder is replaced; new files may be written.
+        if path.is_file() and source.is_dir() and inside(path, source):
+            raise OutputPathError(f"{option} {path} is a file of {source}, an input of this command; itmkit does"
+                                  " not replace files of its input folders: write to a new file or elsewhere")
     _writable_parent(path, option, create_parents=create_parents)
     return path
 
 
-def check_output_folder(path: str | Path, option: str, *, create_parents: bool = False) -> Path:
+def check_output_folder(path: str | Path, option: str, *, inputs: tuple[str | Path, ...] = (),
+                        writes: tuple[str, ...] = (), create_parents: bool = False) -> Path:
     """``path`` if a folder can be made or written there: an existing folder that can be written, or a
     new one whose parent exists (or, with ``create_parents``, whose nearest existing ancestor is a
-    folder that can be written)."""
+    folder that can be written); not an input folder or one inside it (files written there would be
+    read as part of the input: ``data convert NPZ_DIR NPZ_DIR``), and not a folder where one of the
+    file names in ``writes`` would replace an input file."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{option} {path} exists and is not a folder")
+    for source in inputs:
+        source = Path(source).expanduser()
+        if source.is_dir() and (path.exists() and _same(path, source) or inside(path, source)):
+            raise OutputPathError(f"{option} {path} is inside {source}, an input of this command; write the output"
+                                  " to a folder outside it")
+        clash = next((name for name in writes if _same(path / name, source)), None)
+        if clash is not None:
+            raise OutputPathError(f"{option} {path}: writing {clash} there would replace the input {source};"
+                                  " write the output to another folder")
     if path.is_dir():
         _probe(path, option, path)
         return path

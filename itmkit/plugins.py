@@ -21,6 +21,7 @@ import pluggy
 
 from itmkit import hookspecs
 from itmkit.errors import ItmkitError, did_you_mean
+from itmkit.inputs import input_file
 from itmkit.stage import Stage, check_stage_class
 
 DEFAULT_PLUGINS = ("itmkit.core_stages",)
@@ -182,8 +183,7 @@ def load_stage_file(path: str) -> ModuleType:
     """Import a local experimental stage file named on the command line (never from a recipe)."""
     import importlib.util
 
-    if not os.path.isfile(path):
-        raise ItmkitError(f"stage file not found: {path}")
+    input_file(path, "stage file", error=ItmkitError, missing="stage file not found: {path}")  # never a FIFO
     name = "itmkit_local_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:

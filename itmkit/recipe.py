@@ -16,6 +16,7 @@ import attrs
 import tomli_w
 
 from itmkit.errors import ItmkitError, did_you_mean
+from itmkit.inputs import read_input
 from itmkit.plugins import Registry, get_registry
 from itmkit.stage import ParamInfo, Stage, param
 from itmkit.structure import Problem, check_param, describe_value, structure, unstructure
@@ -185,12 +186,8 @@ MATCH_KEYS = {"cross": "cross", "similarity": "similarity", "aggregate": "aggreg
 def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
     """Read a recipe file, apply ``--set KEY=VALUE`` overrides, structure and validate it."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ItmkitError(f"recipe not found: {path}") from None
-    except OSError as exc:
-        raise ItmkitError(f"cannot read recipe {path}: {exc.strerror}") from None
+    # A regular file of at most 64 MiB: a FIFO would block, /dev/zero would never end (itmkit.inputs).
+    data = read_input(path, "recipe", error=ItmkitError, missing="recipe not found: {path}")
     try:
         text = data.decode("utf-8-sig")  # editors on Windows start UTF-8 files with a byte-order mark
     except UnicodeDecodeError as exc:

@@ -422,7 +422,7 @@ def test_invalid_toml_names_source_and_line():
 def test_load_recipe_errors(tmp_path):
     with pytest.raises(ItmkitError, match="recipe not found"):
         load_recipe(tmp_path / "missing.toml")
-    with pytest.raises(ItmkitError, match="cannot read recipe"):
+    with pytest.raises(ItmkitError, match="is a folder; expected a regular file"):
         load_recipe(tmp_path)
 
 

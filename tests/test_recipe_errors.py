@@ -265,7 +265,7 @@ def test_recipe_file_not_found(tmp_path):
 
 def test_recipe_path_is_a_folder(tmp_path):
     message = assert_only_the_error(invoke("build", str(tmp_path)))
-    assert f"cannot read recipe {tmp_path}" in message
+    assert f"recipe {tmp_path} is a folder; expected a regular file" in message
 
 
 @pytest.fixture

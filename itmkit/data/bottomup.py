@@ -48,6 +48,7 @@ import numpy as np
 from itmkit.data import hdf5, precomp
 from itmkit.data.split import read_text, text_lines
 from itmkit.errors import DataError
+from itmkit.inputs import input_file
 
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 # keys of a per-image .npz, in the order they are looked for
@@ -199,7 +200,8 @@ class FolderSource:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         found = (p for p in folder.iterdir() if p.suffix in (".npz", ".npy") and not p.name.startswith("."))
-        self.files = sorted(found, key=_natural)
+        # Each per-image file a regular file before any is opened: a FIFO among them would block the scan.
+        self.files = sorted((input_file(p, "per-image file") for p in found), key=_natural)
         if not self.files:
             raise DataError(f"{folder} holds no .npz or .npy files (one per image)")
 
@@ -369,9 +371,7 @@ def open_source(src: str | Path) -> TsvSource | FolderSource:
     src = Path(src)
     if src.is_dir():
         return FolderSource(src)
-    if src.is_file():
-        return TsvSource(src)
-    raise DataError(f"{src} does not exist")
+    return TsvSource(input_file(src, "source", missing="{path} does not exist"))  # a FIFO or a device: refused
 
 
 # =================================================================================== captions

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from itmkit.errors import DataError
+from itmkit.inputs import read_input
 
 # (module, name) of the vocabulary class as the official repositories pickle it
 VOCABULARY_CLASSES = {("__main__", "Vocabulary"), ("vocab", "Vocabulary")}
@@ -83,6 +84,15 @@ def _text(value: Any) -> Any:
     return value
 
 
+def shown(value: Any, width: int = 60) -> str:
+    """``value`` for an error line: a huge integer by its size (10**400 is not printed in 400 digits, and
+    Python refuses to print one of over 4300), anything else as its repr, cut to ``width`` characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _state(record: Any, source: str) -> dict[str, Any]:
     if not isinstance(record, _Record):
         raise DataError(f"{source}: the pickle holds a {type(record).__name__}, not a Vocabulary object"
@@ -107,9 +117,9 @@ def vocabulary_json(record: Any, source: str) -> dict[str, Any]:
     if not isinstance(word2idx, dict) or not isinstance(idx2word, dict):
         raise DataError(f"{source}: word2idx and idx2word must be dicts, found {type(word2idx).__name__} and"
                         f" {type(idx2word).__name__}")
-    odd = next((k for k in idx2word if isinstance(k, bool) or not isinstance(k, int)), None)
+    odd = next((k for k in idx2word if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 2**63), None)
     if odd is not None:
-        raise DataError(f"{source}: idx2word has the key {_text(odd)!r}; its keys are the indices 0, 1, 2, ...")
+        raise DataError(f"{source}: idx2word has the key {shown(_text(odd))}; its keys are the indices 0, 1, 2, ...")
     return {"word2idx": {_text(k): v for k, v in word2idx.items()},
             "idx2word": {str(k): _text(v) for k, v in idx2word.items()}, "idx": state["idx"]}
 
@@ -119,12 +129,7 @@ def read_pickled_vocabulary(path: str | Path):
     from itmkit.data.vocab import Vocabulary
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"vocabulary file {path} does not exist") from None
-    except OSError as err:
-        raise DataError(f"cannot read vocabulary file {path}: {err}") from None
+    data = read_input(path, "vocabulary file")  # a regular file (never a FIFO or /dev/zero), capped in size
     try:
         record = _VocabularyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except RefusedGlobal as refused:
@@ -152,10 +157,7 @@ def read_if_pickle(path: Path):
     The name decides the reader; the content must agree, so a pickle is never handed to the
     JSON parser (a baffling "invalid JSON at line 1") nor JSON to the unpickler.
     """
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None  # the JSON reader reports a missing or unreadable file
+    data = read_input(path, "vocabulary file")  # checked before a byte is read: see itmkit.inputs
     pickled = looks_like_pickle(data)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not pickled:

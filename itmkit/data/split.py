@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ import attrs
 import numpy as np
 
 from itmkit.errors import DataError, did_you_mean
+from itmkit.inputs import input_file, read_input
 
 KNOWN_SPLITS = ("train", "dev", "test", "testall")
 BOX_LAYOUTS = {4: "xyxy", 30: "pfan"}
@@ -24,29 +24,14 @@ UTF8_BOM = b"\xef\xbb\xbf"
 def data_file(path: str | Path, what: str, *, optional: bool = False) -> Path | None:
     """`path` if it is a regular file (or a link to one); None if `optional` and nothing is there.
 
-    Checked before opening: a FIFO or a device named like a data file would block the reader
-    forever, and a folder or a dangling link is not "missing", whatever is_file() says.
+    Checked before opening (``itmkit.inputs.input_file``, the one check of every named input): a
+    FIFO or a device named like a data file would block the reader forever, and a folder or a
+    dangling link is not "missing", whatever is_file() says.
     """
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode  # follows links
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise DataError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
-        if optional:
-            return None
-        raise DataError(f"{what} {path} does not exist") from None
-    except OSError as err:
-        raise DataError(f"cannot read {what} {path}: {err}") from None
-    if stat.S_ISREG(mode):
-        return path
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "not a regular file")
-    raise DataError(f"{what} {path} is {kind}; expected a regular file")
+    return input_file(path, what, error=DataError, optional=optional)
 
 
-def read_text(path: str | Path, what: str) -> str:
+def read_text(path: str | Path, what: str, *, limit: int | None = None) -> str:
     """The text of a UTF-8 file, without a leading byte-order mark, lines ending in '\\n'.
 
     Every text file under itmkit.data (captions, vocabularies, caption declarations) is read
@@ -54,13 +39,8 @@ def read_text(path: str | Path, what: str) -> str:
     would stick to the first word ('\\ufeffa' -> <unk>) or break JSON, so it is dropped. Newlines
     are universal (\\r\\n and \\r become \\n), as when iterating over a file opened in text mode.
     """
-    path = data_file(path, what)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} does not exist") from None
-    except OSError as err:
-        raise DataError(f"cannot read {what} {path}: {err}") from None
+    data = read_input(path, what, error=DataError, limit=limit)  # a regular file, at most `limit` bytes
+    path = Path(path)
     skip = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
     try:
         text = data[skip:].decode("utf-8")

@@ -11,9 +11,10 @@ from typing import Any
 
 from nltk.tokenize import NLTKWordTokenizer
 
-from itmkit.data.pickle_vocab import read_if_pickle
+from itmkit.data.pickle_vocab import read_if_pickle, shown
 from itmkit.data.split import atomic_path, read_text
 from itmkit.errors import DataError, did_you_mean
+from itmkit.inputs import MAX_TEXT_BYTES
 
 # The official code calls nltk.word_tokenize, which first splits the text into
 # sentences with punkt (a downloaded model) and then runs this same Treebank-style
@@ -124,17 +125,28 @@ class Vocabulary:
         idx2word, word2idx, size = obj["idx2word"], obj["word2idx"], obj["idx"]
         if not isinstance(idx2word, dict) or not isinstance(word2idx, dict):
             raise DataError(f"{source}: 'idx2word' and 'word2idx' must be JSON objects")
-        if not isinstance(size, int) or size != len(idx2word) or size != len(word2idx):
+        # Types once, here, for every reader (JSON, pickle, checkpoint metadata): a word that is a list
+        # or a dict would fail as an unhashable key below, an int word would pass for a word.
+        for key, word in idx2word.items():
+            if not isinstance(word, str):
+                raise DataError(f"{source}: idx2word[{shown(key)}] is {shown(word)}; every word must be a string")
+        for word in word2idx:
+            if not isinstance(word, str):
+                raise DataError(f"{source}: word2idx has the key {shown(word)}; every word must be a string")
+        if isinstance(size, bool) or not isinstance(size, int) or size != len(idx2word) or size != len(word2idx):
             raise DataError(
-                f"{source}: 'idx' is {size!r} but 'idx2word' has {len(idx2word)} entries "
-                f"and 'word2idx' has {len(word2idx)}; all three must agree"
+                f"{source}: 'idx' is {shown(size)} but 'idx2word' has {len(idx2word)} entries "
+                f"and 'word2idx' has {len(word2idx)}; all three must agree (the number of words)"
             )
+        for word, index in word2idx.items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
+                raise DataError(f"{source}: word2idx[{shown(word)}] is {shown(index)}; expected an index 0..{size - 1}")
         expected_keys = {str(i) for i in range(size)}
         if set(idx2word) != expected_keys:
             odd = sorted(set(idx2word) - expected_keys)[:5]
             raise DataError(
                 f"{source}: 'idx2word' keys must be the strings '0'..'{size - 1}'; "
-                f"unexpected keys include {odd}"
+                f"unexpected keys include {shown(odd)}"
             )
         words = [idx2word[str(i)] for i in range(size)]
         for i, word in enumerate(words):
@@ -155,7 +167,7 @@ class Vocabulary:
         pickled = read_if_pickle(path)  # itmkit.data.pickle_vocab: a pickle under a JSON name is an error
         if pickled is not None:
             return pickled
-        text = read_text(path, "vocabulary file")  # UTF-8, a leading BOM dropped
+        text = read_text(path, "vocabulary file", limit=MAX_TEXT_BYTES)  # UTF-8, a leading BOM dropped
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
@@ -163,6 +175,9 @@ class Vocabulary:
                 f"vocabulary file {path} is not valid JSON: {err.msg} "
                 f"at line {err.lineno}, column {err.colno}"
             ) from None
+        except RecursionError:  # '[[[[...' thousands deep: the parser recurses per level
+            raise DataError(f"vocabulary file {path}: JSON nested too deeply to be a vocabulary (expected one"
+                            f" object of {list(JSON_KEYS)})") from None
         return cls.from_json(obj, source=str(path))
 
     def save(self, path: str | Path) -> None:
