@@ -34,6 +34,34 @@ class PortError(Exception):
     """Raised by ``Stage.ports()`` when its inputs do not fit (a dim mismatch, say)."""
 
 
+@attrs.frozen
+class BoxLayout:
+    """One layout of the region boxes (``{split}_boxes.npy``) a stage can read: ``columns`` numbers per region.
+
+    ``needs_sizes``: the stage also needs each image's width and height (``{split}_sizes.npy``).
+    ``index_columns`` > 0: the first that many columns hold whole indices, each at most ``index_max``
+    (PFAN's grid blocks); negative ones are refused for every layout by the data checks.
+    """
+
+    columns: int
+    meaning: str  # what the columns hold, for messages: "x1, y1, x2, y2 in pixels"
+    needs_sizes: bool = False
+    index_columns: int = 0
+    index_max: int = 0
+
+
+@attrs.frozen
+class DataNeeds:
+    """What a stage needs from the data beyond features, checked on every split before the work starts.
+
+    ``boxes``: region boxes in one of these layouts (empty: boxes are not read). ``max_regions``: at
+    most this many real regions per image (a module with one parameter per region slot).
+    """
+
+    boxes: tuple[BoxLayout, ...] = ()
+    max_regions: int | None = None
+
+
 def param(
     default: Any = attrs.NOTHING,
     help: str = "",
@@ -66,6 +94,14 @@ class Stage(abc.ABC):
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
         """Bytes of working memory this stage needs per image x caption pair (scoring blocks)."""
         return 64
+
+    def data_needs(self) -> DataNeeds:
+        """What this stage reads from the data besides features (boxes, image sizes, a region bound).
+
+        ``itmkit train``, ``eval`` and ``data check --recipe`` check every split they use against it
+        before the work starts (``itmkit.preflight``). The default: nothing.
+        """
+        return DataNeeds()
 
     def vocabulary(self, words: Callable[[], Any]) -> Any:
         """What captions are tokenised with when this stage is the text encoder.

@@ -11,7 +11,8 @@ import pytest
 
 from cliutil import flat, invoke
 from itmkit.evaluation import protocol_problem
-from itmkit.preflight import fit_problems, fixed_region_counts
+from itmkit.preflight import Need, fit_problems, model_needs
+from itmkit.stage import DataNeeds
 from itmkit.recipe import load_recipe
 from itmkit.train import train
 from tinydata import write_recipe, write_tiny
@@ -75,37 +76,31 @@ def test_a_model_built_for_a_fixed_region_count_is_checked_before_epoch_1(data, 
     result = invoke("train", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu")
     stderr = flat(result.stderr)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "epoch 1/" not in stderr
-    assert f"{data} has images with 3 regions, but the model of tiny was built for at most 2 (image.pool" in stderr.replace(
-        "split 'train' of ", "")
+    assert (f"{data / 'train_ims.npy'} has images with 3 regions, but the model of tiny (image.pool: sgraf.visual_sa)"
+            " was built for at most 2.") in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_fit_problems_and_fixed_region_counts():
-    import torch
-
-    class Pool(torch.nn.Module):
-        def __init__(self, num_regions):
-            super().__init__()
-            self.num_regions = num_regions
-
-    model = torch.nn.ModuleDict({"image": Pool(36), "text": Pool(None), "flag": Pool(True)})
-    assert fixed_region_counts(model) == {"image": 36}
+def test_fit_problems_and_declared_region_bounds():
+    bound = lambda n: (Need("m", "image.pool", "sgraf.visual_sa", DataNeeds(max_regions=n)),)  # noqa: E731
 
     class Parts:
         features = np.zeros((2, 10, 4), np.float32)
-        name, source = "test", "DIR"
+        name, source, boxes, image_sizes = "test", "DIR", None, None
 
-    assert fit_problems(Parts, 4, {}, "m") == []
-    assert fit_problems(Parts, 4, {"image": 36}, "m") == []  # fewer regions than slots are masked
-    assert fit_problems(Parts, 4, {"image": 8}, "m") == [
-        "split 'test' of DIR has images with 10 regions, but m was built for at most 8 (image)."]
+    assert fit_problems(Parts, 4, (), "m") == []
+    assert fit_problems(Parts, 4, bound(36), "m") == []  # fewer regions than slots are masked
+    assert fit_problems(Parts, 4, bound(8), "m") == [
+        "split 'test' of DIR (features) has images with 10 regions, but m (image.pool: sgraf.visual_sa) was built"
+        " for at most 8."]
 
     class Counted(Parts):  # stored 10 wide, but no image has more than 6 real regions
         region_counts = np.array([6, 3])
 
-    assert fit_problems(Counted, 4, {"image": 8}, "m") == []
-    assert fit_problems(Counted, 4, {"image": 5}, "m") == [
-        "split 'test' of DIR has images with 6 regions, but m was built for at most 5 (image)."]
+    assert fit_problems(Counted, 4, bound(8), "m") == []
+    assert fit_problems(Counted, 4, bound(5), "m") == [
+        "split 'test' of DIR (features) has images with 6 regions, but m (image.pool: sgraf.visual_sa) was built"
+        " for at most 5."]
 
 
 @pytest.mark.parametrize("protocol, images, ok", [

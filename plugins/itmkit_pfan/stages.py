@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from itmkit.core_stages import CosineHead
+from itmkit.errors import DataError
 from itmkit.ops import EPS, l2norm, xavier_linear_
-from itmkit.stage import PortError, Stage, param
+from itmkit.stage import BoxLayout, DataNeeds, PortError, Stage, param
 from itmkit.types import Aligned, AlignedPort, Local, LocalPort, PairSims, PairSimsPort, Regions, RegionsPort
 
 from itmkit_pfan.blocks import boxes_to_blocks
@@ -63,30 +64,30 @@ class PositionEncoder(nn.Module):
         """Block indices (B, R, K) long and weights (B, R, K); padded regions get the padding block, weight 0."""
         k = self.top_blocks
         if x.boxes is None:
-            raise ValueError(
+            raise DataError(
                 "pfan.position needs region boxes: Regions.boxes (B, R, 4) x1, y1, x2, y2 in pixels with"
                 f" Regions.image_sizes (B, 2), or (B, R, {2 * k}) in PFAN's block layout; the data folder"
                 " needs {split}_boxes.npy (and {split}_sizes.npy for raw boxes)"
             )
         boxes = x.boxes
         if tuple(boxes.shape[:2]) != tuple(x.feats.shape[:2]) or boxes.dim() != 3:
-            raise ValueError(f"Regions.boxes has shape {tuple(boxes.shape)}, expected ({x.feats.shape[0]},"
+            raise DataError(f"Regions.boxes has shape {tuple(boxes.shape)}, expected ({x.feats.shape[0]},"
                              f" {x.feats.shape[1]}, 4 or {2 * k}) to match the features {tuple(x.feats.shape)}")
         if boxes.shape[-1] == 4:
             if x.image_sizes is None:
-                raise ValueError("pfan.position got raw (B, R, 4) boxes but no Regions.image_sizes (B, 2) width,"
+                raise DataError("pfan.position got raw (B, R, 4) boxes but no Regions.image_sizes (B, 2) width,"
                                  " height to place them on the grid; add {split}_sizes.npy to the data")
             layout = boxes_to_blocks(boxes, x.image_sizes, grid=self.grid, top=k)
         elif boxes.shape[-1] == 2 * k:
             layout = boxes
         else:
-            raise ValueError(f"Regions.boxes has {boxes.shape[-1]} columns: expected 4 (x1, y1, x2, y2 pixels) or"
+            raise DataError(f"Regions.boxes has {boxes.shape[-1]} columns: expected 4 (x1, y1, x2, y2 pixels) or"
                              f" {2 * k} (PFAN layout: {k} block indices then {k} weights, top_blocks={k})")
         valid = x.mask[..., None]  # (B, R, 1)
         index = torch.where(valid, layout[..., :k].round().long(), self.padding_block)  # (B, R, K)
         weight = layout[..., k:].to(x.feats.dtype).masked_fill(~valid, 0.0)  # (B, R, K)
         if bool(((index < 0) | (index > self.padding_block)).any()):
-            raise ValueError(f"block indices outside [0, {self.padding_block}] for a {self.grid} x {self.grid}"
+            raise DataError(f"block indices outside [0, {self.padding_block}] for a {self.grid} x {self.grid}"
                              f" grid: got {int(index.min())} .. {int(index.max())}")
         return index, weight
 
@@ -131,6 +132,15 @@ class Position(Stage):
         if self.top_blocks > self.grid * self.grid:
             raise PortError(f"top_blocks={self.top_blocks} exceeds the {self.grid * self.grid} blocks of the grid")
         return LocalPort(self.embed_dim or 1024)
+
+    def data_needs(self) -> DataNeeds:
+        # What PositionEncoder.blocks() reads, declared so every split is checked before the work.
+        k = self.top_blocks
+        return DataNeeds(boxes=(
+            BoxLayout(4, "x1, y1, x2, y2 in pixels", needs_sizes=True),
+            BoxLayout(2 * k, f"PFAN's block layout: {k} block indices of the {self.grid} x {self.grid} grid, then"
+                             f" {k} weights", index_columns=k, index_max=self.grid * self.grid),
+        ))
 
     def build(self, x: RegionsPort) -> nn.Module:
         return PositionEncoder(

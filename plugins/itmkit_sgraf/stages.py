@@ -31,7 +31,7 @@ from torch import nn
 from itmkit.attention import masked_softmax, scan_attention
 from itmkit.errors import DataError
 from itmkit.ops import EPS, l2norm, masked_mean, xavier_linear_
-from itmkit.stage import PortError, Stage, param
+from itmkit.stage import DataNeeds, PortError, Stage, param
 from itmkit.types import Aligned, AlignedPort, GlobalPort, Local, LocalPort, PairSims, PairSimsPort, ScorePort
 
 # ====================================================================== self-attention pools
@@ -119,6 +119,9 @@ class VisualSelfAttention(Stage):
 
     def ports(self, x: LocalPort) -> GlobalPort:
         return GlobalPort(x.dim)
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(max_regions=self.num_regions)  # one BatchNorm channel per region slot
 
     def build(self, x: LocalPort) -> nn.Module:
         return SelfAttentionPool(dim=x.dim, dropout=self.dropout, num_regions=self.num_regions)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from itmkit.core_stages import CosineHead
+from itmkit.errors import DataError
 from itmkit.testing import check_stage
 from itmkit.types import Aligned, Local, Regions, RegionsPort, lengths_to_mask
 
@@ -94,20 +95,21 @@ def test_raw_boxes_are_converted_to_the_block_layout():
 
 
 def test_missing_boxes_sizes_or_a_wrong_layout_are_clear_errors():
+    # DataError, not ValueError: a notebook user gets the one-line message, the CLI exit 1
     enc = encoder()
     feats = torch.randn(2, 3, 12)
     lengths = torch.full((2,), 3)
-    with pytest.raises(ValueError, match=r"needs region boxes.*\(B, R, 4\).*\(B, R, 30\)"):
+    with pytest.raises(DataError, match=r"needs region boxes.*\(B, R, 4\).*\(B, R, 30\)"):
         enc(Regions(feats, lengths))
-    with pytest.raises(ValueError, match="image_sizes"):
+    with pytest.raises(DataError, match="image_sizes"):
         enc(Regions(feats, lengths, torch.rand(2, 3, 4)))
-    with pytest.raises(ValueError, match=r"7 columns: expected 4 .* or 30"):
+    with pytest.raises(DataError, match=r"7 columns: expected 4 .* or 30"):
         enc(Regions(feats, lengths, torch.rand(2, 3, 7)))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(DataError, match="shape"):
         enc(Regions(feats, lengths, torch.rand(2, 4, 30)))
     bad = random_layout(2, 3, gen(3))
     bad[1, 2, 0] = 300
-    with pytest.raises(ValueError, match=r"outside \[0, 256\]"):
+    with pytest.raises(DataError, match=r"outside \[0, 256\]"):
         enc(Regions(feats, lengths, bad.float()))
 
 
@@ -135,7 +137,7 @@ def test_other_grid_sizes_and_top_blocks():
     boxes = torch.tensor([[[0.0, 0.0, 50.0, 50.0], [10.0, 60.0, 90.0, 99.0]]])
     out = enc(Regions(torch.randn(1, 2, 12), torch.tensor([2]), boxes, torch.tensor([[100.0, 100.0]])))
     assert out.feats.shape == (1, 2, 10)
-    with pytest.raises(ValueError, match="6"):  # a 30-column file does not fit top_blocks=3
+    with pytest.raises(DataError, match="6"):  # a 30-column file does not fit top_blocks=3
         enc(Regions(torch.randn(1, 2, 12), torch.tensor([2]), torch.zeros(1, 2, 30)))
 
 
