@@ -3,8 +3,9 @@
 They are read with ``torch.load(weights_only=True)`` and an allow-list of exactly one class,
 ``argparse.Namespace`` (the pickled options), never with a full unpickler; Python-2 pickles
 are retried with ``encoding='latin1'``. Every entry is checked here, once for every importer:
-'model' is a list of state dicts of finite tensors (nn.DataParallel's ``module.`` prefix
-removed), 'opt' a Namespace or dict, 'epoch' and 'best_rsum' numbers. Each plugin contributes
+'model' is a list of state dicts of dense, real, finite CPU tensors (``tensor_problem``;
+nn.DataParallel's ``module.`` prefix removed), 'opt' a Namespace or dict, 'epoch' and 'best_rsum'
+numbers. Each plugin contributes
 a converter through the ``register_importers`` hook that maps the options to a recipe and the weights to its stages;
 the key sets and shapes are checked explicitly, so no key is ever dropped silently.
 """
@@ -171,6 +172,9 @@ def _state_dict(path: Path, index: int, module: Any) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{where} has the key {key!r} ({type(key).__name__}); parameter names are strings")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{where} key {key!r} holds a {type(value).__name__}; expected a tensor")
+        problem = tensor_problem(key, value)
+        if problem:
+            raise CheckpointError(f"{where}: tensor {key!r} {problem}")
     state = strip_data_parallel(dict(module), where)
     check_finite(state, where)
     return state
@@ -192,6 +196,39 @@ def strip_data_parallel(state: dict[str, torch.Tensor], where: str) -> dict[str,
         raise CheckpointError(f"{where}: some keys have the nn.DataParallel prefix {DATA_PARALLEL!r} and some do not"
                               f" (e.g. {some!r} and {other!r}); a state dict of one model has one or the other")
     return state
+
+
+# Buffers that PyTorch layers keep as integers (BatchNorm's step count, BERT's position and token
+# type ids); every other tensor of an official checkpoint is a real floating-point weight.
+INTEGER_BUFFERS = ("num_batches_tracked", "position_ids", "token_type_ids")
+
+
+def tensor_problem(key: str, value: torch.Tensor) -> str | None:
+    """Why ``value`` cannot be imported as the weight ``key``, or None.
+
+    Checked before any use: a sparse or meta tensor makes every later operation fail with an internal
+    error, and a converter's ``.float()`` would drop a complex tensor's imaginary part or cast
+    integers or booleans into weights without a word. A weight is a dense (strided) real
+    floating-point tensor on the CPU; only the buffers PyTorch keeps as integers may be integers.
+    """
+    if value.layout != torch.strided:
+        return (f"is a {str(value.layout).removeprefix('torch.')} tensor; weights are dense tensors"
+                " (save the .to_dense() of it)")
+    if value.is_meta:
+        return "is on the meta device: a placeholder without values (saved from a model never materialised?)"
+    if value.device.type != "cpu":  # torch.load maps storages to the CPU; a tensor subclass may not follow
+        return f"is on the {value.device.type} device; weights are read on the CPU"
+    if value.is_quantized:
+        return f"is a quantized {value.dtype} tensor; import the float model it was quantized from"
+    dtype = str(value.dtype).removeprefix("torch.")
+    if value.is_floating_point():
+        return None
+    if value.is_complex():
+        return f"is {dtype}: weights are real numbers, and its imaginary part would be dropped"
+    if value.dtype != torch.bool and key.rsplit(".", 1)[-1] in INTEGER_BUFFERS:
+        return None  # an integer buffer
+    return (f"is {dtype}: a weight holds real floating-point numbers (only the buffers"
+            f" {', '.join(INTEGER_BUFFERS)} are integers); the checkpoint is damaged or not an official one")
 
 
 def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:

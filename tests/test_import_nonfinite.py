@@ -94,7 +94,23 @@ CASES = {
                        " allow-list (only argparse.Namespace is allowed); nothing was run"),
     "a command": (lambda: container(Eiters=RunsACommand()), "refused to unpickle: it references the global posix.system"),
     "garbage bytes": (lambda: b"this is no checkpoint", "not a readable PyTorch checkpoint"),
+    # tensors the model cannot hold exactly: refused in read_official before any use (tensor_problem)
+    "a sparse weight": (lambda: _as(0, "fc.weight", lambda t: t.to_sparse()),
+                        "entry 'model'[0]: tensor 'fc.weight' is a sparse_coo tensor; weights are dense tensors"),
+    "a meta weight": (lambda: _as(1, "embed.weight", lambda t: torch.empty(t.shape, device="meta")),
+                      "entry 'model'[1]: tensor 'embed.weight' is on the meta device: a placeholder without values"),
+    "a complex weight": (lambda: _as(0, "fc.weight", lambda t: t.to(torch.complex64)),
+                         "entry 'model'[0]: tensor 'fc.weight' is complex64: weights are real numbers, and its"
+                         " imaginary part would be dropped"),
+    "an integer weight": (lambda: _as(0, "fc.bias", lambda t: (t * 10).long()),
+                          "entry 'model'[0]: tensor 'fc.bias' is int64: a weight holds real floating-point numbers"),
+    "a bool weight": (lambda: _as(0, "fc.bias", lambda t: t > 0), "tensor 'fc.bias' is bool: a weight holds real"),
 }
+
+
+def _as(index: int, key: str, change) -> dict:
+    raw = container()
+    return {**raw, "model": _with(raw["model"], index, key, change(raw["model"][index][key]))}
 
 
 @pytest.fixture
@@ -148,3 +164,14 @@ def test_an_options_namespace_reads_as_its_dict(tmp_path):
     source = tmp_path / "model_best.pth.tar"
     torch.save(container(opt=argparse.Namespace(embed_size=8)), source)
     assert read_official(source).options == {"embed_size": 8}
+
+
+def test_integer_buffers_and_every_float_width_are_weights():
+    from itmkit.importing import tensor_problem
+
+    assert tensor_problem("sim_eval_w.bn.num_batches_tracked", torch.tensor(7)) is None  # BatchNorm's step count
+    assert tensor_problem("bert.embeddings.position_ids", torch.arange(4)[None]) is None
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert tensor_problem("fc.weight", torch.zeros(2, dtype=dtype)) is None
+    assert "is int32" in tensor_problem("fc.weight", torch.zeros(2, dtype=torch.int32))
+    assert "is bool" in tensor_problem("bn.num_batches_tracked", torch.tensor(True))
