@@ -18,7 +18,7 @@ import pickle
 import re
 import typing
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import attrs
@@ -31,6 +31,7 @@ from itmkit.data.vocab import Vocabulary
 from itmkit.errors import CheckpointError, did_you_mean
 from itmkit.inputs import input_file
 from itmkit.recipe import TrainSpec, parse_recipe
+from itmkit.runs import name_problem
 from itmkit.stage import stage_params
 from itmkit.structure import Problem, check_param, show_number
 
@@ -47,6 +48,7 @@ class OfficialCheckpoint:
     options: dict[str, Any]  # vars(opt)
     epoch: int | None
     best_rsum: float | None
+    notes: tuple[str, ...] = ()  # what reading changed (a data_name given as a path), one line each
 
 
 @attrs.frozen
@@ -117,8 +119,9 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
         raise CheckpointError(f"{path}: entry 'model' is {_described(modules)}; expected a list of state dicts"
                               " [img_enc, txt_enc, ...] (or one state dict)")
     states = [_state_dict(path, i, m) for i, m in enumerate(modules)]
-    return OfficialCheckpoint(str(path), states, _options(path, raw.get("opt")), _number(path, raw, "epoch"),
-                              _number(path, raw, "best_rsum"))
+    options, notes = _plain_data_name(path, _options(path, raw.get("opt")))
+    return OfficialCheckpoint(str(path), states, options, _number(path, raw, "epoch"),
+                              _number(path, raw, "best_rsum"), notes)
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6: a zip archive
@@ -256,6 +259,26 @@ def _options(path: Path, opt: Any) -> dict[str, Any]:
         raise CheckpointError(f"{path}: entry 'opt' has the option name {odd!r} ({type(odd).__name__});"
                               " option names are strings")
     return dict(opt)
+
+
+def _plain_data_name(path: Path, options: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The options with ``data_name`` as a plain dataset folder name, and a note if it was a path.
+
+    The official code joins ``data_name`` to ``data_path`` (and to ``vocab/``), so it names a dataset
+    folder; every importer turns it into the recipe's name and data path hint. A path
+    (``../../x_precomp``, ``/data/f30k_precomp``) is reduced here, once for every importer, to the
+    folder it names; one that names no folder (``..``) is refused naming the option.
+    """
+    value = options.get("data_name")
+    if not isinstance(value, str) or name_problem(value, "data_name") is None:
+        return options, ()
+    name = PurePosixPath(value.replace("\\", "/")).name
+    if name_problem(name, "data_name"):  # '..', '/', control characters
+        raise CheckpointError(f"{path}: option data_name = {value!r} in the checkpoint's 'opt' names no dataset"
+                              " folder; expected a folder name such as 'f30k_precomp'")
+    return {**options, "data_name": name}, (
+        f"{path}: option data_name = {value!r} in the checkpoint's 'opt' is a path; the recipe's name and data"
+        f" path use the folder it names, {name!r}",)
 
 
 def _number(path: Path, raw: Mapping, key: str) -> int | float | None:
@@ -495,10 +518,11 @@ def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: 
     model = build_model(recipe, data)
     check_state(converted.state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, f"{path} -> {name}")
     model.load_state_dict(converted.state, strict=True)
-    notes = {"import_notes": "\n".join(converted.notes)} if converted.notes else {}
+    lines = (*official.notes, *converted.notes)
+    notes = {"import_notes": "\n".join(lines)} if lines else {}
     save_checkpoint(out, model, vocab, imported_from=str(path), epoch=str(official.epoch),
                     official_best_rsum=str(official.best_rsum), protocol=recipe.data.protocol, **notes)
-    for line in converted.notes:
+    for line in lines:
         note(line)
     return Path(out)
 

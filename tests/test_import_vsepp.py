@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import re
 import sys
 import tomllib
 
@@ -261,6 +262,29 @@ def test_a_checkpoint_vsepp_cannot_import_is_a_clear_error(tmp_path, vocab_pkl, 
     opt, model = _broken(kind)
     with pytest.raises(CheckpointError, match=ERRORS[kind]):
         imported(tmp_path, vocab_pkl, opt, model)
+    assert not (tmp_path / "vsepp.safetensors").exists()
+
+
+
+@pytest.mark.parametrize("data_name, folder", [("../../x_precomp", "x_precomp"), ("/data/vsepp/coco_precomp/", "coco_precomp"),
+                                               ("C:\\vsepp\\f30k_precomp", "f30k_precomp")])
+def test_a_data_name_given_as_a_path_becomes_the_folder_it_names(tmp_path, vocab_pkl, data_name, folder):
+    """The official code joins data_name to data_path: a path there names its last folder, said in a note."""
+    opt = options(data_name=data_name)
+    out = imported(tmp_path, vocab_pkl, opt, official_weights(opt))
+    recipe = tomllib.loads(read_metadata(out)["recipe"])
+    assert recipe["recipe"]["name"] == f"vsepp-{folder.removesuffix('_precomp')}-cosine-imported"
+    assert recipe["data"]["path"] == f"data/{folder}"
+    assert (f"option data_name = {data_name!r} in the checkpoint's 'opt' is a path; the recipe's name and data path"
+            f" use the folder it names, {folder!r}") in read_metadata(out)["import_notes"]
+
+
+@pytest.mark.parametrize("data_name", ["..", "x_precomp/..", "/"])
+def test_a_data_name_that_names_no_folder_is_refused_naming_the_option(tmp_path, vocab_pkl, data_name):
+    opt = options(data_name=data_name)
+    with pytest.raises(CheckpointError, match=rf"option data_name = {re.escape(repr(data_name))} in the checkpoint's"
+                                              r" 'opt' names no dataset folder"):
+        imported(tmp_path, vocab_pkl, opt, official_weights(opt))
     assert not (tmp_path / "vsepp.safetensors").exists()
 
 
