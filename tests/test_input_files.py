@@ -7,12 +7,11 @@ words of the wrong type ended in internal errors. Each is now one clear line and
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
+import subprocess
 import sys
-import threading
 import types
 
 import numpy as np
@@ -29,32 +28,37 @@ CPU = ("--device", "cpu")
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
 
 
+# Run in a process of its own: a reader blocked inside a call that holds the GIL (safetensors' open)
+# would stop a thread of this process too.
+RELEASE = """
+import errno, os, stat, sys, time
+while True:
+    for path in (os.path.join(d, n) for d, _, names in os.walk(sys.argv[1]) for n in names):
+        if stat.S_ISFIFO(os.lstat(path).st_mode):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as exc:
+                if exc.errno not in (errno.ENXIO, errno.ENOENT):
+                    raise
+    time.sleep(0.02)
+"""
+
+
 @pytest.fixture
 def fifo(tmp_path):
-    """make(NAME): a FIFO in tmp_path. A guard thread opens each one for writing and closes it as soon
+    """make(NAME): a FIFO in tmp_path. A guard process opens each one for writing and closes it as soon
     as something opens it for reading, so a reader that does open it sees end-of-file and the test
     fails on its message instead of hanging."""
-    made, stop = [], threading.Event()
-
-    def release():
-        while not stop.wait(0.02):
-            for path in made:
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError as exc:
-                    assert exc.errno in (errno.ENXIO, errno.ENOENT)
+    guard = subprocess.Popen([sys.executable, "-c", RELEASE, str(tmp_path)])
 
     def make(name):
         path = tmp_path / name
         os.mkfifo(path)
-        made.append(path)
         return path
 
-    guard = threading.Thread(target=release, daemon=True)
-    guard.start()
     yield make
-    stop.set()
-    guard.join()
+    guard.kill()
+    guard.wait()
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +212,7 @@ def test_data_convert_refuses_a_fifo_source(fifo, tmp_path):
 
 def test_data_convert_refuses_a_fifo_among_per_image_files(fifo, tmp_path):
     source = _npz_folder(tmp_path / "nz")
-    os.mkfifo(source / "9.npz")
+    fifo("nz/9.npz")
     message = assert_clean_failure(invoke("data", "convert", str(source), str(tmp_path / "out"), "--split", "test"))
     assert f"per-image file {source / '9.npz'} is a FIFO" in message
 
@@ -286,7 +290,7 @@ def pickled(tmp_path, monkeypatch):
     (["x"], None, "idx2word['4'] is ['x']; every word must be a string"),
     (7, None, "idx2word['4'] is 7; every word must be a string"),
     ("a", 10**400, "'idx' is an integer of about 401 digits"),
-])
+], ids=["a list word", "an int word", "idx 10**400"])
 def test_pickled_vocabulary_of_wrong_types_is_one_line(pickled, trained, word, idx, expected):
     path = pickled([*WORDS[:4], word, "dog"], idx)
     message = assert_clean_failure(invoke("build", str(trained[3]), "--set", f"data.vocab={path}"))
