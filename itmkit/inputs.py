@@ -15,6 +15,7 @@ vocabulary, COCO's, is under 1 MB), and reading it whole to find that out would 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -64,6 +65,17 @@ def read_input(path: str | Path, what: str, *, error: type[ItmkitError] = DataEr
     if limit is not None and len(data) > limit:  # grew while being read
         raise error(f"{what} {path} is over {limit // 2**20} MiB; a {what} is at most {limit // 2**20} MiB")
     return data
+
+
+# ASCII digits, an optional minus (a negative count gets its own message from the caller). Python's
+# int() also takes '٣' (Arabic-Indic 3), '1_0', '+5' and ' 5': in a data file each is a typo or
+# another tool's convention, read silently as a number it may not mean.
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
+
+
+def strict_int(text: str) -> int | None:
+    """The integer ``text`` spells in ASCII digits (optionally after a '-'), nothing else around it; else None."""
+    return int(text) if _INTEGER.fullmatch(text) else None
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

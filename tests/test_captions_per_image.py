@@ -171,7 +171,7 @@ def test_undeclared_counts_other_than_1_and_5_say_how_to_declare(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("two\n", r"test_caps_per_image.txt, line 1: expected an integer, found 'two'"),
+    ("two\n", r"test_caps_per_image.txt, line 1: expected an integer in ASCII digits, nothing around it; found 'two'"),
     ("0\n", r"test_caps_per_image.txt should hold one positive integer"),
     ("2\n3\n", r"test_caps_per_image.txt should hold one positive integer"),
     ("3\n", r"test_caps.txt has 8 captions but .*test_ims.npy has 4 images at 3 per image \(expected 12\)"),

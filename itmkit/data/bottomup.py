@@ -48,7 +48,7 @@ import numpy as np
 from itmkit.data import hdf5, precomp
 from itmkit.data.split import read_text, text_lines
 from itmkit.errors import DataError
-from itmkit.inputs import input_file
+from itmkit.inputs import input_file, strict_int
 
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 # keys of a per-image .npz, in the order they are looked for
@@ -127,20 +127,29 @@ class TsvSource:
         self.path = path
 
     def _rows(self) -> Iterator[tuple[int, list[str]]]:
-        with _huge_csv_fields(), open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+        # surrogateescape keeps a byte that is not UTF-8 visible (as U+DC80..U+DCFF) so that it is refused
+        # below; errors="replace" made it U+FFFD, and two different ids could become one.
+        with _huge_csv_fields(), open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             for number, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
                 if not row:
                     continue
                 if len(row) != len(TSV_FIELDS):
                     raise DataError(f"{self.path}, line {number}: {len(row)} tab-separated fields, expected"
                                     f" {len(TSV_FIELDS)} ({', '.join(TSV_FIELDS)}) as generate_tsv writes them")
+                bad = next((i for i, field in enumerate(row[:4]) if _NOT_UTF8.search(field)), None)
+                if bad is not None:
+                    byte = ord(_NOT_UTF8.search(row[bad]).group()) - 0xDC00
+                    raise DataError(f"{self.path}, line {number}: {TSV_FIELDS[bad]} holds the byte 0x{byte:02x}, which"
+                                    " is not UTF-8 text; save the file as UTF-8")
+                problem = id_problem(row[0])
+                if problem:
+                    raise DataError(f"{self.path}, line {number}: {problem}")
                 yield number, row
 
     def _count(self, row: list[str], where: str) -> int:
-        try:
-            count = int(row[3])
-        except ValueError:
-            raise DataError(f"{where}: num_boxes is {row[3][:20]!r}, expected an integer") from None
+        count = strict_int(row[3])
+        if count is None:
+            raise DataError(f"{where}: num_boxes is {row[3][:20]!r}, expected an integer in ASCII digits")
         if count < 1:
             raise DataError(f"{where}: num_boxes is {count}; every image needs at least one box")
         return count
@@ -180,11 +189,26 @@ class TsvSource:
             yield Image(row[0], feats.reshape(count, -1), boxes.reshape(count, 4), _tsv_size(row, where), where)
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape decodes them
+_WHOLE = re.compile(r"([0-9]{1,9})(\.0*)?")  # a pixel count: '640', or '640.0' as a float column writes it
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be an image id, or None: ids are joined to captions and written one per line,
+    so an empty one, or one with white space around it (' 1' and '1' would be two images), is refused."""
+    if not image_id:
+        return "the image id is empty"
+    if image_id != image_id.strip():
+        return f"the image id {image_id[:40]!r} has white space around it; ids are compared as written"
+    return None
+
+
 def _tsv_size(row: list[str], where: str) -> tuple[float, float]:
-    try:
-        return float(row[1]), float(row[2])
-    except ValueError:
-        raise DataError(f"{where}: image_w, image_h are {row[1][:20]!r}, {row[2][:20]!r}; expected numbers") from None
+    found = [_WHOLE.fullmatch(text) for text in row[1:3]]
+    if not all(found):
+        raise DataError(f"{where}: image_w, image_h are {row[1][:20]!r}, {row[2][:20]!r}; expected whole numbers of"
+                        " pixels in ASCII digits (as generate_tsv writes them)")
+    return float(found[0].group(1)), float(found[1].group(1))
 
 
 def _npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
@@ -281,6 +305,9 @@ class FolderSource:
                                 f" {'present' if has_size else 'absent'}, unlike {self.files[0].name}; every file"
                                 " must hold the same arrays")
             dim, kinds = width, (has_boxes, has_size)
+            problem = id_problem(path.stem)
+            if problem:
+                raise DataError(f"{path}: {problem} (a file's name is its image's id)")
             ids.append(path.stem)
             counts.append(count)
             progress(len(ids), len(self.files), f"surveyed {path.name}")

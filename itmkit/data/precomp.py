@@ -11,6 +11,7 @@ import numpy as np
 from itmkit.data.split import (Split, SplitParts, array_problems, assemble, atomic_path, data_file, read_text,
                                text_lines)
 from itmkit.errors import DataError
+from itmkit.inputs import strict_int
 
 # Rows copied per step when writing features, so a memmap or HDF5 source is streamed.
 CHUNK_IMAGES = 256
@@ -58,10 +59,10 @@ def _read_ints(path: Path, what: str, *, blank_lines: bool = True) -> list[int]:
                 continue
             raise DataError(f"{what} {path}, line {number} is blank: expected one integer per line "
                             f"(line j is about caption j - 1)")
-        try:
-            value = int(line.strip())
-        except ValueError:
-            raise DataError(f"{what} {path}, line {number}: expected an integer, found {line.strip()!r}") from None
+        value = strict_int(line)  # ASCII digits only: not '٣', '1_0', '+5' or ' 5'
+        if value is None:
+            raise DataError(f"{what} {path}, line {number}: expected an integer in ASCII digits, nothing around it;"
+                            f" found {line[:30]!r}")
         if not INT64_MIN <= value <= INT64_MAX:
             raise DataError(f"{what} {path}, line {number}: {line.strip()[:30]} is out of range (expected an "
                             f"integer that fits 64 bits)")
