@@ -79,8 +79,9 @@ def check_output_folder(path: str | Path, option: str, *, inputs: tuple[str | Pa
         raise OutputPathError(f"{option} {path} exists and is not a folder")
     for source in inputs:
         source = Path(source).expanduser()
-        if source.is_dir() and (path.exists() and _same(path, source) or inside(path, source)):
-            raise OutputPathError(f"{option} {path} is inside {source}, an input of this command; write the output"
+        if source.is_dir() and inside(path, source):
+            where = "is" if _same(path, source) else "is inside"
+            raise OutputPathError(f"{option} {path} {where} {source}, an input of this command; write the output"
                                   " to a folder outside it")
         clash = next((name for name in writes if _same(path / name, source)), None)
         if clash is not None:
