@@ -138,7 +138,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], None], tuple[str, ...], str]] = {
     "vocab_bad_json": (set_meta("vocab", '{"idx2word": {"0": "<pad>"'), BOTH, "metadata 'vocab' must be the vocabulary"),
     "vocab_a_list": (set_meta("vocab", "[1, 2, 3]"), BOTH, "metadata 'vocab' must be the vocabulary as a JSON object"),
     "vocab_wrong_keys": (set_meta("vocab", '{"words": []}'), BOTH, "metadata 'vocab': missing key(s)"),
-    "vocab_words_not_strings": (set_meta("vocab", '{"idx2word": {"0": [1]}, "word2idx": {"x": 0}, "idx": 1}'), BOTH, "metadata 'vocab' is not a vocabulary"),
+    "vocab_words_not_strings": (set_meta("vocab", '{"idx2word": {"0": [1]}, "word2idx": {"x": 0}, "idx": 1}'), BOTH, "metadata 'vocab': idx2word['0'] is [1]; every word must be a string"),
     "feature_dim_text": (set_meta("feature_dim", "wide"), BOTH, "metadata 'feature_dim' must be a whole number"),
     "feature_dim_huge": (set_meta("feature_dim", "999999999999"), BOTH, "metadata 'feature_dim' must be a whole number from 1 to 65536"),
     "feature_dim_float": (set_meta("feature_dim", "256.0"), BOTH, "metadata 'feature_dim' must be a whole number"),
