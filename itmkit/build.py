@@ -14,10 +14,10 @@ import attrs
 import torch
 from torch import nn
 
-from itmkit.recipe import Match, Recipe, RecipeError, Slot
+from itmkit.recipe import Recipe, RecipeError, Slot
 from itmkit.stage import PortError, stage_inputs
 from itmkit.structure import Problem
-from itmkit.types import Aligned, GlobalPort, Local, LocalPort, Port, RegionsPort, Regions, ScorePort, Tokens, TokensPort
+from itmkit.types import GlobalPort, Local, LocalPort, Port, RegionsPort, Regions, ScorePort, Tokens, TokensPort
 
 
 @attrs.frozen

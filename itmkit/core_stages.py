@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmkit.attention import to_context_major
 from itmkit.hookspecs import hookimpl
-from itmkit.ops import EPS, cosine, l2norm, masked_last, masked_max, masked_mean, xavier_linear_
+from itmkit.ops import EPS, l2norm, masked_last, masked_max, masked_mean, xavier_linear_
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import (
     Aligned,

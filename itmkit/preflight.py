@@ -22,9 +22,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from itmkit.data.check import _cross_split_checks, _sentence, _split_checks
-from itmkit.data.split import (SCAN_CHUNK_IMAGES, Split, SplitParts, as_read, assemble, available_splits, image_shape,
-                               open_parts)
+from itmkit.data.check import _sentence, open_checked
+from itmkit.data.split import (SCAN_CHUNK_IMAGES, Split, SplitParts, as_read, assemble, available_splits,
+                               image_shape)
 from itmkit.errors import DataError, ItmkitError, did_you_mean
 from itmkit.evaluation import protocol_problem
 from itmkit.runs import name_problem
@@ -139,16 +139,8 @@ def open_used_splits(data_dir: Path, use: DataUse) -> tuple[dict[str, SplitParts
     except DataError as err:
         return {}, {}, [_sentence(str(err))]
     chosen = chosen_splits(use, present)
-    opened: dict[str, SplitParts] = {}
-    for name in dict.fromkeys(n for n in chosen.values() if n is not None):
-        try:
-            parts = open_parts(data_dir, name)
-        except DataError as err:
-            problems.append(_sentence(f"split {name!r}: {err}"))
-            continue
-        opened[name] = parts
-        problems.extend(_split_checks(parts))
-    problems.extend(_cross_split_checks(list(opened.values())))
+    opened, found = open_checked(data_dir, (n for n in chosen.values() if n is not None))
+    problems.extend(found)
     problems.extend(usage_problems(data_dir, use, present, opened))
     return opened, chosen, problems
 

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 from itmkit.errors import did_you_mean
-from itmkit.stage import ParamInfo, stage_params, type_name
+from itmkit.stage import ParamInfo, stage_params
 
 
 @attrs.frozen

@@ -20,7 +20,6 @@ import pytest
 from cliutil import Result, assert_clean_failure, flat, invoke
 from itmkit.build import DataPorts, build_model, count_parameters, stage_tree
 from itmkit.core_stages import Triplet
-from itmkit.data.shapes import write_shapes
 from itmkit.datasets import data_ports, open_named_split, resolve_vocab
 from itmkit.docs import stage_reference_markdown
 from itmkit.plugins import get_registry

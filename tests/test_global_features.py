@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from itmkit.build import DataPorts, build_model
-from itmkit.data import check, hdf5, precomp
+from itmkit.data import hdf5
 from itmkit.data.check import check_dataset, summarize_dataset
 from itmkit.data.loader import train_loader
 from itmkit.data.split import ImageRows, SplitParts, assemble, open_split

@@ -7,7 +7,6 @@ folder of an output (``--save-sims /nonexist/x.npy`` used to create /nonexist).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

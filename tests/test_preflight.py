@@ -11,7 +11,7 @@ import pytest
 
 from cliutil import flat, invoke
 from itmkit.evaluation import protocol_problem
-from itmkit.preflight import Need, fit_problems, model_needs
+from itmkit.preflight import Need, fit_problems
 from itmkit.stage import DataNeeds
 from itmkit.recipe import load_recipe
 from itmkit.train import train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,23 @@ def _cross_split_checks(opened: list[SplitParts]) -> list[str]:
     return problems
 
 
+def open_checked(data_dir: Path, names: Iterable[str]) -> tuple[dict[str, SplitParts], list[str]]:
+    """Open each split of ``names`` and check it alone and against the others (what `data check` and
+    the pre-flight of `train` and `eval` share); returns the opened parts by name and the problems."""
+    opened: dict[str, SplitParts] = {}
+    problems: list[str] = []
+    for name in dict.fromkeys(names):
+        try:
+            parts = open_parts(data_dir, name)
+        except DataError as err:
+            problems.append(_sentence(f"Split {name!r}: {err}"))
+            continue
+        opened[name] = parts
+        problems.extend(_split_checks(parts))
+    problems.extend(_cross_split_checks(list(opened.values())))
+    return opened, problems
+
+
 def check_dataset(data_dir: str | Path, use: Any = None) -> list[str]:
     """Every problem found in the dataset at `data_dir`, each a sentence naming its file; [] if good.
 
@@ -170,16 +188,8 @@ def check_dataset(data_dir: str | Path, use: Any = None) -> list[str]:
         present = available_splits(data_dir)
     except DataError as err:
         return [*problems, _sentence(str(err))]
-    opened = {}
-    for name in present:
-        try:
-            parts = open_parts(data_dir, name)
-        except DataError as err:
-            problems.append(_sentence(f"Split {name!r}: {err}"))
-            continue
-        opened[name] = parts
-        problems.extend(_split_checks(parts))
-    problems.extend(_cross_split_checks(list(opened.values())))
+    opened, found = open_checked(data_dir, present)
+    problems.extend(found)
     problems.extend(usage_problems(data_dir, use, present, opened))
     vocab_path = data_dir / VOCAB_FILE
     if data_dir.is_dir() and vocab_path.is_file():

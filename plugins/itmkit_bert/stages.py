@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
-import torch
 from torch import nn
 
 from itmkit.errors import ItmkitError

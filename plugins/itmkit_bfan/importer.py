@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import tomli_w
-import torch
 
 from itmkit.build import DataPorts
 from itmkit.data.vocab import Vocabulary

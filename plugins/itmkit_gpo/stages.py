@@ -18,7 +18,7 @@ where the official code differs from the paper, are in docs/plugins/gpo.md.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 import torch

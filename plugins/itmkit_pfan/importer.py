@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import tomli_w
-import torch
 
 from itmkit.attention import RAW_NORMS
 from itmkit.build import DataPorts
