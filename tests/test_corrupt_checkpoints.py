@@ -22,37 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cliutil import assert_clean_failure, invoke
+from conftest import TINY_RECIPE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-RECIPE = """
-[recipe]
-name = "tiny"
-embed_dim = 32
-
-[image]
-encoder = { stage = "core.precomp" }
-pool = { stage = "core.mean" }
-
-[text]
-encoder = { stage = "core.bigru", word_dim = 16, bidirectional = false }
-pool = { stage = "core.last" }
-
-[[match]]
-similarity = { stage = "core.cosine" }
-
-[loss]
-stage = "core.triplet"
-
-[data]
-path = "DATA"
-
-[train]
-epochs = 1
-batch_size = 64
-lr = 3e-3
-"""
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +32,7 @@ def run(tmp_path_factory, tiny_data) -> Path:
     """A one-epoch run of a tiny recipe: tiny.toml, out/last.safetensors, out/model_best.safetensors."""
     folder = tmp_path_factory.mktemp("run")
     recipe = folder / "tiny.toml"
-    recipe.write_text(RECIPE.replace("DATA", str(tiny_data)))
+    recipe.write_text(TINY_RECIPE.replace("DATA", str(tiny_data)).replace("epochs = 3", "epochs = 1"))
     result = invoke("train", str(recipe), "--out", str(folder / "out"), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     return folder

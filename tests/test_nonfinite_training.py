@@ -23,7 +23,7 @@ from itmkit.datasets import data_ports
 from itmkit.evaluate import NonFiniteScores, check_finite, evaluate
 from itmkit.recipe import load_recipe
 from itmkit.train import TrainingStopped, _nonfinite_parameter, read_metrics, strict_json, train
-from tinydata import captions, write_recipe, write_tiny
+from tinydata import captions, train_tiny, write_recipe, write_tiny
 
 
 def strict_loads(text: str):
@@ -118,8 +118,7 @@ def test_the_message_names_captions_and_single_pairs():
 
 
 def test_eval_refuses_nan_test_features_before_scoring_and_saves_no_matrix(data, tmp_path):
-    run = tmp_path / "run"
-    train(load_recipe(write_recipe(tmp_path / "tiny.toml", data)), out_dir=run, log=lambda *a: None)
+    run = train_tiny(tmp_path, data)
     bad = tmp_path / "bad"
     shutil.copytree(data, bad)
     features = np.load(bad / "test_ims.npy")

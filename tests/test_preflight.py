@@ -15,7 +15,7 @@ from itmkit.preflight import Need, fit_problems
 from itmkit.stage import DataNeeds
 from itmkit.recipe import load_recipe
 from itmkit.train import train
-from tinydata import write_recipe, write_tiny
+from tinydata import train_tiny, write_recipe, write_tiny
 
 SGRAF_POOL = 'pool = { stage = "core.mean" }\n\n[text]'
 
@@ -27,9 +27,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("run")
-    train(load_recipe(write_recipe(folder / "tiny.toml", data)), out_dir=folder / "run", log=lambda *a: None)
-    return folder / "run"
+    return train_tiny(tmp_path_factory.mktemp("run"), data)
 
 
 def test_eval_on_features_of_another_width_is_one_line_before_scoring(run, tmp_path):

@@ -17,10 +17,8 @@ from safetensors.torch import save_file
 
 from cliutil import invoke
 from itmkit.errors import ItmkitError
-from itmkit.recipe import load_recipe
 from itmkit.runs import default_run_folder, plain_name
-from itmkit.train import train
-from tinydata import write_recipe, write_tiny
+from tinydata import train_tiny, write_recipe, write_tiny
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +28,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(data, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("run")
-    train(load_recipe(write_recipe(folder / "tiny.toml", data)), out_dir=folder / "run", log=lambda *a: None)
-    return folder / "run" / "model_best.safetensors"
+    return train_tiny(tmp_path_factory.mktemp("run"), data) / "model_best.safetensors"
 
 
 def edited_checkpoint(src: Path, dst: Path, old: str, new: str) -> Path:

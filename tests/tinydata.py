@@ -56,3 +56,12 @@ def write_tiny(folder: Path, sizes: dict[str, int] | None = None, *, width: int 
 def write_recipe(path: Path, data: Path | str) -> Path:
     path.write_text(RECIPE.replace("DATA", str(data)))
     return path
+
+
+def train_tiny(folder: Path, data: Path | str) -> Path:
+    """Train the tiny recipe (written to folder/tiny.toml) on ``data`` into folder/run; returns the run folder."""
+    from itmkit.recipe import load_recipe
+    from itmkit.train import train
+
+    train(load_recipe(write_recipe(folder / "tiny.toml", data)), out_dir=folder / "run", log=lambda *a: None)
+    return folder / "run"
