@@ -17,7 +17,18 @@ from torch import nn
 from itmkit.recipe import Recipe, RecipeError, Slot
 from itmkit.stage import PortError, stage_inputs
 from itmkit.structure import Problem
-from itmkit.types import GlobalPort, Local, LocalPort, Port, RegionsPort, Regions, ScorePort, Tokens, TokensPort
+from itmkit.types import (
+    GlobalPort,
+    Local,
+    LocalPort,
+    ParametersPort,
+    Port,
+    Regions,
+    RegionsPort,
+    ScorePort,
+    Tokens,
+    TokensPort,
+)
 
 
 @attrs.frozen
@@ -50,9 +61,15 @@ class Wiring:
     loss: Wire
     image_global: bool
     text_global: bool
+    objectives: tuple[Wire, ...] = ()
 
     def all(self) -> list[Wire]:
-        return [*self.image, *self.text, *(w for b in self.branches for w in b), self.loss]
+        return [*self.image, *self.text, *(w for b in self.branches for w in b), self.loss, *self.objectives]
+
+
+# Where a training-step value comes from, as wiring messages and stage sources name it.
+SCORES, REGIONS, TOKENS, PARAMETERS = ("the summed branch scores", "the batch's regions", "the batch's captions",
+                                       "the model's parameters")
 
 
 def _describe_inputs(accepts: tuple[type[Port], ...]) -> str:
@@ -151,10 +168,17 @@ def wire(recipe: Recipe, data: DataPorts) -> Wiring:
                 problems.append(Problem(branch.path, f"a [[match]] branch must end in a score (ScorePort), it ends in {previous[0].describe()}: add an `aggregate` stage"))
         branches.append(tuple(wires))
 
-    loss = _connect(recipe.loss, {"x": {ScorePort: (ScorePort(), "the summed branch scores")}}, problems)
+    scores = {"x": {ScorePort: (ScorePort(), SCORES)}}
+    loss = _connect(recipe.loss, scores, problems)
+    # An objective reads the batch's scores, the towers' outputs, the raw batch and the parameters.
+    batch = {"regions": {RegionsPort: (RegionsPort(data.feature_dim), REGIONS)},
+             "tokens": {TokensPort: (TokensPort(data.vocab_size, data.mask_id), TOKENS)},
+             "parameters": {ParametersPort: (ParametersPort(), PARAMETERS)}}
+    objectives = [_connect(o.slot, {**towers, **scores, **batch}, problems) for o in recipe.objectives]
     if problems:
         raise RecipeError(recipe.source, problems)
-    return Wiring(tuple(image_wires), tuple(text_wires), tuple(branches), loss, image_global is not None, text_global is not None)
+    return Wiring(tuple(image_wires), tuple(text_wires), tuple(branches), loss, image_global is not None,
+                  text_global is not None, tuple(objectives))
 
 
 # ================================================================================ the model
@@ -180,6 +204,18 @@ class Encoded:
             local = Local(self.local.feats.to(device), self.local.mask.to(device),
                           {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.local.extras.items()})
         return Encoded(local, None if self.global_ is None else self.global_.to(device))
+
+
+@attrs.frozen
+class Step:
+    """One training step's result: the total loss, the B x B scores, and each term unweighted by name."""
+
+    loss: torch.Tensor
+    scores: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss, self.scores
 
 
 class Tower(nn.Module):
@@ -241,6 +277,10 @@ class ITMModel(nn.Module):
             for wires, m in zip(wiring.branches, recipe.match)
         )
         self.loss = module(wiring.loss)
+        # Training-only terms: built here so their weights train and are saved with the model.
+        self.objectives = nn.ModuleList(module(w) for w in wiring.objectives)
+        self.objective_sources = [w.sources for w in wiring.objectives]
+        self.objective_weights = [o.weight for o in recipe.objectives]
 
     def encode_images(self, x: Regions) -> Encoded:
         return self.image(x)
@@ -257,10 +297,35 @@ class ITMModel(nn.Module):
         return total
 
     def forward(self, images: Regions, texts: Tokens, image_ids: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training step on a batch of B captions with their images: (loss, B x B scores)."""
-        scores = self.score(self.encode_images(images), self.encode_texts(texts))
+        """Training step on a batch of B captions with their images: (loss, B x B scores).
+
+        The loss is the [loss] stage's plus each objective's value times its weight.
+        """
+        return self.training_step(images, texts, image_ids, epoch).pair()
+
+    def training_step(self, images: Regions, texts: Tokens, image_ids: torch.Tensor, epoch: int = 0) -> Step:
+        """The training step with each term of the loss kept apart (for logging)."""
+        image, text = self.encode_images(images), self.encode_texts(texts)
+        scores = self.score(image, text)
         positives = image_ids[:, None] == image_ids[None, :]
-        return self.loss(scores, positives=positives, epoch=epoch), scores
+        loss = self.loss(scores, positives=positives, epoch=epoch)
+        terms = {"loss": loss}
+        if self.objectives:
+            values = {"[image] fragments": image.local, "[image] pool": image.global_,
+                      "[text] fragments": text.local, "[text] pool": text.global_,
+                      SCORES: scores, REGIONS: images, TOKENS: texts, PARAMETERS: self.trained_parameters()}
+            for k, (objective, sources, weight) in enumerate(zip(self.objectives, self.objective_sources,
+                                                                 self.objective_weights)):
+                value = objective(**{name: values[src] for name, src in sources.items()}, positives=positives,
+                                  epoch=epoch)
+                terms[f"objective[{k}]"] = value
+                loss = loss + weight * value
+        return Step(loss, scores, terms)
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """The towers' and branches' trainable parameters by state-dict name (what a ParametersPort carries)."""
+        return {name: p for name, p in self.named_parameters()
+                if p.requires_grad and name.split(".", 1)[0] in ("image", "text", "branches")}
 
     def reads(self, side: str) -> tuple[bool, bool]:
         """Whether the branches read ``side``'s (fragments, pooled vectors): what scoring must keep."""
@@ -295,6 +360,7 @@ def stage_tree(model: ITMModel) -> list[dict[str, Any]]:
     for branch in model.branches:
         modules += list(branch.stages)
     modules.append(model.loss)
+    modules += list(model.objectives)
     for w, m in zip(model.wiring.all(), modules):
         rows.append({
             "path": w.slot.path,

@@ -126,6 +126,14 @@ class Match:
 
 
 @attrs.frozen
+class Objective:
+    """One extra training term: an objective stage whose value, times ``weight``, is added to the loss."""
+
+    slot: Slot
+    weight: float = 1.0
+
+
+@attrs.frozen
 class Recipe:
     """A fully structured recipe; ``to_dict()`` is the resolved form saved with every run."""
 
@@ -137,6 +145,7 @@ class Recipe:
     data: DataSpec
     train: TrainSpec
     source: str = "<recipe>"
+    objectives: tuple[Objective, ...] = ()
 
     def slots(self) -> list[Slot]:
         out = []
@@ -144,7 +153,7 @@ class Recipe:
             out += [tower.encoder, *tower.reasoners] + ([tower.pool] if tower.pool else [])
         for branch in self.match:
             out += branch.slots()
-        return out + [self.loss]
+        return out + [self.loss] + [o.slot for o in self.objectives]
 
     def to_dict(self) -> dict[str, Any]:
         def slot(s: Slot | None) -> dict[str, Any] | None:
@@ -162,7 +171,7 @@ class Recipe:
         for m in self.match:
             branch = {k: slot(getattr(m, k)) for k in ("cross", "similarity", "aggregate") if getattr(m, k)}
             branches.append({**branch, "weight": m.weight})
-        return {
+        out = {
             "recipe": unstructure(self.info),
             "image": tower(self.image),
             "text": tower(self.text),
@@ -171,14 +180,18 @@ class Recipe:
             "data": unstructure(self.data),
             "train": unstructure(self.train),
         }
+        if self.objectives:  # absent, not empty, without objectives: older runs' recipes resolve as before
+            out["objective"] = [{**slot(o.slot), "weight": o.weight} for o in self.objectives]
+        return out
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
 
 # Which stage kind each slot takes.
-SECTIONS = ("recipe", "image", "text", "match", "loss", "data", "train")
+SECTIONS = ("recipe", "image", "text", "match", "loss", "objective", "data", "train")
 WEIGHT = ParamInfo("weight", float, 1.0, "this branch's share of the model score", None, None, None, None)
+OBJECTIVE_WEIGHT = ParamInfo("weight", float, 1.0, "this objective's factor in the training loss", None, None, None, None)
 TOWER_KEYS = {"encoder": "encoder", "reasoners": "reasoner", "pool": "aggregator"}
 MATCH_KEYS = {"cross": "cross", "similarity": "similarity", "aggregate": "aggregator", "weight": None}
 
@@ -456,6 +469,22 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
     if "loss" not in raw:
         problems.append(Problem("loss", "missing required section [loss] (e.g. stage = \"core.triplet\")"))
 
+    objectives: list[Objective] = []
+    objectives_raw = raw.get("objective", [])
+    if not isinstance(objectives_raw, list):
+        problems.append(Problem("objective", "expected [[objective]] tables (one per extra training term)"))
+        objectives_raw = []
+    for i, table in enumerate(objectives_raw):
+        path = f"objective[{i}]"
+        if not isinstance(table, dict):
+            problems.append(Problem(path, "expected an [[objective]] table like { stage = \"...\", weight = 1.0 }"))
+            continue
+        weight, found = check_param(OBJECTIVE_WEIGHT, table.get("weight", 1.0), f"{path}.weight")
+        problems.extend(found)
+        objective = slot({k: v for k, v in table.items() if k != "weight"}, path, "objective")
+        if objective is not None and not found:
+            objectives.append(Objective(objective, float(weight)))
+
     if problems:
         return None, problems
-    return Recipe(info, image, text, tuple(branches), loss, data, train, source), []
+    return Recipe(info, image, text, tuple(branches), loss, data, train, source, tuple(objectives)), []

@@ -21,13 +21,19 @@ from torch import nn
 
 from itmkit.types import Port
 
-KINDS = ("encoder", "reasoner", "aggregator", "cross", "similarity", "loss", "rerank")
+KINDS = ("encoder", "reasoner", "aggregator", "cross", "similarity", "loss", "objective", "rerank")
 
 # Names a ports() parameter may take, and what the builder feeds it.
-#   x      the previous stage's output in the same slot chain (raw input for an encoder)
+#   x      the previous stage's output in the same slot chain (raw input for an encoder;
+#          for an objective, like the loss, the batch's B x B summed branch scores)
 #   image  the image tower's output of the annotated kind (Local or Global)
 #   text   the text tower's output of the annotated kind
 PORT_PARAMS = ("x", "image", "text")
+# What only an objective (a training-only term added to the loss) may also read:
+#   regions     the batch's raw region features (Regions)
+#   tokens      the batch's raw caption token ids (Tokens), e.g. as targets of caption generation
+#   parameters  the model's trainable parameters (ParametersPort), e.g. for a weight-norm penalty
+OBJECTIVE_PARAMS = ("regions", "tokens", "parameters")
 
 
 class PortError(Exception):
@@ -220,9 +226,12 @@ def check_stage_class(cls: type) -> list[str]:
         inputs = stage_inputs(cls)
     except Exception as exc:  # a broken annotation must not break the registry
         return [f"{cls.__name__}.ports() annotations cannot be read: {exc}"]
+    allowed = PORT_PARAMS + OBJECTIVE_PARAMS if cls.kind == "objective" else PORT_PARAMS
     for spec in inputs:
-        if spec.name not in PORT_PARAMS:
-            problems.append(f"{cls.__name__}.ports() parameter {spec.name!r} must be one of {PORT_PARAMS}")
+        if spec.name not in allowed:
+            problems.append(f"{cls.__name__}.ports() parameter {spec.name!r} must be one of {allowed}"
+                            + (" (regions, tokens and parameters are for objectives)"
+                               if spec.name in OBJECTIVE_PARAMS else ""))
         if not spec.accepts:
             problems.append(f"{cls.__name__}.ports() parameter {spec.name!r} has no port annotation")
     return problems

@@ -43,6 +43,7 @@ from itmkit.types import (
     LossPort,
     PairSims,
     PairSimsPort,
+    ParametersPort,
     Port,
     Regions,
     RegionsPort,
@@ -71,7 +72,10 @@ SAMPLE_PORTS: dict[type[Port], tuple[Port, ...]] = {
     AlignedPort: (AlignedPort(DIM),),
     PairSimsPort: (PairSimsPort(1), PairSimsPort(PAIR_DIM)),
     ScorePort: (ScorePort(),),
+    ParametersPort: (ParametersPort(),),
 }
+
+TRAINING_KINDS = ("loss", "objective")  # stages that see a training batch (B x B scores, B items a side)
 
 # --------------------------------------------------------------------------- random inputs
 
@@ -205,7 +209,21 @@ def random_input(
         return PairSims(torch.randn(ni, nt, WORDS, port.dim, generator=g), mask)
     if isinstance(port, ScorePort):
         return torch.rand(ni, nt, generator=g) * 2 - 1  # cosine-like scores in [-1, 1)
+    if isinstance(port, ParametersPort):
+        return random_parameters(g)
     raise ValueError(f"no random input for {type(port).__name__}: it is an output, not an input")
+
+
+def random_parameters(g: torch.Generator) -> dict[str, nn.Parameter]:
+    """A model's trainable parameters as a ParametersPort carries them: weights, biases and a LayerNorm per tower."""
+    shapes = {
+        "image.encoder.fc.weight": (DIM, FEATURE_DIM), "image.encoder.fc.bias": (DIM,),
+        "image.reasoners.0.norm.weight": (DIM,), "image.reasoners.0.norm.bias": (DIM,),
+        "image.pool.linear.weight": (DIM, DIM),
+        "text.encoder.embed.weight": (VOCAB, DIM), "text.encoder.rnn.weight_ih_l0": (3 * DIM, DIM),
+        "branches.0.stages.0.linear.weight": (1, DIM),
+    }
+    return {name: nn.Parameter(torch.randn(*shape, generator=g)) for name, shape in shapes.items()}
 
 
 def _aligned(dim: int, ni: int, nt: int, g: torch.Generator, query_side: str) -> Aligned:
@@ -291,12 +309,13 @@ def _inputs(cls: type[Stage], case: Case, g: torch.Generator) -> dict[str, Any]:
     """Random run-time values for a case: image inputs hold NI items, text inputs NT, x BATCH."""
     values = {}
     for name, port in case.inputs.items():
-        if name == "image":
+        if cls.kind in TRAINING_KINDS:  # one training batch: B images, B captions, B x B scores
+            side = "image" if name in ("image", "regions") else "text"
+            values[name] = random_input(port, batch=BATCH, ni=BATCH, nt=BATCH, generator=g, side=side)
+        elif name == "image":
             values[name] = random_input(port, batch=NI, generator=g, side="image")
         elif name == "text":
             values[name] = random_input(port, batch=NT, generator=g, side="text")
-        elif cls.kind == "loss":  # a loss sees the B x B scores of a training batch
-            values[name] = random_input(port, batch=BATCH, ni=BATCH, nt=BATCH, generator=g)
         else:
             side = "text" if isinstance(port, TokensPort) else "image"
             values[name] = random_input(port, generator=g, side=side, query_side=case.query_side)
@@ -304,9 +323,12 @@ def _inputs(cls: type[Stage], case: Case, g: torch.Generator) -> dict[str, Any]:
 
 
 def call(module: nn.Module, cls: type[Stage], values: dict[str, Any]) -> Any:
-    """Call a built module the way the model does: keywords as in ports(); a loss gets scores positionally."""
+    """Call a built module the way the model does: keywords as in ports(); a loss gets scores positionally,
+    an objective its ports by name; both get the batch's positives and the epoch."""
     if cls.kind == "loss":
         return module(values["x"], positives=random_positives(values["x"].shape[0]), epoch=0)
+    if cls.kind == "objective":
+        return module(**values, positives=random_positives(BATCH), epoch=0)
     return module(**values)
 
 
@@ -450,7 +472,7 @@ def _described(value: Any) -> str:
 
 def _output_problem(out: Any, port: Port, x: Any, kind: str) -> str | None:
     """What is wrong with ``out`` against the port ``ports()`` promised, or None."""
-    batch = None if kind == "loss" else _items(x)
+    batch = None if kind in TRAINING_KINDS else _items(x)
     promised = f"promised {port.describe()} but forward returned {_described(out)}"
     if isinstance(port, LocalPort):
         return _local_problem(out, port, batch, promised)

@@ -91,8 +91,12 @@ class TrainingStopped(ItmkitError):
 def strict_json(record: dict[str, Any], **kwargs: Any) -> str:
     """JSON that strict readers accept: a non-finite float (which the guards below should never let
     through) is written as null, never as the bare NaN / Infinity tokens json.dumps writes by default."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(clean, allow_nan=False, **kwargs)
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return json.dumps(clean(record), allow_nan=False, **kwargs)
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -218,12 +222,13 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
             group["lr"] = lr * group.get("lr_scale", 1.0)
         model.train()
         loader = train_loader(train_split, vocab, batch_size=t.batch_size, seed=t.seed, epoch=epoch)
-        loss_sum, batches = 0.0, 0
+        loss_sum, batches, term_sums = 0.0, 0, {}
         with task(progress, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as update:
             for batch in loader:
                 batch = batch.to(device)
                 regions = Regions(batch.images, batch.image_lengths, batch.boxes, batch.image_sizes)
-                loss, _ = model(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids, epoch=epoch)
+                step = model.training_step(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids, epoch=epoch)
+                loss = step.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # The gradient norm is wanted even unclipped (max_norm inf scales by exactly 1): a finite loss
@@ -239,6 +244,9 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
                                 f" {what} (images {batch.image_ids[:8].tolist()}, captions"
                                 f" {batch.caption_ids[:8].tolist()} of split {train_split.name!r})", out, data_dir)
                 loss_sum += value
+                if len(step.terms) > 1:  # with objectives, each term's sum too (unweighted)
+                    for name, term in step.terms.items():
+                        term_sums[name] = term_sums.get(name, 0.0) + term.item()
                 batches += 1
                 iteration += 1
                 update(batches, info=f"loss {loss_sum / batches:.3f}")
@@ -251,6 +259,8 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
         dev = evaluate(model, vocab, dev_split, "f30k-1k", device=device, batch_size=t.eval_batch_size, progress=progress)
         record = {"epoch": epoch, "iteration": iteration, "split": "dev", "train_loss": loss_sum / max(batches, 1),
                   "lr": lr, **dev}
+        if term_sums:  # the [loss] stage's and each objective's mean, unweighted
+            record["train_terms"] = {name: total / max(batches, 1) for name, total in term_sums.items()}
         _append_jsonl(metrics_path, record)
         log(f"epoch {epoch + 1}/{t.epochs}: loss {record['train_loss']:.3f}  dev rsum {dev['rsum']:.2f}"
             f"  (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})")

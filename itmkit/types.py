@@ -72,6 +72,17 @@ class LossPort(Port):
     dim: int = 1
 
 
+@attrs.frozen
+class ParametersPort(Port):
+    """The model's trainable parameters, for an objective that reads them (a weight-norm penalty, say).
+
+    Run time: a dict of name -> ``nn.Parameter`` over the towers and branches, named as in the
+    model's state dict (``image.encoder.fc.weight``, ``branches.0.stages.0.…``); ``dim`` is unused.
+    """
+
+    dim: int = 0
+
+
 PORT_KINDS: tuple[type[Port], ...] = (
     RegionsPort,
     TokensPort,
@@ -81,6 +92,7 @@ PORT_KINDS: tuple[type[Port], ...] = (
     PairSimsPort,
     ScorePort,
     LossPort,
+    ParametersPort,
 )
 
 # --------------------------------------------------------------------------- run-time values
