@@ -1,0 +1,10 @@
+"""itmkit-mmca: MMCA (Wei et al., CVPR 2020) self-attention pools and the pair-dependent cross-attention branch."""
+
+import itmkit
+
+from itmkit_mmca.stages import Cross, SelfAttention, TextCNN
+
+
+@itmkit.hookimpl
+def register_stages():
+    return [SelfAttention, TextCNN, Cross]

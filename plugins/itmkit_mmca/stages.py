@@ -1,0 +1,291 @@
+"""MMCA (Wei et al., CVPR 2020): Multi-Modality Cross Attention for image and sentence matching.
+
+An MMCA model in a recipe is two matching branches over the same towers:
+
+    [image] encoder = core.precomp (normalize = false)    R = O W_r + b_r           (k, d)  eq. 1
+            pool    = mmca.self_attention                 i0 = l2norm(mean TU(R))    (d)     eq. 2-5
+    [text]  encoder = frozen BERT, last hidden states      E                         (n, 768) eq. 6
+            pool    = mmca.text_cnn                       c0 = l2norm(LN(W_e [q1;q2;q3]))     eq. 7
+    [[match]] similarity = core.dot                       i0 . c0                    weight 1
+    [[match]] similarity = mmca.cross                     i1 . c1 from TU([R; E W_p])  weight alpha = 0.2
+
+The towers' fragments stay R and E (the cross branch reads the FC features, not the
+self-attended ones, Fig. 2), so the image Transformer unit and the text CNN are *pools*.
+
+``mmca.cross`` is pair-dependent: each image x caption pair is one Transformer unit over the
+k + n rows of [R; E'] (E' = E W_p, the projection being our ASSUMPTION, see docs/plugins/mmca.md).
+It runs on a whole Ni x Nt block at once. A row's attention over the joint sequence splits into
+its own side's keys (the same for every pair of that item) and the other side's keys (per pair):
+
+    out_r = (sum_j e^{a_rj} v_j + sum_u e^{b_ru} v_u) / (sum_j e^{a_rj} + sum_u e^{b_ru})
+
+so the Q/K/V projections, the own-side logits and their exponent-weighted sums are computed once
+per item of the block, and only the cross-modal logits, the residual/LayerNorm/FFN rows and the
+CNN head once per pair. Padded regions and tokens are masked as keys, left out of the mean and of
+the n-gram windows, so they change nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from itmkit.ops import l2norm, masked_mean
+from itmkit.stage import PortError, Stage, param
+from itmkit.types import GlobalPort, Local, LocalPort, ScorePort
+from itmkit_mmca._standin import NgramCNN, TransformerLayer
+
+FLOAT = 4  # bytes of a float32
+
+# ============================================================================ self-attention
+
+
+class SelfAttentionPool(nn.Module):
+    """i0 = l2norm( (1/k) sum_i TU(R)_i ) over the valid regions: Local (B, k, d) -> (B, d). MMCA eq. 2-5."""
+
+    def __init__(self, *, dim: int, heads: int, intermediate: int, activation: str, dropout: float,
+                 ln_eps: float, normalize: bool = True):
+        super().__init__()
+        self.layer = TransformerLayer(dim=dim, heads=heads, intermediate=intermediate, activation=activation,
+                                      dropout=dropout, ln_eps=ln_eps)
+        self.normalize = normalize
+
+    def forward(self, x: Local) -> torch.Tensor:
+        attended = self.layer(x.feats, x.mask)  # (B, k, d)
+        pooled = masked_mean(attended, x.mask, dim=1)  # (B, d)
+        return l2norm(pooled) if self.normalize else pooled
+
+
+def _unit_ports(stage: str, dim: int, heads: int) -> None:
+    if dim % heads:
+        raise PortError(f"{stage}: width {dim} is not divisible by heads = {heads}; choose heads dividing it")
+
+
+@attrs.frozen(kw_only=True)
+class SelfAttention(Stage):
+    """MMCA image self-attention: one Transformer unit over the regions, mean over the valid ones, l2norm (i0)."""
+
+    name = "mmca.self_attention"
+    kind = "aggregator"
+    paper = "Wei et al. 2020 (MMCA), Sec. 3.3, eq. 1-5 (Transformer unit, then average pooling)"
+
+    heads: int = param(16, "attention heads of the Transformer unit (MMCA: 16)", ge=1)
+    intermediate: int | None = param(None, "inner width of the feed-forward layer (default: the model width,"
+                                           " W1, W2 in R^{dx x dx} as printed; BERT-style would be 4x)", ge=1)
+    activation: str = param("relu", "feed-forward activation (MMCA: ReLU; SAEM: gelu)", choices=("relu", "gelu"))
+    dropout: float = param(0.1, "dropout in the unit (not given in the paper; 0.1 as SAEM's unit)", ge=0.0, le=1.0)
+    ln_eps: float = param(1e-12, "LayerNorm epsilon of the unit (BERT's 1e-12, as SAEM)", gt=0.0)
+    normalize: bool = param(True, "l2-normalise the pooled vector (MMCA: i0 has unit norm)")
+
+    def ports(self, x: LocalPort) -> GlobalPort:
+        _unit_ports(self.name, x.dim, self.heads)
+        return GlobalPort(x.dim)
+
+    def build(self, x: LocalPort) -> nn.Module:
+        return SelfAttentionPool(dim=x.dim, heads=self.heads, intermediate=self.intermediate or x.dim,
+                                 activation=self.activation, dropout=self.dropout, ln_eps=self.ln_eps,
+                                 normalize=self.normalize)
+
+
+class TextCNNPool(nn.Module):
+    """c0 = l2norm( LN( W_e [q1; q2; q3] + b_e ) ), q_l = max over windows of ReLU(conv_l(E)). MMCA eq. 6-7."""
+
+    def __init__(self, *, in_dim: int, out_dim: int, channels: int, ngrams: tuple[int, ...], dropout: float,
+                 layer_norm: bool, ln_eps: float, normalize: bool = True):
+        super().__init__()
+        self.cnn = NgramCNN(in_dim=in_dim, out_dim=out_dim, channels=channels, ngrams=ngrams, dropout=dropout,
+                            layer_norm=layer_norm, ln_eps=ln_eps)
+        self.normalize = normalize
+
+    def forward(self, x: Local) -> torch.Tensor:
+        pooled = self.cnn(x.feats, x.mask)
+        return l2norm(pooled) if self.normalize else pooled
+
+
+def _ngram_problem(stage: str, ngrams: list[int]) -> None:
+    if not ngrams or any(k < 1 for k in ngrams):
+        raise PortError(f"{stage}: ngrams must be a non-empty list of window sizes >= 1, got {ngrams}")
+
+
+@attrs.frozen(kw_only=True)
+class TextCNN(Stage):
+    """MMCA text self-attention head: 1-D CNN of 1/2/3-gram windows over BERT states, max-pool, FC, LayerNorm, l2norm (c0)."""
+
+    name = "mmca.text_cnn"
+    kind = "aggregator"
+    paper = "Wei et al. 2020 (MMCA), Sec. 3.3, eq. 6-7"
+
+    embed_dim: int | None = param(None, "output width d of the FC (default: [recipe].embed_dim; MMCA: 256)", ge=1)
+    channels: int = param(256, "filters per window size (MMCA: 256)", ge=1)
+    ngrams: list[int] = param(attrs.Factory(lambda: [1, 2, 3]), "window sizes of the 1-D convolutions (MMCA: 1, 2, 3)")
+    dropout: float = param(0.1, "dropout on [q1; q2; q3] before the FC (not in the paper; SAEM's text CNN: 0.1)",
+                           ge=0.0, le=1.0)
+    layer_norm: bool = param(True, "LayerNorm after the FC (MMCA eq. 7; SAEM has none)")
+    ln_eps: float = param(1e-5, "epsilon of that LayerNorm (not given; PyTorch's default)", gt=0.0)
+    normalize: bool = param(True, "l2-normalise the output (MMCA: c0 has unit norm)")
+
+    def ports(self, x: LocalPort) -> GlobalPort:
+        _ngram_problem(self.name, self.ngrams)
+        return GlobalPort(self.embed_dim or 1024)
+
+    def build(self, x: LocalPort) -> nn.Module:
+        return TextCNNPool(in_dim=x.dim, out_dim=self.embed_dim or 1024, channels=self.channels,
+                           ngrams=tuple(self.ngrams), dropout=self.dropout, layer_norm=self.layer_norm,
+                           ln_eps=self.ln_eps, normalize=self.normalize)
+
+
+# ============================================================================ cross attention
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, d) -> (B, heads, L, d / heads)."""
+    b, length, d = t.shape
+    return t.view(b, length, heads, d // heads).transpose(1, 2)
+
+
+def _own_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              dropout: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of a side's rows over its own valid keys, left unnormalised, per item.
+
+    q, k, v (B, h, L, dh) (q already scaled), mask (B, L). Returns the shift m (B, h, L, 1), the
+    sum of exp(logit - m) z (B, h, L, 1) and the sum of exp(logit - m) v (B, h, L, dh).
+    """
+    logits = (q @ k.transpose(-1, -2)).masked_fill(~mask[:, None, None, :], float("-inf"))  # (B, h, L, L)
+    shift = logits.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: no gradient needed
+    e = torch.exp(logits - shift)
+    return shift, e.sum(dim=-1, keepdim=True), dropout(e) @ v
+
+
+def _join(own: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Tensor, key_mask: torch.Tensor,
+          values: torch.Tensor, spec: str, dropout: nn.Module) -> torch.Tensor:
+    """The softmax over [own keys; other side's keys] for each pair, from the per-item own-side sums.
+
+    own: _own_side's (shift, z, weighted sum), broadcastable to (Ni, Nt, h, L, ·); logits (Ni, Nt, h, L, M)
+    of the rows against the other side's keys; key_mask broadcastable to it; values the other side's
+    (·, h, M, dh) and ``spec`` the einsum of weights x values. Returns (Ni, Nt, h, L, dh).
+    """
+    own_shift, own_z, own_sum = own
+    logits = logits.masked_fill(~key_mask, float("-inf"))
+    shift = torch.maximum(own_shift, logits.amax(dim=-1, keepdim=True).detach())
+    own_scale = torch.exp(own_shift - shift)  # (Ni, Nt, h, L, 1)
+    e = torch.exp(logits - shift)
+    total = own_z * own_scale + e.sum(dim=-1, keepdim=True)
+    return (own_sum * own_scale + torch.einsum(spec, dropout(e), values)) / total
+
+
+class CrossAttentionScore(nn.Module):
+    """MMCA cross-attention branch: s = i1 . c1 for every image x caption pair of a block (eq. 8-14).
+
+    image: Local (Ni, k, d) region features R; text: Local (Nt, n, D) BERT states E. Per pair,
+    Y = [R; E W_p + b_p] (k + n, d) goes through one Transformer unit (16 heads, post-LN), whose
+    output splits into R_c and E_c; i1 = l2norm(mean of the valid R_c rows), c1 = l2norm(LN(FC(
+    n-gram CNN max-pooled over E_c))). Returns the (Ni, Nt) scores i1 . c1.
+    """
+
+    def __init__(self, *, dim: int, text_dim: int, heads: int, intermediate: int, activation: str, dropout: float,
+                 ln_eps: float, project_text: bool, channels: int, ngrams: tuple[int, ...], head_dropout: float,
+                 head_layer_norm: bool, head_ln_eps: float):
+        super().__init__()
+        self.heads = heads
+        self.text_proj = nn.Linear(text_dim, dim) if project_text else nn.Identity()
+        self.layer = TransformerLayer(dim=dim, heads=heads, intermediate=intermediate, activation=activation,
+                                      dropout=dropout, ln_eps=ln_eps)
+        self.text_head = NgramCNN(in_dim=dim, out_dim=dim, channels=channels, ngrams=ngrams, dropout=head_dropout,
+                                  layer_norm=head_layer_norm, ln_eps=head_ln_eps)
+
+    def _rest_of_unit(self, rows: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, LayerNorm, FFN, residual, LayerNorm on (..., d) rows (post-LN)."""
+        layer = self.layer
+        x = layer.attn_norm(residual + layer.dropout(layer.attn_out(rows)))
+        act = F.relu if layer.activation == "relu" else F.gelu
+        return layer.ffn_norm(x + layer.dropout(layer.ffn_out(act(layer.ffn_in(x)))))
+
+    def forward(self, image: Local, text: Local) -> torch.Tensor:
+        layer, h = self.layer, self.heads
+        regions, region_mask = image.feats, image.mask  # (Ni, k, d), (Ni, k)
+        tokens, token_mask = self.text_proj(text.feats), text.mask  # (Nt, n, d), (Nt, n)
+        (ni, k, d), (nt, n) = regions.shape, token_mask.shape
+        scale = 1.0 / math.sqrt(d // h)
+        # per item: projections and the attention over the item's own side
+        qr, kr, vr = (_heads(f(regions), h) for f in (layer.query, layer.key, layer.value))  # (Ni, h, k, dh)
+        qt, kt, vt = (_heads(f(tokens), h) for f in (layer.query, layer.key, layer.value))  # (Nt, h, n, dh)
+        qr, qt = qr * scale, qt * scale
+        own_r = tuple(t[:, None] for t in _own_side(qr, kr, vr, region_mask, layer.dropout))  # (Ni, 1, h, k, ·)
+        own_t = tuple(t[None] for t in _own_side(qt, kt, vt, token_mask, layer.dropout))  # (1, Nt, h, n, ·)
+        # per pair: the rows of one side against the other side's keys
+        region_rows = _join(own_r, torch.einsum("ihqd,thcd->ithqc", qr, kt), token_mask[None, :, None, None, :],
+                            vt, "ithqc,thcd->ithqd", layer.dropout)  # (Ni, Nt, h, k, dh)
+        token_rows = _join(own_t, torch.einsum("thqd,ihcd->ithqc", qt, kr), region_mask[:, None, None, None, :],
+                           vr, "ithqc,ihcd->ithqd", layer.dropout)  # (Ni, Nt, h, n, dh)
+        region_rows = region_rows.transpose(2, 3).reshape(ni, nt, k, d)
+        token_rows = token_rows.transpose(2, 3).reshape(ni, nt, n, d)
+        regions_c = self._rest_of_unit(region_rows, regions[:, None])  # R_c (Ni, Nt, k, d)
+        tokens_c = self._rest_of_unit(token_rows, tokens[None])  # E_c (Ni, Nt, n, d)
+        i1 = l2norm(masked_mean(regions_c, region_mask[:, None], dim=2))  # (Ni, Nt, d)
+        pair_mask = token_mask[None].expand(ni, nt, n).reshape(ni * nt, n)
+        c1 = l2norm(self.text_head(tokens_c.reshape(ni * nt, n, d), pair_mask)).view(ni, nt, -1)
+        return (i1 * c1).sum(dim=-1)
+
+
+@attrs.frozen(kw_only=True)
+class Cross(Stage):
+    """MMCA cross-attention: one Transformer unit over each pair's [regions; tokens], i1 = mean, c1 = n-gram CNN; i1 . c1."""
+
+    name = "mmca.cross"
+    kind = "similarity"
+    paper = "Wei et al. 2020 (MMCA), Sec. 3.4, eq. 8-14 and Fig. 2; score term alpha * i1 . c1 of Sec. 3.5"
+
+    embed_dim: int | None = param(None, "width d of the joint sequence; the image fragments must have it (default:"
+                                        " [recipe].embed_dim; MMCA: 256)", ge=1)
+    project_text: bool = param(True, "project the text fragments to d with a linear layer before stacking"
+                                     " (ASSUMPTION: the paper stacks 256-d R with 768-d E without saying how);"
+                                     " false: they must already have width d")
+    heads: int = param(16, "attention heads of the joint Transformer unit (MMCA: 16)", ge=1)
+    intermediate: int | None = param(None, "inner width of its feed-forward layer (default: d, as printed)", ge=1)
+    activation: str = param("relu", "feed-forward activation (MMCA: ReLU)", choices=("relu", "gelu"))
+    dropout: float = param(0.1, "dropout in the unit (not given; 0.1 as SAEM's unit)", ge=0.0, le=1.0)
+    ln_eps: float = param(1e-12, "LayerNorm epsilon of the unit (BERT's 1e-12)", gt=0.0)
+    channels: int = param(256, "filters per window size of the c1 CNN (as the c0 head: 256)", ge=1)
+    ngrams: list[int] = param(attrs.Factory(lambda: [1, 2, 3]), "window sizes of the c1 CNN (1, 2, 3)")
+    head_dropout: float = param(0.1, "dropout before the c1 FC (as mmca.text_cnn)", ge=0.0, le=1.0)
+    head_layer_norm: bool = param(True, "LayerNorm after the c1 FC (the paper: 'similar to' the c0 head)")
+    head_ln_eps: float = param(1e-5, "epsilon of that LayerNorm", gt=0.0)
+
+    @property
+    def width(self) -> int:
+        return self.embed_dim or 1024
+
+    def ports(self, image: LocalPort, text: LocalPort) -> ScorePort:
+        d = self.width
+        if image.dim != d:
+            raise PortError(f"{self.name}: the image fragments have width {image.dim} but the joint sequence has"
+                            f" d = {d}; set embed_dim = {image.dim} or size the image encoder to {d}")
+        if not self.project_text and text.dim != d:
+            raise PortError(f"{self.name}: the text fragments have width {text.dim}, not d = {d}; set"
+                            " project_text = true to project them")
+        _unit_ports(self.name, d, self.heads)
+        _ngram_problem(self.name, self.ngrams)
+        return ScorePort()
+
+    def build(self, image: LocalPort, text: LocalPort) -> nn.Module:
+        d = self.width
+        return CrossAttentionScore(dim=d, text_dim=text.dim, heads=self.heads, intermediate=self.intermediate or d,
+                                   activation=self.activation, dropout=self.dropout, ln_eps=self.ln_eps,
+                                   project_text=self.project_text, channels=self.channels, ngrams=tuple(self.ngrams),
+                                   head_dropout=self.head_dropout, head_layer_norm=self.head_layer_norm,
+                                   head_ln_eps=self.head_ln_eps)
+
+    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
+        # float32 numbers per pair alive at the peak of a no-grad forward (see docs/plugins/mmca.md):
+        # cross logits and their exponentials in both directions (4 h k n); the attended rows, their
+        # output projection, the post-attention and the output rows (4 (k + n) d) with the FFN's inner
+        # rows (2 (k + n) f: pre- and post-activation); the CNN's window products (n C per window
+        # size, twice: products and the ReLU) and its pooled vector.
+        k, n, d = image_len, text_len, self.width
+        f, c, windows = self.intermediate or d, self.channels, len(self.ngrams)
+        floats = 4 * self.heads * k * n + 4 * (k + n) * d + 2 * (k + n) * f + 2 * windows * n * c + 2 * d
+        return FLOAT * floats
