@@ -2,7 +2,9 @@
 
 import itmkit
 
+from itmkit_saem.stages import SaemAngular, SaemBert, SaemCnn, SaemParamNorm, SaemTransformer
+
 
 @itmkit.hookimpl
 def register_stages():
-    return []
+    return [SaemBert, SaemTransformer, SaemCnn, SaemAngular, SaemParamNorm]
