@@ -79,6 +79,37 @@ def bert_mapping_cnn(sd: dict, hidden: torch.Tensor, widths=(1, 2, 3)) -> torch.
     return normalize(linear(sd, "mapping", cnn_pool(sd, hidden, widths)))
 
 
+def convert_to_feature(pieces: list[int], seq_length: int, cls_id: int, sep_id: int) -> tuple[list[int], list[int]]:
+    """data.convert_to_feature on WordPiece ids: [CLS] + at most seq_length - 2 pieces + [SEP], 0-padded; the mask."""
+    pieces = pieces[:seq_length - 2]
+    ids = [cls_id, *pieces, sep_id]
+    mask = [1] * len(ids)
+    while len(ids) < seq_length:
+        ids.append(0)
+        mask.append(0)
+    return ids, mask
+
+
+def bert_model(sd: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """bert.BertModel in eval mode, token_type_ids 0: the last of all_encoder_layers (B, L, H)."""
+    n = input_ids.shape[1]
+    x = (sd["embeddings.word_embeddings.weight"][input_ids] + sd["embeddings.position_embeddings.weight"][:n][None]
+         + sd["embeddings.token_type_embeddings.weight"][0][None, None])
+    x = layer_norm(sd, "embeddings.LayerNorm", x)
+    i = 0
+    while f"encoder.layer.{i}.output.dense.weight" in sd:
+        x = bert_layer(sub(sd, f"encoder.layer.{i}."), x, attention_mask, heads)
+        i += 1
+    return x
+
+
+def text_forward(sd: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor, heads: int,
+                 widths=(1, 2, 3)) -> torch.Tensor:
+    """BertMapping.forward ('cnn'), eval mode, on the official txt_enc state dict (bert.*, convs1.*, mapping.*)."""
+    hidden = bert_model(sub(sd, "bert."), input_ids, attention_mask, heads)
+    return bert_mapping_cnn(sd, hidden, widths)
+
+
 def pdist_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a / a.norm(dim=1)[:, None]
     b = b / b.norm(dim=1)[:, None]
@@ -105,6 +136,22 @@ def angular_loss(im: torch.Tensor, s: torch.Tensor, angle_bound: float = 1.0) ->
     return one_side(im, s) + one_side(s, im)
 
 
+def angular_loss_sum(im: torch.Tensor, s: torch.Tensor, angle_bound: float = 1.0) -> torch.Tensor:
+    """AngularLoss with max_violation False: mean over anchors of t + log(exp(-t) + sum_j exp(x_j - t))."""
+    def one_side(anchors, positives):
+        n = anchors.shape[0]
+        values = []
+        for i in range(n):
+            xs = torch.stack([4.0 * angle_bound * torch.dot(anchors[i] + positives[i], positives[j])
+                              - 2.0 * (1.0 + angle_bound) * torch.dot(anchors[i], positives[i])
+                              for j in range(n) if j != i])
+            t = xs.max()
+            values.append(t + torch.log(torch.exp(-t) + torch.exp(xs - t).sum()))
+        return torch.stack(values).mean()
+
+    return one_side(im, s) + one_side(s, im)
+
+
 def angular_weight(epoch: int) -> float:
     """alpha of SAEM.forward_loss."""
     return 0.0 if epoch > 20 else 0.5 * (0.1 ** (epoch // 5))
@@ -117,6 +164,16 @@ def l2_reg(named: dict) -> torch.Tensor:
         if name.split(".")[-1] not in ("bias", "gamma", "beta"):
             total = total + torch.norm(p)
     return 0.01 * total
+
+
+def from_hugging_face(sd: dict) -> dict:
+    """A Hugging Face BertModel state dict under the names of the official bert.py (LayerNorm gamma / beta)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(("position_ids", "token_type_ids")):
+            continue
+        out[k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")] = v
+    return out
 
 
 def sub(sd: dict, prefix: str) -> dict:
