@@ -2,9 +2,9 @@
 
 import itmkit
 
-from itmkit_mmca.stages import Cross, SelfAttention, TextCNN
+from itmkit_mmca.stages import Cross, SelfAttention
 
 
 @itmkit.hookimpl
 def register_stages():
-    return [SelfAttention, TextCNN, Cross]
+    return [SelfAttention, Cross]

@@ -37,7 +37,7 @@ from torch import nn
 from itmkit.ops import l2norm, masked_mean
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, ScorePort
-from itmkit_mmca._standin import NgramCNN, TransformerLayer
+from itmkit_saem.modules import NgramCNN, TransformerLayer
 
 FLOAT = 4  # bytes of a float32
 
@@ -91,53 +91,6 @@ class SelfAttention(Stage):
                                  normalize=self.normalize)
 
 
-class TextCNNPool(nn.Module):
-    """c0 = l2norm( LN( W_e [q1; q2; q3] + b_e ) ), q_l = max over windows of ReLU(conv_l(E)). MMCA eq. 6-7."""
-
-    def __init__(self, *, in_dim: int, out_dim: int, channels: int, ngrams: tuple[int, ...], dropout: float,
-                 layer_norm: bool, ln_eps: float, normalize: bool = True):
-        super().__init__()
-        self.cnn = NgramCNN(in_dim=in_dim, out_dim=out_dim, channels=channels, ngrams=ngrams, dropout=dropout,
-                            layer_norm=layer_norm, ln_eps=ln_eps)
-        self.normalize = normalize
-
-    def forward(self, x: Local) -> torch.Tensor:
-        pooled = self.cnn(x.feats, x.mask)
-        return l2norm(pooled) if self.normalize else pooled
-
-
-def _ngram_problem(stage: str, ngrams: list[int]) -> None:
-    if not ngrams or any(k < 1 for k in ngrams):
-        raise PortError(f"{stage}: ngrams must be a non-empty list of window sizes >= 1, got {ngrams}")
-
-
-@attrs.frozen(kw_only=True)
-class TextCNN(Stage):
-    """MMCA text self-attention head: 1-D CNN of 1/2/3-gram windows over BERT states, max-pool, FC, LayerNorm, l2norm (c0)."""
-
-    name = "mmca.text_cnn"
-    kind = "aggregator"
-    paper = "Wei et al. 2020 (MMCA), Sec. 3.3, eq. 6-7"
-
-    embed_dim: int | None = param(None, "output width d of the FC (default: [recipe].embed_dim; MMCA: 256)", ge=1)
-    channels: int = param(256, "filters per window size (MMCA: 256)", ge=1)
-    ngrams: list[int] = param(attrs.Factory(lambda: [1, 2, 3]), "window sizes of the 1-D convolutions (MMCA: 1, 2, 3)")
-    dropout: float = param(0.1, "dropout on [q1; q2; q3] before the FC (not in the paper; SAEM's text CNN: 0.1)",
-                           ge=0.0, le=1.0)
-    layer_norm: bool = param(True, "LayerNorm after the FC (MMCA eq. 7; SAEM has none)")
-    ln_eps: float = param(1e-5, "epsilon of that LayerNorm (not given; PyTorch's default)", gt=0.0)
-    normalize: bool = param(True, "l2-normalise the output (MMCA: c0 has unit norm)")
-
-    def ports(self, x: LocalPort) -> GlobalPort:
-        _ngram_problem(self.name, self.ngrams)
-        return GlobalPort(self.embed_dim or 1024)
-
-    def build(self, x: LocalPort) -> nn.Module:
-        return TextCNNPool(in_dim=x.dim, out_dim=self.embed_dim or 1024, channels=self.channels,
-                           ngrams=tuple(self.ngrams), dropout=self.dropout, layer_norm=self.layer_norm,
-                           ln_eps=self.ln_eps, normalize=self.normalize)
-
-
 # ============================================================================ cross attention
 
 
@@ -177,6 +130,50 @@ def _join(own: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Te
     return (own_sum * own_scale + torch.einsum(spec, dropout(e), values)) / total
 
 
+def _conv_taps(cnn: NgramCNN) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(window size, weight (C, size, D), bias (C)) of each convolution of SAEM's n-gram CNN (Conv2d(1, C, (size, D)))."""
+    return [(size, conv.weight[:, 0], conv.bias) for size, conv in zip(cnn.widths, cnn.convs)]
+
+
+def ngram_head(cnn: NgramCNN, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The n-gram CNN head on many sequences at once: (P, n, D) with mask (P, n) -> (P, out).
+
+    The same function as ``cnn(feats, mask)``, computed as ONE matrix product of every position
+    with every window offset's filters, (P n, D) x (D, C sum(sizes)), then shifted sums: window
+    s of size l is sum_o Y_o[s + o]. The bias and the ReLU come after the max-pool (max commutes
+    with both), so the elementwise passes run over pooled vectors. Windows must lie inside the
+    valid positions; a sequence shorter than a window gets the one window at its start, zeros
+    past its end (as the module does).
+    """
+    taps = _conv_taps(cnn)
+    p, n, _ = feats.shape
+    widest = max(size for size, _, _ in taps)
+    feats = feats.masked_fill(~mask[..., None], 0)
+    if n < widest:
+        feats = F.pad(feats, (0, 0, 0, widest - n))
+        mask = F.pad(mask, (0, widest - n))
+    length = feats.shape[1]
+    weight = torch.cat([w[:, o] for size, w, _ in taps for o in range(size)], dim=0)  # (C sum(sizes), D)
+    products = (feats.reshape(p * length, -1) @ weight.T).view(p, length, len(weight))
+    lengths = mask.sum(dim=1)
+    pooled, column = [], 0
+    for size, w, bias in taps:
+        channels = w.shape[0]
+        windows = length - size + 1
+        acc = products[:, :windows, column:column + channels]
+        for o in range(1, size):
+            part = products[:, o:o + windows, column + o * channels:column + (o + 1) * channels]
+            acc = acc + part
+        column += size * channels
+        starts = torch.arange(windows, device=feats.device)
+        valid = starts[None, :] <= (lengths[:, None] - size).clamp(min=0)  # (P, windows)
+        best = acc.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (P, C)
+        pooled.append(torch.relu(best + bias))
+    out = cnn.fc(cnn.drop(torch.cat(pooled, dim=-1)))
+    out = cnn.norm(out) if cnn.norm is not None else out
+    return l2norm(out) if cnn.normalize else out
+
+
 class CrossAttentionScore(nn.Module):
     """MMCA cross-attention branch: s = i1 . c1 for every image x caption pair of a block (eq. 8-14).
 
@@ -194,15 +191,15 @@ class CrossAttentionScore(nn.Module):
         self.text_proj = nn.Linear(text_dim, dim) if project_text else nn.Identity()
         self.layer = TransformerLayer(dim=dim, heads=heads, intermediate=intermediate, activation=activation,
                                       dropout=dropout, ln_eps=ln_eps)
-        self.text_head = NgramCNN(in_dim=dim, out_dim=dim, channels=channels, ngrams=ngrams, dropout=head_dropout,
+        self.text_head = NgramCNN(in_dim=dim, out_dim=dim, channels=channels, widths=ngrams, dropout=head_dropout,
                                   layer_norm=head_layer_norm, ln_eps=head_ln_eps)
 
     def _rest_of_unit(self, rows: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, LayerNorm, FFN, residual, LayerNorm on (..., d) rows (post-LN)."""
         layer = self.layer
-        x = layer.attn_norm(residual + layer.dropout(layer.attn_out(rows)))
+        x = layer.attn_norm(residual + layer.drop(layer.attn_out(rows)))
         act = F.relu if layer.activation == "relu" else F.gelu
-        return layer.ffn_norm(x + layer.dropout(layer.ffn_out(act(layer.ffn_in(x)))))
+        return layer.ffn_norm(x + layer.drop(layer.ffn_out(act(layer.ffn_in(x)))))
 
     def forward(self, image: Local, text: Local) -> torch.Tensor:
         layer, h = self.layer, self.heads
@@ -214,20 +211,20 @@ class CrossAttentionScore(nn.Module):
         qr, kr, vr = (_heads(f(regions), h) for f in (layer.query, layer.key, layer.value))  # (Ni, h, k, dh)
         qt, kt, vt = (_heads(f(tokens), h) for f in (layer.query, layer.key, layer.value))  # (Nt, h, n, dh)
         qr, qt = qr * scale, qt * scale
-        own_r = tuple(t[:, None] for t in _own_side(qr, kr, vr, region_mask, layer.dropout))  # (Ni, 1, h, k, ·)
-        own_t = tuple(t[None] for t in _own_side(qt, kt, vt, token_mask, layer.dropout))  # (1, Nt, h, n, ·)
+        own_r = tuple(t[:, None] for t in _own_side(qr, kr, vr, region_mask, layer.attn_drop))  # (Ni, 1, h, k, ·)
+        own_t = tuple(t[None] for t in _own_side(qt, kt, vt, token_mask, layer.attn_drop))  # (1, Nt, h, n, ·)
         # per pair: the rows of one side against the other side's keys
         region_rows = _join(own_r, torch.einsum("ihqd,thcd->ithqc", qr, kt), token_mask[None, :, None, None, :],
-                            vt, "ithqc,thcd->ithqd", layer.dropout)  # (Ni, Nt, h, k, dh)
+                            vt, "ithqc,thcd->ithqd", layer.attn_drop)  # (Ni, Nt, h, k, dh)
         token_rows = _join(own_t, torch.einsum("thqd,ihcd->ithqc", qt, kr), region_mask[:, None, None, None, :],
-                           vr, "ithqc,ihcd->ithqd", layer.dropout)  # (Ni, Nt, h, n, dh)
+                           vr, "ithqc,ihcd->ithqd", layer.attn_drop)  # (Ni, Nt, h, n, dh)
         region_rows = region_rows.transpose(2, 3).reshape(ni, nt, k, d)
         token_rows = token_rows.transpose(2, 3).reshape(ni, nt, n, d)
         regions_c = self._rest_of_unit(region_rows, regions[:, None])  # R_c (Ni, Nt, k, d)
         tokens_c = self._rest_of_unit(token_rows, tokens[None])  # E_c (Ni, Nt, n, d)
         i1 = l2norm(masked_mean(regions_c, region_mask[:, None], dim=2))  # (Ni, Nt, d)
         pair_mask = token_mask[None].expand(ni, nt, n).reshape(ni * nt, n)
-        c1 = l2norm(self.text_head(tokens_c.reshape(ni * nt, n, d), pair_mask)).view(ni, nt, -1)
+        c1 = l2norm(ngram_head(self.text_head, tokens_c.reshape(ni * nt, n, d), pair_mask)).view(ni, nt, -1)
         return (i1 * c1).sum(dim=-1)
 
 
@@ -251,9 +248,10 @@ class Cross(Stage):
     ln_eps: float = param(1e-12, "LayerNorm epsilon of the unit (BERT's 1e-12)", gt=0.0)
     channels: int = param(256, "filters per window size of the c1 CNN (as the c0 head: 256)", ge=1)
     ngrams: list[int] = param(attrs.Factory(lambda: [1, 2, 3]), "window sizes of the c1 CNN (1, 2, 3)")
-    head_dropout: float = param(0.1, "dropout before the c1 FC (as mmca.text_cnn)", ge=0.0, le=1.0)
+    head_dropout: float = param(0.1, "dropout before the c1 FC (not given; as the c0 head saem.cnn: 0.1)", ge=0.0,
+                                le=1.0)
     head_layer_norm: bool = param(True, "LayerNorm after the c1 FC (the paper: 'similar to' the c0 head)")
-    head_ln_eps: float = param(1e-5, "epsilon of that LayerNorm", gt=0.0)
+    head_ln_eps: float = param(1e-12, "epsilon of that LayerNorm (not given; saem.cnn's 1e-12)", gt=0.0)
 
     @property
     def width(self) -> int:
@@ -268,7 +266,8 @@ class Cross(Stage):
             raise PortError(f"{self.name}: the text fragments have width {text.dim}, not d = {d}; set"
                             " project_text = true to project them")
         _unit_ports(self.name, d, self.heads)
-        _ngram_problem(self.name, self.ngrams)
+        if not self.ngrams or min(self.ngrams) < 1:
+            raise PortError(f"{self.name}: ngrams must be a non-empty list of window sizes >= 1, got {self.ngrams}")
         return ScorePort()
 
     def build(self, image: LocalPort, text: LocalPort) -> nn.Module:

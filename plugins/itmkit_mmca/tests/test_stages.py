@@ -12,9 +12,10 @@ from itmkit.plugins import get_registry
 from itmkit.stage import PortError
 from itmkit.testing import CHECKS, check_stage
 from itmkit.types import Local, LocalPort, lengths_to_mask
-from itmkit_mmca.stages import Cross, SelfAttention, TextCNN
+from itmkit_mmca.stages import Cross, SelfAttention
+from itmkit_saem.stages import SaemCnn
 
-STAGES = [SelfAttention, TextCNN, Cross]
+STAGES = [SelfAttention, Cross]
 TOL = dict(rtol=0, atol=1e-5)
 
 
@@ -63,8 +64,8 @@ def ngram_cnn(cnn, e: torch.Tensor) -> torch.Tensor:
     """q_l = max_k ReLU(W_l [e_k; ...; e_{k+l-1}] + b_l) over the windows inside e (n, D); FC; LN."""
     n = e.shape[0]
     pooled = []
-    for size, conv in zip(cnn.ngrams, cnn.convs):
-        w = conv.weight  # (C, D, size)
+    for size, conv in zip(cnn.widths, cnn.convs):
+        w = conv.weight[:, 0].transpose(1, 2)  # (C, 1, size, D) -> (C, D, size)
         starts = range(max(n - size + 1, 1))  # a caption shorter than the window: one zero-padded window
         windows = []
         for s in starts:
@@ -94,18 +95,6 @@ def test_self_attention_pool_equals_the_unit_over_each_image_alone():
     for b in range(5):
         valid = x.feats[b, x.mask[b]]
         expected = l2(transformer_unit(module.layer, valid).mean(dim=0))
-        torch.testing.assert_close(out[b], expected, **TOL)
-
-
-def test_text_cnn_equals_the_windows_of_each_caption_alone():
-    spec = TextCNN(embed_dim=12, channels=5, ngrams=[1, 2, 3])
-    torch.manual_seed(1)
-    module = spec.build(x=LocalPort(20)).double().eval()
-    x = local(6, 5, 20, seed=2)
-    out = module(x)
-    assert int(x.lengths.min()) < 3  # a caption shorter than the widest window is covered
-    for b in range(6):
-        expected = l2(ngram_cnn(module.cnn, x.feats[b, x.mask[b]]))
         torch.testing.assert_close(out[b], expected, **TOL)
 
 
@@ -166,7 +155,7 @@ def test_ports_explain_width_problems():
     with pytest.raises(PortError, match="divisible"):
         SelfAttention(heads=16).ports(x=LocalPort(40))
     with pytest.raises(PortError, match="ngrams"):
-        TextCNN(ngrams=[]).ports(x=LocalPort(40))
+        Cross(embed_dim=32, ngrams=[]).ports(image=LocalPort(32), text=LocalPort(32))
 
 
 def test_pair_bytes_covers_the_largest_allocation_of_a_block():
@@ -191,9 +180,22 @@ def test_parameter_counts_at_the_paper_sizes():
     unit = 4 * (d * d + d) + 2 * (d * d + d) + 2 * 2 * d  # Q, K, V, O; FFN W1, W2; two LayerNorms
     pool = SelfAttention().build(x=LocalPort(d))
     assert count(pool) == unit == 395_776
-    text = TextCNN(embed_dim=d).build(x=LocalPort(bert))
+    text = SaemCnn(embed_dim=d, channels=256, layer_norm=True).build(x=LocalPort(bert))  # the c0 head
     cnn = sum(256 * bert * k + 256 for k in (1, 2, 3)) + (3 * 256 * d + d) + 2 * d
     assert count(text) == cnn == 1_377_792
     cross = Cross(embed_dim=d).build(image=LocalPort(d), text=LocalPort(bert))
     head = sum(256 * d * k + 256 for k in (1, 2, 3)) + (3 * 256 * d + d) + 2 * d
     assert count(cross) == (bert * d + d) + unit + head == 1_184_000
+
+
+def test_the_one_product_n_gram_head_equals_saem_s_module():
+    from itmkit_mmca.stages import ngram_head
+    from itmkit_saem.modules import NgramCNN
+
+    torch.manual_seed(4)
+    cnn = NgramCNN(in_dim=10, channels=7, widths=(1, 2, 3), out_dim=9, layer_norm=True).double().eval()
+    x = local(8, 5, 10, seed=11)
+    assert int(x.lengths.min()) < 3
+    torch.testing.assert_close(ngram_head(cnn, x.feats, x.mask), cnn(x.feats, x.mask), **TOL)
+    short = Local(x.feats[:, :2], x.mask[:, :2])  # a block narrower than the widest window
+    torch.testing.assert_close(ngram_head(cnn, short.feats, short.mask), cnn(short.feats, short.mask), **TOL)
