@@ -12,7 +12,7 @@ from itmkit.core_stages import Precomp
 from itmkit.plugins import get_registry
 from itmkit.recipe import load_recipe
 from itmkit.testing import CHECKS, check_stage, recipe_plugins
-from itmkit.types import Local, LocalPort, Tokens, TokensPort, lengths_to_mask
+from itmkit.types import Local, LocalPort, Regions, RegionsPort, Tokens, TokensPort, lengths_to_mask
 from itmkit_vsrn.stages import GRU, Caption, L2Norm, RsGCN, caption_targets
 from itmkit_vsrn.tests import official
 
@@ -203,7 +203,7 @@ def test_gru_pool_reads_each_image_to_its_last_valid_region():
 def test_the_image_tower_equals_the_official_encoder(f30k, training):
     """fc -> [l2norm over regions] -> 4 Rs-GCN -> l2norm over regions -> GRU [-> BN] -> l2norm, both branches."""
     torch.manual_seed(0)
-    enc = Precomp(embed_dim=D, normalize=False).build(x=__import__("itmkit").types.RegionsPort(F_DIM)).double()
+    enc = Precomp(embed_dim=D, normalize=False).build(x=RegionsPort(F_DIM)).double()
     gcns = [built(RsGCN, LocalPort(D)) for _ in range(4)]
     norm = built(L2Norm, LocalPort(D))
     pool = built(GRU, LocalPort(D), batch_norm=f30k)
@@ -218,8 +218,6 @@ def test_the_image_tower_equals_the_official_encoder(f30k, training):
         sd.update({f"bn.{k}": v for k, v in pool.bn.state_dict().items()})
     for m in (enc, *gcns, norm, pool):
         m.train(training)
-    from itmkit.types import Regions
-
     images = torch.rand(4, 6, F_DIM, dtype=torch.float64)
     x = enc(Regions(images, torch.full((4,), 6)))
     if not f30k:
@@ -357,8 +355,6 @@ def test_every_vsrn_recipe_builds_and_trains_one_step(path):
                             for k, v in (("hidden_dim", 6), ("word_dim", 5))])
     model = build_model(recipe, DataPorts(feature_dim=F_DIM, vocab_size=V))
     model.train()
-    from itmkit.types import Regions
-
     regions = Regions(torch.rand(4, 5, F_DIM), torch.tensor([5, 3, 5, 4]))
     loss, scores = model(regions, caption_batch(5, [4, 6, 3, 5]), torch.arange(4))
     loss.backward()
