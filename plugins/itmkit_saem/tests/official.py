@@ -117,6 +117,17 @@ def pdist_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(res), torch.zeros_like(res), res)
 
 
+def contrastive_loss(im: torch.Tensor, s: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """ContrastiveLoss with max_violation: per image its hardest caption, per caption its hardest image."""
+    scores = pdist_cos(im, s)
+    n = scores.shape[0]
+    total = scores.new_zeros(())
+    for i in range(n):
+        total = total + max((margin + scores[i, j] - scores[i, i]).clamp(min=0) for j in range(n) if j != i)
+        total = total + max((margin + scores[j, i] - scores[i, i]).clamp(min=0) for j in range(n) if j != i)
+    return total
+
+
 def angular_loss(im: torch.Tensor, s: torch.Tensor, angle_bound: float = 1.0) -> torch.Tensor:
     """AngularLoss (max_violation): both directions, each anchor against every other item of the batch."""
     def one_side(anchors, positives):

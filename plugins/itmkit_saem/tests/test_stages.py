@@ -235,3 +235,81 @@ def test_param_norm_equals_the_official_l2_term():
     assert not [n for n in chosen if n.endswith("bias") or "norm" in n or n.startswith("text.")]
     nothing = SaemParamNorm(include=["nowhere.*"]).build(parameters=ParametersPort())
     assert nothing(parameters=named, positives=torch.eye(2, dtype=torch.bool)).item() == 0.0
+
+
+# ================================================================================== recipes
+
+RECIPES = sorted((Path(__file__).parents[3] / "recipes").glob("saem_*.toml"))
+
+
+def tiny_bert_overrides() -> list[str]:
+    from itmkit_bert.stages import TINY
+
+    return [f"text.encoder.path={TINY}", "text.encoder.pretrained=false"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_saem_recipe_builds(path):
+    from itmkit.build import DataPorts, build_model
+    from itmkit.recipe import load_recipe
+
+    recipe = load_recipe(path, tiny_bert_overrides())
+    model = build_model(recipe, DataPorts(256 if "shapes" in path.stem else 2048, 64, 36))
+    assert [o.slot.spec.name for o in recipe.objectives] == ["saem.angular", "saem.param_norm"]
+    assert [o.weight for o in recipe.objectives] == [1.0, 0.01]
+    assert model.text.pool is not None and len(model.image.reasoners) == 1
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "shapes" not in p.stem], ids=lambda p: p.stem)
+def test_the_paper_recipes_have_the_official_configuration(path):
+    from itmkit.recipe import load_recipe
+
+    r = load_recipe(path, tiny_bert_overrides())
+    t = r.train
+    assert (t.epochs, t.batch_size, t.lr, t.lr_update, t.lr_decay, t.optimizer, t.weight_decay) == (
+        30, 64, 1e-4, 10, 0.1, "adam", 0.0)
+    assert t.grad_clip == 0.0  # the official clip_grad_norm gets an exhausted iterator
+    assert (r.loss.spec.name, r.loss.spec.margin, r.loss.spec.max_violation, r.loss.spec.warmup_epochs,
+            r.loss.spec.mask_same_image) == ("core.triplet", 0.2, True, 0, False)
+    assert r.info.embed_dim == 256 and r.image.encoder.spec.normalize is False and r.image.pool.spec.normalize
+    layer = r.image.reasoners[0].spec
+    assert (layer.heads, layer.intermediate, layer.activation, layer.dropout, layer.ln_eps) == (16, 2048, "gelu", 0.1,
+                                                                                                 1e-12)
+    enc, head = r.text.encoder.spec, r.text.pool.spec
+    assert (enc.max_words, enc.pad_fragments, enc.freeze, enc.frozen_dropout) == (32, True, True, True)
+    assert (head.channels, head.widths, head.dropout, head.normalize) == (512, [1, 2, 3], 0.1, True)
+    angular = r.objectives[0].slot.spec
+    assert (angular.tan2, angular.max_violation, angular.start, angular.decay, angular.every, angular.last) == (
+        1.0, True, 0.5, 0.1, 5, 20)
+    coco = "coco" in path.stem
+    assert (r.data.protocol, r.data.test_split) == (("coco-1k-5fold", "testall") if coco else ("f30k-1k", "test"))
+
+
+@pytest.mark.parametrize("epoch", [0, 6, 25])
+def test_the_training_loss_is_the_official_sum_of_three_terms(epoch):
+    from itmkit.build import DataPorts, build_model
+    from itmkit.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES[0].with_name("saem_f30k.toml"), [*tiny_bert_overrides(), "recipe.embed_dim=32",
+                                                                   "image.reasoners.0.intermediate=24"])
+    torch.manual_seed(0)
+    model = build_model(recipe, DataPorts(12, 64, 36)).double().eval()
+    g = torch.Generator().manual_seed(epoch)
+    feats = torch.randn(5, 36, 12, generator=g, dtype=torch.float64)
+    ids = torch.randint(5, 64, (5, 9), generator=g)
+    lengths = torch.tensor([9, 7, 5, 9, 3])
+    ids = torch.where(torch.arange(9)[None] < lengths[:, None], ids, 0)
+    image_ids = torch.tensor([0, 1, 2, 3, 3])  # two captions of one image
+    step = model.training_step(Regions(feats, torch.full((5,), 36)), Tokens(ids, lengths), image_ids, epoch=epoch)
+    im = model.encode_images(Regions(feats, torch.full((5,), 36))).global_
+    s = model.encode_texts(Tokens(ids, lengths)).global_
+    named = {}
+    for k, p in model.image.named_parameters():
+        theirs = k.replace("encoder.fc.", "mapping.")
+        for ours, official_name in LAYER_KEYS.items():
+            theirs = theirs.replace(f"reasoners.0.layer.{ours}", f"layer.{official_name}")
+        named[theirs] = p
+    assert len(named) == 2 + len(LAYER_KEYS)
+    expected = (official.contrastive_loss(im, s) + official.angular_weight(epoch) * official.angular_loss(im, s)
+                + official.l2_reg(named))
+    torch.testing.assert_close(step.loss, expected.to(step.loss.dtype), **TOL)
