@@ -102,7 +102,7 @@ class TransformerLayer(nn.Module):
 
 
 class NgramCNN(nn.Module):
-    """SAEM's text head (Wu et al. 2019, Sec. 3.2): n-gram convolutions over token states, max over time.
+    """SAEM's text head (Wu et al. 2019): n-gram convolutions over token states, max over time.
 
         c_K[t] = ReLU(W_K * x[t : t+K] + b_K)     one Conv2d(1, C, (K, in_dim)) per width K
         f = Dropout([max_t c_1; max_t c_2; max_t c_3]),   y = W f + b   (then LayerNorm, l2norm if asked)

@@ -11,8 +11,8 @@ A SAEM model in a recipe (recipes/saem_*.toml):
     objectives: saem.angular (angular loss on the global vectors, weight decaying with the epoch)
                 saem.param_norm (sum of the image encoder's weight norms; the recipe weighs it 0.01)
 
-Formulas follow the paper (Sec. 3) and, where it leaves details open, the official code
-(yiling2018/saem): the image layer is its ``bert.BERTLayer`` with t_cfg.json (256-d, 16 heads,
+Formulas follow the official code (yiling2018/saem; the paper's body was not available here, so the
+specs cite the official modules rather than equation numbers): the image layer is its ``bert.BERTLayer`` with t_cfg.json (256-d, 16 heads,
 2048 inner, GELU, dropout 0.1), the text head its ``BertMapping`` with ``txt_stru = 'cnn'``, the
 losses ``loss.ContrastiveLoss`` / ``loss.AngularLoss`` and the L2 term of ``SAEM.forward_loss``.
 
@@ -122,7 +122,7 @@ class SaemBert(Stage):
 
     name = "saem.bert"
     kind = "encoder"
-    paper = (f"{PAPER}, Sec. 3.2 (BERT word fragments); Devlin et al. 2019. Official text_net.BertMapping:"
+    paper = (f"{PAPER}, text fragments from BERT; Devlin et al. 2019. Official text_net.BertMapping:"
              " frozen BERT, captions padded to max_words = 32 (data.convert_to_feature)")
     example: ClassVar[dict] = {"path": str(TINY), "pretrained": False}
 
@@ -191,7 +191,7 @@ class SaemCnn(Stage):
 
     name = "saem.cnn"
     kind = "aggregator"
-    paper = (f"{PAPER}, Sec. 3.2 (1D CNN over word fragments, max-pooling over time) and the official"
+    paper = (f"{PAPER}, text embedding by a 1-D CNN over word fragments, max-pooled over time; the official"
              " BertMapping ('cnn': Conv2d(1, 512, (K, 768)), K = 1, 2, 3; dropout; Linear; l2norm)")
 
     embed_dim: int | None = param(None, "joint embedding size (default: [recipe].embed_dim; SAEM: final_dims 256)",
@@ -233,7 +233,7 @@ class SaemTransformer(Stage):
 
     name = "saem.transformer"
     kind = "reasoner"
-    paper = (f"{PAPER}, Sec. 3.1 eq. 1-3 (multi-head self-attention, feed-forward, residual + LayerNorm);"
+    paper = (f"{PAPER}, image fragment self-attention (multi-head attention, feed-forward, residual + LayerNorm);"
              " official image_net.TransformerMapping with t_cfg.json")
 
     heads: int = param(16, "attention heads (t_cfg.json: 16); must divide the fragment dim", ge=1)
@@ -263,7 +263,7 @@ def angular_schedule(epoch: int, *, start: float, decay: float, every: int, last
 
 
 class AngularLoss(nn.Module):
-    """alpha(epoch) x [L_ang(v -> u) + L_ang(u -> v)], the N-pair angular loss of Wang et al. 2017 (eq. 8 ff.).
+    """alpha(epoch) x [L_ang(v -> u) + L_ang(u -> v)], the N-pair angular loss of Wang et al. 2017.
 
     For anchors a_i with positives p_i and every other item's positive p_j as negatives:
         f_ij = 4 tan^2(alpha) (a_i + p_i) . p_j - 2 (1 + tan^2(alpha)) a_i . p_i
@@ -305,7 +305,7 @@ class SaemAngular(Stage):
 
     name = "saem.angular"
     kind = "objective"
-    paper = (f"{PAPER}, Sec. 3.3 (angular loss); Wang et al. 2017 (Deep Metric Learning with Angular Loss), N-pair"
+    paper = (f"{PAPER}, angular loss term; Wang et al. 2017 (Deep Metric Learning with Angular Loss), N-pair"
              " form; official loss.AngularLoss and the alpha schedule of model.SAEM.forward_loss")
 
     tan2: float = param(1.0, "tan^2 of the angle bound (official angle_bound: 1, i.e. 45 degrees)", gt=0.0)
@@ -361,7 +361,7 @@ class SaemParamNorm(Stage):
 
     name = "saem.param_norm"
     kind = "objective"
-    paper = (f"{PAPER}, Sec. 3.3 (L2 regularisation); official model.SAEM.forward_loss: 0.01 x sum of torch.norm"
+    paper = (f"{PAPER}, L2 regularisation term; official model.SAEM.forward_loss: 0.01 x sum of torch.norm"
              " of every img_enc parameter but biases and LayerNorm gamma/beta")
 
     include: list[str] = param(attrs.Factory(lambda: ["image.*"]),
