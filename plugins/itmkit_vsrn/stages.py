@@ -103,7 +103,7 @@ class L2Norm(Stage):
 
 
 class RsGCNBlock(nn.Module):
-    """One region-relationship reasoning block (VSRN eq. 1-3; the official Rs_GCN):
+    """One region-relationship reasoning block (VSRN's region relationship reasoning; the official Rs_GCN):
 
         R = theta(V) phi(V)^T / N      (B, N, N) affinities of the valid regions, no softmax
         Y = R g(V)                     (B, N, I)
@@ -138,11 +138,12 @@ class RsGCNBlock(nn.Module):
 
 @attrs.frozen(kw_only=True)
 class RsGCN(Stage):
-    """Region relationship reasoning (VSRN Sec. 3.2): a residual non-local GCN block over the image's regions."""
+    """Region relationship reasoning (VSRN, Rs-GCN): a residual non-local GCN block over the image's regions."""
 
     name = "vsrn.rsgcn"
     kind = "reasoner"
-    paper = "Li et al. 2019 (VSRN), Sec. 3.2 eq. 1-3; official GCN_lib/Rs_GCN.py (inter_channels = embed_size)"
+    paper = ("Li et al. 2019 (VSRN), region relationship reasoning (Rs-GCN); official GCN_lib/Rs_GCN.py"
+             " (inter_channels = embed_size)")
 
     inter_dim: int | None = param(None, "size of theta, phi and g (official: inter_channels = embed_size, the"
                                         " default when unset)", ge=1)
@@ -158,7 +159,7 @@ class RsGCN(Stage):
 
 
 class GRUPool(nn.Module):
-    """Global semantic reasoning (VSRN Sec. 3.3): a GRU reads the regions in order; its final state is the image.
+    """Global semantic reasoning (VSRN): a GRU reads the regions in order; its final state is the image.
 
     Local (B, N, D) -> (B, D): GRU(D, D) over each image's valid regions (packed), the hidden
     state after the last one, then BatchNorm1d (``batch_norm``, the official F30K branch) and
@@ -185,7 +186,7 @@ class GRU(Stage):
 
     name = "vsrn.gru"
     kind = "aggregator"
-    paper = "Li et al. 2019 (VSRN), Sec. 3.3 (global semantic reasoning, GRU memory); official img_rnn + bn"
+    paper = "Li et al. 2019 (VSRN), global semantic reasoning (GRU memory); official model.py img_rnn + bn"
 
     batch_norm: bool = param(False, "BatchNorm1d on the final state (the official code does it for data_name ="
                                     " f30k_precomp only)")
@@ -293,7 +294,7 @@ def caption_targets(tokens: Tokens, max_len: int, pad_after_end: bool) -> tuple[
 
 
 class CaptionLoss(nn.Module):
-    """Caption generation from the reasoned regions (VSRN Sec. 3.4): S2VT attention decoder, cross-entropy.
+    """Caption generation from the reasoned regions (VSRN): S2VT attention decoder, cross-entropy.
 
     loss = -sum_{b,t} m_{b,t} log p(y_{b,t} | y_{b,<t}, regions_b) / B over the targets t = 1 ..
     max_len - 1 of ``caption_targets``, summed over words and averaged over captions (the
@@ -328,7 +329,7 @@ class Caption(Stage):
 
     name = "vsrn.caption"
     kind = "objective"
-    paper = ("Li et al. 2019 (VSRN), Sec. 3.4 (text generation, eq. 9) and Sec. 3.5 (L = L_M + L_G);"
+    paper = ("Li et al. 2019 (VSRN), text generation from the reasoned regions, trained with L = L_M + L_G;"
              " official models/{EncoderRNN,DecoderRNN,Attention}.py, misc/utils.py LanguageModelCriterion")
 
     hidden_dim: int = param(512, "hidden size of the encoder and decoder GRUs (official dim_hidden)", ge=1)
