@@ -122,12 +122,16 @@ def _join(own: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Te
     (·, h, M, dh) and ``spec`` the einsum of weights x values. Returns (Ni, Nt, h, L, dh).
     """
     own_shift, own_z, own_sum = own
-    logits = logits.masked_fill(~key_mask, float("-inf"))
+    in_place = not torch.is_grad_enabled()  # scoring: no graph needs the overwritten values
+    if not bool(key_mask.all()):
+        logits = logits.masked_fill_(~key_mask, float("-inf")) if in_place else logits.masked_fill(~key_mask, float("-inf"))
     shift = torch.maximum(own_shift, logits.amax(dim=-1, keepdim=True).detach())
     own_scale = torch.exp(own_shift - shift)  # (Ni, Nt, h, L, 1)
-    e = torch.exp(logits - shift)
-    total = own_z * own_scale + e.sum(dim=-1, keepdim=True)
-    return (own_sum * own_scale + torch.einsum(spec, dropout(e), values)) / total
+    e = logits.sub_(shift).exp_() if in_place else torch.exp(logits - shift)
+    total = e.sum(dim=-1, keepdim=True).add_(own_z * own_scale)
+    out = torch.einsum(spec, dropout(e), values)
+    out = out.add_(own_sum * own_scale) if in_place else out + own_sum * own_scale
+    return out.div_(total) if in_place else out / total
 
 
 def _conv_taps(cnn: NgramCNN) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -197,9 +201,15 @@ class CrossAttentionScore(nn.Module):
     def _rest_of_unit(self, rows: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, LayerNorm, FFN, residual, LayerNorm on (..., d) rows (post-LN)."""
         layer = self.layer
-        x = layer.attn_norm(residual + layer.drop(layer.attn_out(rows)))
-        act = F.relu if layer.activation == "relu" else F.gelu
-        return layer.ffn_norm(x + layer.drop(layer.ffn_out(act(layer.ffn_in(x)))))
+        if torch.is_grad_enabled():
+            x = layer.attn_norm(residual + layer.drop(layer.attn_out(rows)))
+            act = F.relu if layer.activation == "relu" else F.gelu
+            return layer.ffn_norm(x + layer.drop(layer.ffn_out(act(layer.ffn_in(x)))))
+        # the same, computed in place where no graph needs the values (scoring)
+        x = layer.attn_norm(layer.drop(layer.attn_out(rows)).add_(residual))
+        inner = layer.ffn_in(x)
+        inner = inner.relu_() if layer.activation == "relu" else F.gelu(inner)
+        return layer.ffn_norm(layer.drop(layer.ffn_out(inner)).add_(x))
 
     def forward(self, image: Local, text: Local) -> torch.Tensor:
         layer, h = self.layer, self.heads

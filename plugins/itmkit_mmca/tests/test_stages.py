@@ -113,13 +113,26 @@ def cross_reference(module, image: Local, text: Local) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "scoring"])  # scoring runs in place
 @pytest.mark.parametrize("heads", [1, 4])
-def test_cross_equals_one_unit_per_pair(heads):
+def test_cross_equals_one_unit_per_pair(heads, grad):
     spec = Cross(embed_dim=16, heads=heads, channels=6, intermediate=24)
     torch.manual_seed(2)
     module = spec.build(image=LocalPort(16), text=LocalPort(10)).double().eval()
     image, text = local(3, 6, 16, seed=3), local(4, 5, 10, seed=4)
-    torch.testing.assert_close(module(image=image, text=text), cross_reference(module, image, text), **TOL)
+    with torch.set_grad_enabled(grad):
+        ours = module(image=image, text=text)
+    with torch.no_grad():
+        torch.testing.assert_close(ours, cross_reference(module, image, text), **TOL)
+
+
+def test_cross_with_every_region_valid_skips_no_mask():
+    spec = Cross(embed_dim=8, heads=2, channels=4)
+    module = spec.build(image=LocalPort(8), text=LocalPort(8)).double().eval()
+    image, text = local(2, 4, 8, seed=12), local(3, 4, 8, seed=13)
+    image = Local(image.feats[:, :1], image.mask[:, :1])  # one region each: all valid
+    with torch.no_grad():
+        torch.testing.assert_close(module(image=image, text=text), cross_reference(module, image, text), **TOL)
 
 
 def test_cross_gradients_equal_the_reference_and_ignore_padding():
