@@ -146,20 +146,21 @@ def ngram_head(cnn: NgramCNN, feats: torch.Tensor, mask: torch.Tensor) -> torch.
     with every window offset's filters, (P n, D) x (D, C sum(sizes)), then shifted sums: window
     s of size l is sum_o Y_o[s + o]. The bias and the ReLU come after the max-pool (max commutes
     with both), so the elementwise passes run over pooled vectors. Windows must lie inside the
-    valid positions; a sequence shorter than a window gets the one window at its start, zeros
-    past its end (as the module does).
+    valid positions (so padded rows are never read); a sequence shorter than a window gets the
+    one window at its start, zeros past its end (as the module does).
     """
     taps = _conv_taps(cnn)
     p, n, _ = feats.shape
     widest = max(size for size, _, _ in taps)
-    feats = feats.masked_fill(~mask[..., None], 0)
+    lengths = mask.sum(dim=1)
+    if bool((lengths < widest).any()):  # a zero-padded window reads past a caption's end: zero the padding
+        feats = feats.masked_fill(~mask[..., None], 0)
     if n < widest:
         feats = F.pad(feats, (0, 0, 0, widest - n))
         mask = F.pad(mask, (0, widest - n))
     length = feats.shape[1]
     weight = torch.cat([w[:, o] for size, w, _ in taps for o in range(size)], dim=0)  # (C sum(sizes), D)
     products = (feats.reshape(p * length, -1) @ weight.T).view(p, length, len(weight))
-    lengths = mask.sum(dim=1)
     pooled, column = [], 0
     for size, w, bias in taps:
         channels = w.shape[0]

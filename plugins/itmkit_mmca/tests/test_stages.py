@@ -210,5 +210,8 @@ def test_the_one_product_n_gram_head_equals_saem_s_module():
     x = local(8, 5, 10, seed=11)
     assert int(x.lengths.min()) < 3
     torch.testing.assert_close(ngram_head(cnn, x.feats, x.mask), cnn(x.feats, x.mask), **TOL)
+    long = x.lengths >= 3  # every caption holds the widest window: the padding is never read, nor zeroed
+    torch.testing.assert_close(ngram_head(cnn, x.feats[long], x.mask[long]), cnn(x.feats[long], x.mask[long]), **TOL)
+    assert (~x.mask[long]).any()
     short = Local(x.feats[:, :2], x.mask[:, :2])  # a block narrower than the widest window
     torch.testing.assert_close(ngram_head(cnn, short.feats, short.mask), cnn(short.feats, short.mask), **TOL)
