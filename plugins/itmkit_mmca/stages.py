@@ -190,9 +190,10 @@ class CrossAttentionScore(nn.Module):
 
     def __init__(self, *, dim: int, text_dim: int, heads: int, intermediate: int, activation: str, dropout: float,
                  ln_eps: float, project_text: bool, channels: int, ngrams: tuple[int, ...], head_dropout: float,
-                 head_layer_norm: bool, head_ln_eps: float):
+                 head_layer_norm: bool, head_ln_eps: float, attention_scale: str = "head"):
         super().__init__()
         self.heads = heads
+        self.attention_scale = attention_scale
         self.text_proj = nn.Linear(text_dim, dim) if project_text else nn.Identity()
         self.layer = TransformerLayer(dim=dim, heads=heads, intermediate=intermediate, activation=activation,
                                       dropout=dropout, ln_eps=ln_eps)
@@ -217,7 +218,7 @@ class CrossAttentionScore(nn.Module):
         regions, region_mask = image.feats, image.mask  # (Ni, k, d), (Ni, k)
         tokens, token_mask = self.text_proj(text.feats), text.mask  # (Nt, n, d), (Nt, n)
         (ni, k, d), (nt, n) = regions.shape, token_mask.shape
-        scale = 1.0 / math.sqrt(d // h)
+        scale = 1.0 / math.sqrt(d // h if self.attention_scale == "head" else d)
         # per item: projections and the attention over the item's own side
         qr, kr, vr = (_heads(f(regions), h) for f in (layer.query, layer.key, layer.value))  # (Ni, h, k, dh)
         qt, kt, vt = (_heads(f(tokens), h) for f in (layer.query, layer.key, layer.value))  # (Nt, h, n, dh)
@@ -253,6 +254,9 @@ class Cross(Stage):
                                      " (ASSUMPTION: the paper stacks 256-d R with 768-d E without saying how);"
                                      " false: they must already have width d")
     heads: int = param(16, "attention heads of the joint Transformer unit (MMCA: 16)", ge=1)
+    attention_scale: str = param("head", "logits divided by sqrt of the head width d/h ('head': a Transformer unit as"
+                                         " eq. 1 defines it) or of d ('width': eq. 11 as printed, written for one head)",
+                                 choices=("head", "width"))
     intermediate: int | None = param(None, "inner width of its feed-forward layer (default: d, as printed)", ge=1)
     activation: str = param("relu", "feed-forward activation (MMCA: ReLU)", choices=("relu", "gelu"))
     dropout: float = param(0.1, "dropout in the unit (not given; 0.1 as SAEM's unit)", ge=0.0, le=1.0)
@@ -287,7 +291,7 @@ class Cross(Stage):
                                    activation=self.activation, dropout=self.dropout, ln_eps=self.ln_eps,
                                    project_text=self.project_text, channels=self.channels, ngrams=tuple(self.ngrams),
                                    head_dropout=self.head_dropout, head_layer_norm=self.head_layer_norm,
-                                   head_ln_eps=self.head_ln_eps)
+                                   head_ln_eps=self.head_ln_eps, attention_scale=self.attention_scale)
 
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
         # float32 numbers per pair at the peak of a no-grad forward: two (h, k, n) arrays of the

@@ -44,16 +44,17 @@ def local(batch: int, length: int, dim: int, seed: int, *, dtype=torch.float64) 
 # ------------------------------------------------------------------ slow references (paper eq.)
 
 
-def transformer_unit(layer, y: torch.Tensor) -> torch.Tensor:
-    """One post-LN Transformer unit on one unpadded sequence y (L, d), written out from eq. 2-5 / 11-14."""
+def transformer_unit(layer, y: torch.Tensor, scale_by: str = "head") -> torch.Tensor:
+    """One post-LN Transformer unit on one unpadded sequence y (L, d), written out from eq. 1-4 / 8-14."""
     length, d = y.shape
     h = layer.heads
     dh = d // h
+    root = math.sqrt(dh if scale_by == "head" else d)
     q, k, v = layer.query(y), layer.key(y), layer.value(y)
     heads = []
     for j in range(h):
         part = slice(j * dh, (j + 1) * dh)
-        weights = torch.softmax(q[:, part] @ k[:, part].T / math.sqrt(dh), dim=-1)
+        weights = torch.softmax(q[:, part] @ k[:, part].T / root, dim=-1)
         heads.append(weights @ v[:, part])
     x = layer.attn_norm(y + layer.attn_out(torch.cat(heads, dim=-1)))
     act = F.relu if layer.activation == "relu" else F.gelu
@@ -105,7 +106,7 @@ def cross_reference(module, image: Local, text: Local) -> torch.Tensor:
         regions = image.feats[i, image.mask[i]]
         for t in range(text.feats.shape[0]):
             tokens = module.text_proj(text.feats[t, text.mask[t]])
-            joint = transformer_unit(module.layer, torch.cat([regions, tokens]))
+            joint = transformer_unit(module.layer, torch.cat([regions, tokens]), module.attention_scale)
             k = regions.shape[0]
             i1 = l2(joint[:k].mean(dim=0))
             c1 = l2(ngram_cnn(module.text_head, joint[k:]))
@@ -114,9 +115,9 @@ def cross_reference(module, image: Local, text: Local) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "scoring"])  # scoring runs in place
-@pytest.mark.parametrize("heads", [1, 4])
-def test_cross_equals_one_unit_per_pair(heads, grad):
-    spec = Cross(embed_dim=16, heads=heads, channels=6, intermediate=24)
+@pytest.mark.parametrize("heads,scale", [(1, "head"), (4, "head"), (4, "width")])
+def test_cross_equals_one_unit_per_pair(heads, scale, grad):
+    spec = Cross(embed_dim=16, heads=heads, channels=6, intermediate=24, attention_scale=scale)
     torch.manual_seed(2)
     module = spec.build(image=LocalPort(16), text=LocalPort(10)).double().eval()
     image, text = local(3, 6, 16, seed=3), local(4, 5, 10, seed=4)
