@@ -27,7 +27,7 @@ WORDS = ["dog", "cat", "man", "red", "blue", "runs", "sits", "car", "on", "grass
 # Every recipe family whose image side reads regions: VSE++ mean pool, SCAN both directions,
 # SGRAF (BatchNorm over region slots), GPO (sorted pooling, MLP with BatchNorm), BFAN, PFAN (boxes).
 MODELS = ["vsepp", "scan_f30k_t2i_avg", "scan_f30k_i2t_lse", "sgraf_sgr_f30k", "sgraf_saf_f30k",
-          "gpo_f30k_bigru", "bfan_f30k_prob", "pfan_f30k_t2i"]
+          "gpo_f30k_bigru", "bfan_f30k_prob", "pfan_f30k_t2i", "vsrn_f30k", "vsrn_coco"]
 
 
 def make_arrays(seed: int = 0, padding: str = "zeros") -> dict:
