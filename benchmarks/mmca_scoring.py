@@ -180,6 +180,7 @@ def main() -> None:
                  "load_average": [round(x, 2) for x in ours_load]},
         "reference": {"block": [ri, rt], "pairs_per_second": round(ref_pps, 1), "seconds": round(ref_s, 2),
                       "load_average": [round(x, 2) for x in ref_load]},
+        "machine_was_idle": max(ours_load + ref_load) < 1.0,  # else the figures are not comparable
         "speedup": round(ours_pps / ref_pps, 2),
         "ours_mflop_per_pair": round(ours_flops / 1e6, 1),
         "reference_mflop_per_pair": round(ref_flops / 1e6, 1),
