@@ -14,6 +14,7 @@ import attrs
 import torch
 from torch import nn
 
+from itmkit.errors import ItmkitError
 from itmkit.recipe import Recipe, RecipeError, Slot
 from itmkit.stage import PortError, stage_inputs
 from itmkit.structure import Problem
@@ -21,6 +22,7 @@ from itmkit.types import (
     GlobalPort,
     Local,
     LocalPort,
+    LossPort,
     ParametersPort,
     Port,
     Regions,
@@ -175,6 +177,10 @@ def wire(recipe: Recipe, data: DataPorts) -> Wiring:
              "tokens": {TokensPort: (TokensPort(data.vocab_size, data.mask_id), TOKENS)},
              "parameters": {ParametersPort: (ParametersPort(), PARAMETERS)}}
     objectives = [_connect(o.slot, {**towers, **scores, **batch}, problems) for o in recipe.objectives]
+    for w in [loss, *objectives]:  # a local stage file is never run through the conformance kit
+        if w is not None and not isinstance(w.output, LossPort):
+            problems.append(Problem(w.slot.path, f"stage {w.slot.spec.name} produces {w.output.describe()}, but this"
+                                                 " slot needs a training loss (its ports() must return a LossPort)"))
     if problems:
         raise RecipeError(recipe.source, problems)
     return Wiring(tuple(image_wires), tuple(text_wires), tuple(branches), loss, image_global is not None,
@@ -318,6 +324,10 @@ class ITMModel(nn.Module):
                                                                  self.objective_weights)):
                 value = objective(**{name: values[src] for name, src in sources.items()}, positives=positives,
                                   epoch=epoch)
+                if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                    got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ItmkitError(f"objective[{k}] ({self.wiring.objectives[k].slot.spec.name}) returned {got};"
+                                      " expected a scalar tensor (a bug in that stage's module)")
                 terms[f"objective[{k}]"] = value
                 loss = loss + weight * value
         return Step(loss, scores, terms)
