@@ -111,6 +111,10 @@ class WordPieceVocabulary:
         self.source = source
         self.max_length = max_length
         self.tokens: list[str] = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        holes = [i for i, t in enumerate(self.tokens) if t is None]
+        if holes:
+            raise ItmkitError(f"{source}: ids {holes[:5]} of vocab.txt have no token (a token listed twice"
+                              " leaves its first line's id empty); the file is damaged or not this model's")
         self.lowercase = bool(getattr(tokenizer, "do_lower_case", True))
         self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -177,4 +181,9 @@ def _load(path: str) -> WordPieceVocabulary:
         except (OSError, ValueError) as exc:
             raise ItmkitError(f"cannot read the tokenizer of {path}: {exc}") from None
     max_length = int(getattr(config, "max_position_embeddings", 512))
+    rows = getattr(config, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ItmkitError(f"{path}: the tokenizer (vocab.txt) has {len(tokenizer)} tokens but config.json's vocab_size is"
+                          f" {rows}, the rows of the model's word embedding; ids past them cannot be looked up, so the"
+                          " tokenizer is not this model's")
     return WordPieceVocabulary(tokenizer, path, max_length)
