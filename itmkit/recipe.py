@@ -191,7 +191,8 @@ class Recipe:
 # Which stage kind each slot takes.
 SECTIONS = ("recipe", "image", "text", "match", "loss", "objective", "data", "train")
 WEIGHT = ParamInfo("weight", float, 1.0, "this branch's share of the model score", None, None, None, None)
-OBJECTIVE_WEIGHT = ParamInfo("weight", float, 1.0, "this objective's factor in the training loss", None, None, None, None)
+# Non-negative: every objective is a loss to lower; a negative weight would push its term up without bound.
+OBJECTIVE_WEIGHT = ParamInfo("weight", float, 1.0, "this objective's factor in the training loss", None, 0.0, None, None)
 TOWER_KEYS = {"encoder": "encoder", "reasoners": "reasoner", "pool": "aggregator"}
 MATCH_KEYS = {"cross": "cross", "similarity": "similarity", "aggregate": "aggregator", "weight": None}
 
@@ -392,7 +393,7 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
             return None
         name = table.get("stage")
         if name is None:
-            problems.append(Problem(path, f"missing key 'stage' (the registered name of a {kind} stage)"))
+            problems.append(Problem(path, f"missing key 'stage' (the registered name of {_a(kind)} stage)"))
             return None
         if not isinstance(name, str):
             problems.append(Problem(f"{path}.stage", f"expected the name of a registered {kind} stage (a string),"

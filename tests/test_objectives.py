@@ -241,6 +241,8 @@ def test_recipe_round_trip_and_stage_tree(registry):
 def test_recipe_problems_name_the_objective(registry):
     bad = [
         (OBJECTIVES.replace('weight = 0.5', 'weight = "half"'), "objective[0].weight"),
+        (OBJECTIVES.replace('weight = 0.5', 'weight = -0.5'), "expected a value >= 0.0, got -0.5 @ objective[0].weight"),
+        (OBJECTIVES.replace('stage = "testkit.weight_norm"\n', ''), "missing key 'stage' (the registered name of an objective stage)"),
         (OBJECTIVES.replace('"testkit.predict_words"', '"testkit.predict_word"'), "did you mean"),
         (OBJECTIVES.replace('"testkit.predict_words"', '"core.triplet"'), "is a loss, but this slot takes an objective"),
         (OBJECTIVES.replace('prefix = "image."', 'prefx = "image."'), "objective[1]"),

@@ -350,8 +350,11 @@ class ParamNorm(nn.Module):
     def forward(self, *, parameters: dict[str, torch.Tensor], positives: torch.Tensor | None = None,
                 epoch: int = 0) -> torch.Tensor:
         names = self.selected(list(parameters))
-        if not names:
-            return positives.new_zeros((), dtype=torch.float32) if positives is not None else torch.zeros(())
+        if not names:  # a misspelt pattern would otherwise train without the penalty, silently
+            raise ItmkitError(f"saem.param_norm: include = {self.include} (exclude = {self.exclude}) selects none of"
+                              f" the model's {len(parameters)} trainable parameters (e.g. {', '.join(list(parameters)[:3])});"
+                              " `itmkit build` lists the stages whose parameters are named image.encoder.*,"
+                              " image.reasoners.N.*, image.pool.*, text.*, branches.N.*")
         return torch.stack([parameters[n].norm() for n in names]).sum()
 
 

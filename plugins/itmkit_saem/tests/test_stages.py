@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from itmkit.core_stages import Pool, PrecompEncoder
+from itmkit.errors import ItmkitError
 from itmkit.plugins import get_registry
 from itmkit.stage import PortError
 from itmkit.testing import CHECKS, check_stage, recipe_plugins
@@ -234,7 +235,8 @@ def test_param_norm_equals_the_official_l2_term():
     assert "image.encoder.fc.weight" in chosen and "image.reasoners.0.layer.query.weight" in chosen
     assert not [n for n in chosen if n.endswith("bias") or "norm" in n or n.startswith("text.")]
     nothing = SaemParamNorm(include=["nowhere.*"]).build(parameters=ParametersPort())
-    assert nothing(parameters=named, positives=torch.eye(2, dtype=torch.bool)).item() == 0.0
+    with pytest.raises(ItmkitError, match=r"selects none of the model's .* trainable parameters"):
+        nothing(parameters=named, positives=torch.eye(2, dtype=torch.bool))
 
 
 # ================================================================================== recipes
