@@ -33,7 +33,6 @@ from itmkit.build import DataPorts, Encoded, build_model
 from itmkit.gallery import Gallery
 from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
-from itmkit.types import Local
 from itmkit_sgraf.importer import rename_similarity
 from itmkit_sgraf.tests.fixtures import similarity_state
 from itmkit_sgraf.tests.official import forward_sim
