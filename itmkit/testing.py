@@ -784,3 +784,32 @@ def check_stage(cls: type[Stage], *, registry: Any = None) -> None:
                              + (f" (the name belongs to plugin {owner!r})" if owner else ""))
     for check in CHECKS:
         check(cls)
+
+
+def check_scores_match_captions_alone(checkpoint, split_dir, split: str = "test", *, batch_size: int = 3,
+                                      atol: float = 1e-5) -> None:
+    """The scoring engine's matrix for a trained checkpoint equals each caption scored alone against every image.
+
+    Scoring batches captions (padded to each batch's longest, shortest first) and images in blocks;
+    a stage that lets padding, batch composition or block shape leak into a score fails here. For
+    plugin tests of whole recipes trained on a tiny dataset.
+    """
+    import numpy as np
+
+    from itmkit.checkpoint import load_checkpoint
+    from itmkit.data.split import open_split
+    from itmkit.evaluate import similarity_matrix
+
+    loaded = load_checkpoint(checkpoint)
+    model, vocab = loaded.model.eval(), loaded.vocab
+    data = open_split(split_dir, split)
+    sims, _ = similarity_matrix(model, vocab, data, batch_size=batch_size)
+    with torch.no_grad():
+        rows = np.arange(data.num_images)
+        images = model.encode_images(Regions(torch.as_tensor(data.image_features(rows)),
+                                             torch.as_tensor(data.region_lengths(rows))))
+        for c in range(data.num_captions):
+            ids = torch.tensor([vocab.encode(data.captions[c])])
+            alone = model.score(images, model.encode_texts(Tokens(ids, torch.tensor([ids.shape[1]]))))
+            torch.testing.assert_close(torch.as_tensor(sims[:, c]), alone[:, 0], rtol=0, atol=atol,
+                                       msg=lambda m: f"caption {c} scored in a batch vs alone: {m}")

@@ -74,14 +74,10 @@ def test_the_model_score_is_i0_c0_plus_alpha_i1_c1():
 def test_a_trained_model_scores_a_split_as_each_caption_alone(tmp_path):
     """One tiny epoch, then the scoring engine (length-sorted caption batches, blocks) gives each
     caption the scores it gets when scored alone against all the images."""
-    import numpy as np
-
     sys.path.insert(0, str(ROOT / "tests"))
     from tinydata import write_tiny
 
-    from itmkit.checkpoint import load_checkpoint
-    from itmkit.data.split import open_split
-    from itmkit.evaluate import similarity_matrix
+    from itmkit.testing import check_scores_match_captions_alone
     from itmkit.train import train
 
     data = write_tiny(tmp_path / "data", width=8, regions=4)
@@ -90,15 +86,4 @@ def test_a_trained_model_scores_a_split_as_each_caption_alone(tmp_path):
         "match.1.similarity.channels=4", "text.pool.channels=4", "train.epochs=1", "train.batch_size=8",
         "train.eval_batch_size=3", "loss.warmup_epochs=0"])
     train(recipe, out_dir=tmp_path / "run", log=lambda *a: None)
-    loaded = load_checkpoint(tmp_path / "run" / "model_best.safetensors")
-    model, vocab = loaded.model.eval(), loaded.vocab
-    split = open_split(data, "test")
-    sims, _ = similarity_matrix(model, vocab, split, batch_size=3)
-    with torch.no_grad():
-        rows = np.arange(split.num_images)
-        images = model.encode_images(Regions(torch.as_tensor(split.image_features(rows)),
-                                             torch.as_tensor(split.region_lengths(rows))))
-        for c in range(split.num_captions):
-            ids = torch.tensor([vocab.encode(split.captions[c])])
-            alone = model.score(images, model.encode_texts(Tokens(ids, torch.tensor([ids.shape[1]]))))
-            torch.testing.assert_close(torch.as_tensor(sims[:, c]), alone[:, 0], **TOL)
+    check_scores_match_captions_alone(tmp_path / "run" / "model_best.safetensors", data)

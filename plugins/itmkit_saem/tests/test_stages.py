@@ -323,15 +323,11 @@ def test_a_trained_model_scores_a_split_as_its_captions_score_alone(tmp_path):
     gives each caption the scores it has when encoded on its own."""
     import sys
 
-    import numpy as np
-
     sys.path.insert(0, str(Path(__file__).parents[3] / "tests"))
     from tinydata import write_tiny
 
-    from itmkit.checkpoint import load_checkpoint
-    from itmkit.data.split import open_split
-    from itmkit.evaluate import similarity_matrix
     from itmkit.recipe import load_recipe
+    from itmkit.testing import check_scores_match_captions_alone
     from itmkit.train import train
 
     data = write_tiny(tmp_path / "data", width=8, regions=4)
@@ -340,15 +336,4 @@ def test_a_trained_model_scores_a_split_as_its_captions_score_alone(tmp_path):
         "text.pool.channels=4", "train.epochs=2", "train.batch_size=8", "train.eval_batch_size=3",
         "text.encoder.max_words=12"])
     train(recipe, out_dir=tmp_path / "run", log=lambda *a: None)
-    loaded = load_checkpoint(tmp_path / "run" / "model_best.safetensors")
-    model, vocab = loaded.model.eval(), loaded.vocab
-    split = open_split(data, "test")
-    sims, _ = similarity_matrix(model, vocab, split, batch_size=3)
-    with torch.no_grad():
-        rows = np.arange(split.num_images)
-        images = model.encode_images(Regions(torch.as_tensor(split.image_features(rows)),
-                                             torch.as_tensor(split.region_lengths(rows))))
-        for c in range(split.num_captions):
-            ids = torch.tensor([vocab.encode(split.captions[c])])
-            alone = model.score(images, model.encode_texts(Tokens(ids, torch.tensor([ids.shape[1]]))))
-            torch.testing.assert_close(torch.as_tensor(sims[:, c]), alone[:, 0], **TOL)
+    check_scores_match_captions_alone(tmp_path / "run" / "model_best.safetensors", data)
