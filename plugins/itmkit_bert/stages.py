@@ -70,8 +70,25 @@ class BertTextEncoder(nn.Module):
         return Local(l2norm(feats) if self.normalize else feats, mask)
 
 
+class BertDirectory:
+    """What every stage that reads a BERT from its ``path`` directory shares: the check that names the
+    stage and says how to set the directory, and the directory's WordPiece tokenizer as the captions'
+    vocabulary (``Stage.vocabulary``). Mixed into stage specs that have ``name`` and ``path``."""
+
+    def _directory_problem(self) -> str | None:
+        problem = model_directory_problem(self.path)
+        return f"{self.name}: {problem}; set the directory with --set text.encoder.path=DIR" if problem else None
+
+    def vocabulary(self, words: Any) -> WordPieceVocabulary:
+        """The directory's WordPiece tokenizer; the data's word vocabulary is not used."""
+        problem = self._directory_problem()
+        if problem:
+            raise ItmkitError(problem)
+        return WordPieceVocabulary.load(self.path)
+
+
 @attrs.frozen(kw_only=True)
-class BertEncoder(Stage):
+class BertEncoder(BertDirectory, Stage):
     """BERT text encoder (Devlin et al. 2019) from a local directory: token states projected to the joint space."""
 
     name = "bert.encoder"
@@ -88,10 +105,6 @@ class BertEncoder(Stage):
     lr_scale: float = param(1.0, "learning-rate multiplier of the BERT weights (GPO: 0.1)", gt=0.0)
     normalize: bool = param(False, "l2-normalise each token vector")
 
-    def _directory_problem(self) -> str | None:
-        problem = model_directory_problem(self.path)
-        return f"{self.name}: {problem}; set the directory with --set text.encoder.path=DIR" if problem else None
-
     def ports(self, x: TokensPort) -> LocalPort:
         problem = self._directory_problem()
         if problem:
@@ -101,10 +114,3 @@ class BertEncoder(Stage):
     def build(self, x: TokensPort) -> nn.Module:
         return BertTextEncoder(bert=load_bert(self.path, pretrained=self.pretrained), embed_dim=self.embed_dim or 1024,
                                freeze=self.freeze, lr_scale=self.lr_scale, normalize=self.normalize)
-
-    def vocabulary(self, words: Any) -> WordPieceVocabulary:
-        """The directory's WordPiece tokenizer; the data's word vocabulary is not used."""
-        problem = self._directory_problem()
-        if problem:
-            raise ItmkitError(problem)
-        return WordPieceVocabulary.load(self.path)

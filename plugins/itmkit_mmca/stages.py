@@ -200,19 +200,6 @@ class CrossAttentionScore(nn.Module):
         self.text_head = NgramCNN(in_dim=dim, out_dim=dim, channels=channels, widths=ngrams, dropout=head_dropout,
                                   layer_norm=head_layer_norm, ln_eps=head_ln_eps)
 
-    def _rest_of_unit(self, rows: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Output projection, residual, LayerNorm, FFN, residual, LayerNorm on (..., d) rows (post-LN)."""
-        layer = self.layer
-        if torch.is_grad_enabled():
-            x = layer.attn_norm(residual + layer.drop(layer.attn_out(rows)))
-            act = F.relu if layer.activation == "relu" else F.gelu
-            return layer.ffn_norm(x + layer.drop(layer.ffn_out(act(layer.ffn_in(x)))))
-        # the same, computed in place where no graph needs the values (scoring)
-        x = layer.attn_norm(layer.drop(layer.attn_out(rows)).add_(residual))
-        inner = layer.ffn_in(x)
-        inner = inner.relu_() if layer.activation == "relu" else F.gelu(inner)
-        return layer.ffn_norm(layer.drop(layer.ffn_out(inner)).add_(x))
-
     def forward(self, image: Local, text: Local) -> torch.Tensor:
         layer, h = self.layer, self.heads
         regions, region_mask = image.feats, image.mask  # (Ni, k, d), (Ni, k)
@@ -232,8 +219,8 @@ class CrossAttentionScore(nn.Module):
                            vr, "ithqc,ihcd->ithqd", layer.attn_drop)  # (Ni, Nt, h, n, dh)
         region_rows = region_rows.transpose(2, 3).reshape(ni, nt, k, d)
         token_rows = token_rows.transpose(2, 3).reshape(ni, nt, n, d)
-        regions_c = self._rest_of_unit(region_rows, regions[:, None])  # R_c (Ni, Nt, k, d)
-        tokens_c = self._rest_of_unit(token_rows, tokens[None])  # E_c (Ni, Nt, n, d)
+        regions_c = layer.after_attention(region_rows, regions[:, None])  # R_c (Ni, Nt, k, d)
+        tokens_c = layer.after_attention(token_rows, tokens[None])  # E_c (Ni, Nt, n, d)
         i1 = l2norm(masked_mean(regions_c, region_mask[:, None], dim=2))  # (Ni, Nt, d)
         pair_mask = token_mask[None].expand(ni, nt, n).reshape(ni * nt, n)
         c1 = l2norm(ngram_head(self.text_head, tokens_c.reshape(ni * nt, n, d), pair_mask)).view(ni, nt, -1)

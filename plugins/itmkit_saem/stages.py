@@ -37,8 +37,8 @@ from torch import nn
 from itmkit.errors import ItmkitError
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, LossPort, ParametersPort, Tokens, TokensPort
-from itmkit_bert.stages import TINY, load_bert
-from itmkit_bert.vocab import WordPieceVocabulary, check_model_directory, model_directory_problem
+from itmkit_bert.stages import TINY, BertDirectory, load_bert
+from itmkit_bert.vocab import check_model_directory
 from itmkit_saem.modules import NgramCNN, TransformerLayer
 
 PAPER = "Wu et al. 2019 (SAEM, ACM MM)"
@@ -117,7 +117,7 @@ def bert_config(path: str) -> dict[str, Any]:
 
 
 @attrs.frozen(kw_only=True)
-class SaemBert(Stage):
+class SaemBert(BertDirectory, Stage):
     """Frozen BERT over captions padded to a fixed 32 WordPieces: the last hidden states, unprojected (SAEM)."""
 
     name = "saem.bert"
@@ -139,9 +139,9 @@ class SaemBert(Stage):
     lr_scale: float = param(1.0, "learning-rate multiplier of BERT's weights when not frozen", gt=0.0)
 
     def _config(self) -> dict[str, Any]:
-        problem = model_directory_problem(self.path)
+        problem = self._directory_problem()
         if problem:
-            raise PortError(f"{self.name}: {problem}; set the directory with --set text.encoder.path=DIR")
+            raise PortError(problem)
         try:
             config = bert_config(self.path)
         except ItmkitError as exc:
@@ -162,13 +162,6 @@ class SaemBert(Stage):
         return FixedLengthBert(bert=load_bert(self.path, pretrained=self.pretrained), max_words=self.max_words,
                                pad_fragments=self.pad_fragments, freeze=self.freeze,
                                frozen_dropout=self.frozen_dropout, lr_scale=self.lr_scale)
-
-    def vocabulary(self, words: Any) -> WordPieceVocabulary:
-        """The directory's WordPiece tokenizer; the data's word vocabulary is not used."""
-        problem = model_directory_problem(self.path)
-        if problem:
-            raise ItmkitError(f"{self.name}: {problem}; set the directory with --set text.encoder.path=DIR")
-        return WordPieceVocabulary.load(self.path)
 
 
 # ================================================================================ text head
