@@ -152,6 +152,8 @@ def wire(recipe: Recipe, data: DataPorts) -> Wiring:
         return offers
 
     towers = {"image": side_offers("image", image_local, image_global), "text": side_offers("text", text_local, text_global)}
+    for side in ("image", "text"):  # a tower's pooled vectors by their own name, beside its fragments
+        towers[f"{side}_global"] = {k: v for k, v in towers[side].items() if k is GlobalPort}
     branches = []
     for branch in recipe.match:
         wires: list[Wire] = []

@@ -28,7 +28,10 @@ KINDS = ("encoder", "reasoner", "aggregator", "cross", "similarity", "loss", "ob
 #          for an objective, like the loss, the batch's B x B summed branch scores)
 #   image  the image tower's output of the annotated kind (Local or Global)
 #   text   the text tower's output of the annotated kind
-PORT_PARAMS = ("x", "image", "text")
+#   image_global, text_global
+#          that tower's pooled vectors (GlobalPort) for a stage that reads them besides the
+#          fragments it takes as image / text (SHAN's global-to-local step, say)
+PORT_PARAMS = ("x", "image", "text", "image_global", "text_global")
 # What only an objective (a training-only term added to the loss) may also read:
 #   regions     the batch's raw region features (Regions)
 #   tokens      the batch's raw caption token ids (Tokens), e.g. as targets of caption generation

@@ -310,11 +310,11 @@ def _inputs(cls: type[Stage], case: Case, g: torch.Generator) -> dict[str, Any]:
     values = {}
     for name, port in case.inputs.items():
         if cls.kind in TRAINING_KINDS:  # one training batch: B images, B captions, B x B scores
-            side = "image" if name in ("image", "regions") else "text"
+            side = "image" if name in ("image", "image_global", "regions") else "text"
             values[name] = random_input(port, batch=BATCH, ni=BATCH, nt=BATCH, generator=g, side=side)
-        elif name == "image":
+        elif name in ("image", "image_global"):
             values[name] = random_input(port, batch=NI, generator=g, side="image")
-        elif name == "text":
+        elif name in ("text", "text_global"):
             values[name] = random_input(port, batch=NT, generator=g, side="text")
         else:
             side = "text" if isinstance(port, TokensPort) else "image"

@@ -118,12 +118,33 @@ class AttendModule(nn.Module):
         return Aligned(query, logits.softmax(-1), context, text.mask[None], "text")
 
 
+@attrs.frozen(kw_only=True)
+class GlobalToWords(Stage):
+    """The image's pooled vector against the caption's words and pooled vector: <v, mean_t w_t> + <v, t>."""
+
+    name = "testkit.global_to_words"
+    kind = "similarity"
+    paper = "none (a test stage)"
+
+    def ports(self, text: LocalPort, image_global: GlobalPort, text_global: GlobalPort) -> ScorePort:
+        return ScorePort()
+
+    def build(self, **inputs) -> nn.Module:
+        return GlobalToWordsModule()
+
+
+class GlobalToWordsModule(nn.Module):
+    def forward(self, text: Local, image_global: torch.Tensor, text_global: torch.Tensor) -> torch.Tensor:
+        words = (text.feats * text.mask[..., None]).sum(1) / text.mask.sum(1, keepdim=True)
+        return image_global @ words.T + image_global @ text_global.T
+
+
 @pytest.fixture
 def registry(monkeypatch):
     """The built-ins plus the test stages above (entry-point plugins left out)."""
     monkeypatch.setenv("ITMKIT_LOAD_PLUGINS", "")
     module = types.ModuleType("testkit")
-    module.register_stages = hookimpl(lambda: [Dot, Attend])
+    module.register_stages = hookimpl(lambda: [Dot, Attend, GlobalToWords])
     return load_registry([module])
 
 
@@ -209,6 +230,28 @@ def test_wiring_records_where_each_input_comes_from(registry):
         "image.encoder", "image.pool", "text.encoder", "text.pool",
         "match[0].similarity", "match[1].similarity", "loss",
     ]
+
+
+def test_a_stage_reads_a_towers_fragments_and_its_pooled_vectors(registry):
+    text = SMALL.replace('similarity = { stage = "core.cosine" }', 'similarity = { stage = "testkit.global_to_words" }')
+    model = build_model(parse_recipe(text, registry=registry), DATA)
+    assert model.wiring.branches[0][0].sources == {"text": "[text] fragments", "image_global": "[image] pool",
+                                                   "text_global": "[text] pool"}
+    assert model.reads("image") == (False, True) and model.reads("text") == (True, True)
+    images, texts, _ = random_batch(3)
+    image, caption = model.encode_images(images), model.encode_texts(texts)
+    words = (caption.local.feats * caption.local.mask[..., None]).sum(1) / caption.local.lengths[:, None]
+    expected = image.global_ @ words.T + image.global_ @ caption.global_.T
+    torch.testing.assert_close(model.score(image, caption), expected, rtol=0, atol=1e-6)
+
+
+def test_image_global_needs_a_pool(registry):
+    text = SMALL.replace('similarity = { stage = "testkit.global_to_words" }', "").replace(
+        'similarity = { stage = "core.cosine" }', 'similarity = { stage = "testkit.global_to_words" }').replace(
+        '[image]\nencoder = { stage = "core.precomp" }\npool = { stage = "core.mean" }',
+        '[image]\nencoder = { stage = "core.precomp" }')
+    with pytest.raises(RecipeError, match="image_global.*expects GlobalPort, but nothing is available"):
+        wire(parse_recipe(text, registry=registry), DATA)
 
 
 def test_a_branch_must_end_in_a_score(registry):
