@@ -16,7 +16,7 @@ from torch import nn
 
 from itmkit.errors import ItmkitError
 from itmkit.recipe import Recipe, RecipeError, Slot
-from itmkit.stage import PortError, stage_inputs
+from itmkit.stage import PortError, stage_inputs, wired_pair_bytes
 from itmkit.structure import Problem
 from itmkit.types import (
     GlobalPort,
@@ -347,7 +347,7 @@ class ITMModel(nn.Module):
     def pair_bytes(self, text_len: int, image_len: int) -> int:
         """Working memory of one image x caption pair across all branches (for block sizing)."""
         return sum(
-            w.slot.spec.pair_bytes(text_len=text_len, image_len=image_len)
+            wired_pair_bytes(w.slot.spec, text_len=text_len, image_len=image_len, ports=w.inputs)
             for b in self.wiring.branches for w in b
         )
 

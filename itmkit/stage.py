@@ -101,7 +101,11 @@ class Stage(abc.ABC):
         """The module, sized from the input ports ``ports()`` accepted."""
 
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
-        """Bytes of working memory this stage needs per image x caption pair (scoring blocks)."""
+        """Bytes of working memory this stage needs per image x caption pair (scoring blocks).
+
+        An override may also take a keyword ``ports``: the input ports as wired (name -> Port), for a
+        stage whose per-pair memory grows with its inputs' width (see ``wired_pair_bytes``).
+        """
         return 64
 
     def data_needs(self) -> DataNeeds:
@@ -122,6 +126,13 @@ class Stage(abc.ABC):
         ``mask_id`` will do.
         """
         return words()
+
+
+def wired_pair_bytes(spec: Stage, *, text_len: int, image_len: int, ports: dict[str, Port]) -> int:
+    """``spec.pair_bytes``, given the wired input ``ports`` too when its signature takes them."""
+    if "ports" in inspect.signature(spec.pair_bytes).parameters:
+        return spec.pair_bytes(text_len=text_len, image_len=image_len, ports=ports)
+    return spec.pair_bytes(text_len=text_len, image_len=image_len)
 
 
 @attrs.frozen

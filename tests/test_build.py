@@ -132,6 +132,9 @@ class GlobalToWords(Stage):
     def build(self, **inputs) -> nn.Module:
         return GlobalToWordsModule()
 
+    def pair_bytes(self, *, text_len: int, image_len: int, ports: dict) -> int:
+        return 4 * text_len * ports["text"].dim  # one word vector per pair: sized by the wired width
+
 
 class GlobalToWordsModule(nn.Module):
     def forward(self, text: Local, image_global: torch.Tensor, text_global: torch.Tensor) -> torch.Tensor:
@@ -354,6 +357,13 @@ def test_pair_bytes_sums_over_every_stage_of_every_branch(registry):
     model = build_model(parse_recipe(text, registry=registry), DATA)
     assert model.pair_bytes(12, 36) == (4 * 12 * 36 + 64 + 64) + 8 * 12
     assert model.pair_bytes(3, 5) == (4 * 3 * 5 + 64 + 64) + 8 * 3
+
+
+def test_pair_bytes_may_read_the_wired_ports(registry):
+    text = SMALL.replace('similarity = { stage = "core.cosine" }', 'similarity = { stage = "testkit.global_to_words" }')
+    assert build_model(parse_recipe(text, registry=registry), DATA).pair_bytes(12, 36) == 4 * 12 * 32
+    wide = text.replace("embed_dim = 32", "embed_dim = 48")
+    assert build_model(parse_recipe(wide, registry=registry), DATA).pair_bytes(12, 36) == 4 * 12 * 48
 
 
 def test_build_is_deterministic_with_a_seed():
