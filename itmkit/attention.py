@@ -133,3 +133,35 @@ def scan_attention(
     weights, dots = to_pair_axes(weights, query_side), to_pair_axes(dots, query_side)
     return Aligned(query=q, weights=weights, context=c, query_mask=q_mask.expand(dots.shape[:-1]),
                    query_side=query_side, dots=dots, context_mask=c_mask)
+
+
+def pair_query_attention(
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    context: Local,
+    *,
+    query_side: str,
+    lambda_softmax: float,
+    raw_norm: str = "clipped_l2norm",
+    eps: float = EPS,
+) -> torch.Tensor:
+    """SCAN's attention weights (Ni, Nt, Lq, Lc) for queries that differ per pair (IMRAM's memory).
+
+    ``query`` (Ni, Nt, Lq, D) holds each pair's own query fragments, zero on padded ones;
+    ``query_mask`` (Ni, Nt, Lq) or broadcastable. ``context`` is the other side's fragments: the
+    Ni images when the queries are words (``query_side`` "text"), the Nt captions when they are
+    regions. The same two steps as ``scan_attention``: the raw feature norm over the query axis,
+    softmax(lambda *) over the valid context fragments.
+    """
+    if query_side == "text":  # each image's regions: one batched product per image
+        dots = torch.einsum("itqd,icd->itqc", query, context.feats)
+        context_valid = context.mask[:, None, None, :]
+    elif query_side == "image":  # each caption's words: one batched product per caption
+        dots = torch.einsum("itqd,tcd->itqc", query, context.feats)
+        context_valid = context.mask[None, :, None, :]
+    else:
+        raise ValueError(f"query_side must be one of {SIDES}, got {query_side!r}")
+    logits = raw_feature_norm(dots, query_mask[..., None].bool(), raw_norm, eps, scale=lambda_softmax, dim=-2)
+    if bool(context.mask.all()):
+        return torch.softmax(logits, dim=-1)
+    return masked_softmax(logits, context_valid.expand_as(logits), dim=-1)

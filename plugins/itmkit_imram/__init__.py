@@ -1,8 +1,10 @@
-"""itmkit-imram: IMRAM (Chen et al., CVPR 2020), iterative matching with recurrent attention memory (work in progress)."""
+"""itmkit-imram: IMRAM (Chen et al., CVPR 2020), iterative matching with a recurrent attention memory."""
 
 import itmkit
+
+from itmkit_imram.stages import ImageToText, Steps, TextToImage
 
 
 @itmkit.hookimpl
 def register_stages():
-    return []
+    return [TextToImage, ImageToText, Steps]

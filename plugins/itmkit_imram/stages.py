@@ -1,0 +1,230 @@
+"""IMRAM (Chen et al., CVPR 2020): iterative matching with a recurrent attention memory.
+
+One direction of IMRAM (Text-IMRAM: the words query the regions; Image-IMRAM: the regions
+query the words) aligns the two sides K times. With e the query side's fragments, C the
+other side's and q^0 = e, step k = 1..K is
+
+    c^k = SCAN attention of q^(k-1) over C             (raw feature norm, softmax(lambda *))
+    F_k = mean_t cos(e_t, c^k_t)                        (the ORIGINAL fragments e, not q)
+    q^k = g * q^(k-1) + (1 - g) * tanh(W_l [q^(k-1); c^k] + b_l),
+          g = sigmoid(W_g [q^(k-1); c^k] + b_g)        (the memory distillation unit)
+    q^k = l2norm(q^k)                                   (unless --no_IMRAM_norm)
+
+and the direction's score is sum_k F_k; "full" IMRAM adds both directions. Facts from the
+official code (HuiChen24/IMRAM, model.py xattn_score_{Text,Image}_IMRAM and evaluation.py
+shard_xattn_*_IMRAM): the per-step pooling is always the mean over the query fragments,
+whatever --agg_func says; the last step's memory update is computed and never used (here it
+is skipped); the evaluation adds the K per-step matrices.
+
+Here a direction is a cross stage, ``imram.t2i`` / ``imram.i2t``, that returns every step's
+cosines as a PairSims (Ni, Nt, Lq, K), and the aggregator ``imram.steps`` pools each step over
+the valid query fragments and adds the steps. The whole Ni x Nt block is computed at once:
+
+* step 1 is SCAN's attention of the fragments themselves (``itmkit.attention.scan_attention``),
+  later steps that of the pair's memory (``pair_query_attention``);
+* cos(e_t, c^k_t) never builds c^k: the numerator is the step's weights times the raw dots
+  <e_t, C_j> of step 1, ||c^k_t||^2 is w G w^T with the context's Gram matrix (core.cosine);
+* W [q; c^k] = W_q q + w^k (C W_c^T): the context half is projected once per item, so the
+  pair-dependent product is (Lq x Lc) by (Lc x 2D), not (Lq x D) by (D x 2D); at step 1 the
+  query half W_q e is per item too. Only the steps after the first project a pair's memory.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import attrs
+import torch
+from torch import nn
+
+from itmkit.attention import RAW_NORMS, pair_layout, pair_query_attention, scan_attention
+from itmkit.core_stages import CosineHead
+from itmkit.focal import FOCAL_TYPES, focal_reassign
+from itmkit.ops import EPS, l2norm, masked_max, masked_mean
+from itmkit.stage import PortError, Stage, param
+from itmkit.types import Aligned, Local, LocalPort, PairSims, PairSimsPort, Port, ScorePort
+
+FOCAL_CHOICES = ("none", *FOCAL_TYPES)
+
+
+class RecurrentAttentionMemory(nn.Module):
+    """K alignment steps of one IMRAM direction over a block: image (Ni, R, D), text (Nt, L, D) -> PairSims.
+
+    ``linear`` and ``gate`` are the official ``linear_{t2i,i2t}`` / ``gate_{t2i,i2t}`` layers:
+    nn.Linear(2D, D) over the concatenation [query; attended context], in that order.
+    Returns PairSims with sims (Ni, Nt, Lq, K): cos(e_t, c^k_t) per query fragment and step.
+    """
+
+    def __init__(self, *, dim: int, query_side: str, steps: int, lambda_softmax: float, raw_norm: str,
+                 renormalize: bool, focal: str):
+        super().__init__()
+        self.dim = dim
+        self.query_side = query_side
+        self.steps = steps
+        self.lambda_softmax = lambda_softmax
+        self.raw_norm = raw_norm
+        self.renormalize = renormalize
+        self.focal = focal
+        self.linear = nn.Linear(2 * dim, dim)
+        self.gate = nn.Linear(2 * dim, dim)
+        self.cosine = CosineHead(eps=EPS)
+
+    def _refine(self, weights: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        return weights if self.focal == "none" else focal_reassign(weights, context_mask, self.focal)
+
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[W_l; W_g] split into the query half (2D, D), the context half (2D, D), and [b_l; b_g]."""
+        weight = torch.cat([self.linear.weight, self.gate.weight])  # (2D, 2D): rows = [linear; gate] outputs
+        return weight[:, :self.dim], weight[:, self.dim:], torch.cat([self.linear.bias, self.gate.bias])
+
+    def forward(self, image: Local, text: Local) -> PairSims:
+        query, context = (text, image) if self.query_side == "text" else (image, text)
+        first = scan_attention(query, context, query_side=self.query_side, lambda_softmax=self.lambda_softmax,
+                               raw_norm=self.raw_norm)
+        fragments, query_mask, context_feats, context_mask = pair_layout(query, context, self.query_side)
+        fragments = fragments * query_mask.unsqueeze(-1)  # padded queries are zero, as scan_attention made them
+        query_mask = first.query_mask  # (Ni, Nt, Lq)
+        w_query, w_context, bias = self._halves()
+        projected_context = context.feats @ w_context.T  # (Nc, Lc, 2D), once per item
+        context_side = "image" if self.query_side == "text" else "text"
+        per_context = "itqc,icd->itqd" if context_side == "image" else "itqc,tcd->itqd"
+
+        weights = self._refine(first.weights, first.context_mask.unsqueeze(-2))
+        memory = fragments
+        step_sims = []
+        for k in range(self.steps):
+            if k > 0:
+                weights = pair_query_attention(memory, query_mask, context, query_side=self.query_side,
+                                               lambda_softmax=self.lambda_softmax, raw_norm=self.raw_norm)
+                weights = self._refine(weights, first.context_mask.unsqueeze(-2))
+            aligned = Aligned(fragments, weights, context_feats, first.query_mask, self.query_side, first.dots,
+                              first.context_mask)
+            step_sims.append(self.cosine.aligned_cosine(aligned))
+            if k + 1 < self.steps:  # the last step's update is never read
+                memory = self._update(memory, weights, projected_context, w_query, bias, per_context, query_mask)
+        return PairSims(torch.stack(step_sims, dim=-1), query_mask)
+
+    def _update(self, memory: torch.Tensor, weights: torch.Tensor, projected_context: torch.Tensor,
+                w_query: torch.Tensor, bias: torch.Tensor, per_context: str, query_mask: torch.Tensor) -> torch.Tensor:
+        """q' = g * q + (1 - g) * tanh(W_l [q; c] + b_l), g = sigmoid(W_g [q; c] + b_g), padded rows kept zero."""
+        pre = torch.einsum(per_context, weights, projected_context)  # W_c c for every pair: (Ni, Nt, Lq, 2D)
+        pre = pre + (memory @ w_query.T + bias)  # at step 1 memory is per item (broadcast), later per pair
+        candidate, gate = torch.tanh(pre[..., :self.dim]), torch.sigmoid(pre[..., self.dim:])
+        memory = memory * gate + candidate * (1 - gate)
+        if self.renormalize:
+            memory = l2norm(memory)
+        return memory * query_mask.unsqueeze(-1)
+
+
+@attrs.frozen(kw_only=True)
+class _Memory(Stage):
+    """What the two IMRAM directions share: parameters, ports, module and memory; subclasses set the side."""
+
+    kind = "cross"
+    query_side: ClassVar[str] = "text"
+
+    steps: int = param(3, "K, the number of alignment steps (official --iteration_step; F30K script 1, COCO 3)",
+                       ge=1, le=16)
+    lambda_softmax: float = param(9.0, "inverse temperature lambda of every step's attention softmax"
+                                  " (official --lambda_softmax: F30K 9, COCO 11)", gt=0.0)
+    raw_feature_norm: str = param("clipped_l2norm", "normalisation of the raw affinities over the query axis"
+                                  " before the softmax (IMRAM: clipped_l2norm)", choices=RAW_NORMS)
+    renormalize: bool = param(False, "l2-normalise the memory after each update (the official default; every"
+                              " official script turns it off with --no_IMRAM_norm, hence False here)")
+    focal: Literal["none", "equal", "prob"] = param(
+        "none", "refine every step's attention with BFAN's focal attention ('equal' / 'prob', itmkit.focal);"
+        " 'none' is IMRAM's SCAN attention", choices=FOCAL_CHOICES)
+
+    def ports(self, image: LocalPort, text: LocalPort) -> PairSimsPort:
+        if image.dim != text.dim:
+            raise PortError(f"IMRAM attends and gates in one joint space: image fragments are {image.dim}-d,"
+                            f" text fragments {text.dim}-d (set one [recipe].embed_dim)")
+        return PairSimsPort(self.steps)
+
+    def build(self, image: LocalPort, text: LocalPort) -> nn.Module:
+        return RecurrentAttentionMemory(dim=image.dim, query_side=self.query_side, steps=self.steps,
+                                        lambda_softmax=self.lambda_softmax, raw_norm=self.raw_feature_norm,
+                                        renormalize=self.renormalize, focal=self.focal)
+
+    def pair_bytes(self, *, text_len: int, image_len: int, ports: dict[str, Port] | None = None) -> int:
+        dim = ports["image"].dim if ports and "image" in ports else 1024
+        queries = text_len if self.query_side == "text" else image_len
+        # float32 per pair at the peak of an update (no autograd): the memory, the (Lq, 2D)
+        # pre-activation and its tanh / sigmoid halves, the new memory; plus the (Lq, Lc) dots of
+        # step 1, the weights, the logits and the cosine's w G products.
+        vectors = 0 if self.steps == 1 else 6 * queries * dim
+        return 4 * (vectors + 6 * text_len * image_len + 2 * queries * self.steps)
+
+
+@attrs.frozen(kw_only=True)
+class TextToImage(_Memory):
+    """Text-IMRAM (Chen et al. 2020): the words query the regions K times through the recurrent attention memory."""
+
+    name = "imram.t2i"
+    paper = ("Chen et al. 2020 (IMRAM), Sec. 3.2-3.3: cross-modal attention unit and memory distillation unit,"
+             " Text-IMRAM; official model.py xattn_score_Text_IMRAM")
+    query_side = "text"
+
+
+@attrs.frozen(kw_only=True)
+class ImageToText(_Memory):
+    """Image-IMRAM (Chen et al. 2020): the regions query the words K times through the recurrent attention memory."""
+
+    name = "imram.i2t"
+    paper = ("Chen et al. 2020 (IMRAM), Sec. 3.2-3.3: cross-modal attention unit and memory distillation unit,"
+             " Image-IMRAM; official model.py xattn_score_Image_IMRAM")
+    query_side = "image"
+
+
+# ============================================================================== aggregation
+
+POOLS = ("mean", "max", "sum", "lse")
+
+
+class StepSum(nn.Module):
+    """S = sum_k pool_t(R_tk): each step's relevances pooled over the valid query fragments, then added."""
+
+    def __init__(self, *, pool: str, lambda_lse: float):
+        super().__init__()
+        self.pool = pool
+        self.lambda_lse = lambda_lse
+
+    def forward(self, x: PairSims) -> torch.Tensor:
+        if self.pool == "mean":
+            per_step = masked_mean(x.sims, x.mask, dim=2)
+        elif self.pool == "max":
+            per_step = masked_max(x.sims, x.mask, dim=2)
+        else:
+            valid = x.mask.unsqueeze(-1)
+            relevance = torch.where(valid, x.sims, 0.0)
+            if self.pool == "sum":
+                per_step = relevance.sum(dim=2)
+            else:  # SCAN's LogSumExp as the official code writes it: exp, sum, log (R is a cosine: no overflow)
+                total = torch.where(valid, torch.exp(self.lambda_lse * relevance), 0.0).sum(dim=2)
+                per_step = torch.log(total.clamp(min=torch.finfo(total.dtype).tiny)) / self.lambda_lse
+                per_step = torch.where(x.mask.any(dim=2, keepdim=True), per_step, 0.0)
+        return per_step.sum(dim=-1)  # (Ni, Nt, K) -> (Ni, Nt)
+
+
+@attrs.frozen(kw_only=True)
+class Steps(Stage):
+    """IMRAM's score (Chen et al. 2020, Sec. 3.4): the per-step relevance pooled over the query fragments, summed over steps."""
+
+    name = "imram.steps"
+    kind = "aggregator"
+    paper = ("Chen et al. 2020 (IMRAM), Sec. 3.4 S(I, T) = sum_k F_k; official evaluation.py shard_xattn_*_IMRAM"
+             " adds the K per-step matrices, each the mean over the query fragments")
+
+    pool: Literal["mean", "max", "sum", "lse"] = param(
+        "mean", "how each step's per-fragment relevances become its score F_k (IMRAM: mean; the others are"
+        " SCAN's alternatives, for cross-paper recipes)", choices=POOLS)
+    lambda_lse: float = param(6.0, "lambda of the LogSumExp pooling (pool = 'lse' only)", gt=0.0, le=80.0)
+
+    def ports(self, x: PairSimsPort) -> ScorePort:
+        return ScorePort()
+
+    def build(self, x: PairSimsPort) -> nn.Module:
+        return StepSum(pool=self.pool, lambda_lse=self.lambda_lse)
+
+    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
+        return 3 * 4 * 16 * max(text_len, image_len)  # relevance, exp terms, mask per fragment, up to 16 steps
