@@ -1,8 +1,10 @@
-"""itmkit-shan: SHAN (Ji, Chen & Wang, IJCAI 2021), step-wise hierarchical alignment (work in progress)."""
+"""itmkit-shan: SHAN (Ji, Chen & Wang, IJCAI 2021), step-wise hierarchical alignment as scoring stages."""
 
 import itmkit
+
+from itmkit_shan.stages import GlobalToLocalStage, Hierarchy
 
 
 @itmkit.hookimpl
 def register_stages():
-    return []
+    return [Hierarchy, GlobalToLocalStage]
