@@ -132,6 +132,7 @@ class ContextFusion(nn.Module):
     def __init__(self, *, dim: int, gate: str):
         super().__init__()
         self.dim = dim
+        self.scalar = gate == "scalar"
         self.gate = nn.Linear(2 * dim, dim if gate == "vector" else 1)
         self.pool = nn.Linear(dim, 1, bias=False)
         xavier_linear_(self.gate)
@@ -160,32 +161,51 @@ def attend_and_fuse(
     ``weights`` (Ni, Nt, Lq, Lc): each query fragment's attention over the other side's fragments
     (rows of padded queries are ignored); query / context: V and T with padding zeroed, ``query_side``
     "image" (regions query words) or "text". Returns the fragment-level cosines (Ni, Nt, Lq) of eq. 6
-    and, with ``fusion``, the pooled context vector (Ni, Nt, D) of eq. 8-9 (else None). Without a
-    fusion the attended vectors are not needed, so the cosines come from dot products and the
-    context's Gram matrix (``core.cosine``'s aligned_cosine): no (Lq, D) array per pair.
+    and, with ``fusion``, the pooled context vector (Ni, Nt, D) of eq. 8-9 (else None).
+
+    Without a fusion, or with a scalar gate, the attended vectors a_q = w_q C are never built:
+    cos(q, a_q) = w_q (C q) / (|q| sqrt(w_q G w_q^T)) with G the context's Gram matrix (as
+    ``core.cosine``'s aligned_cosine), and with one gate value g_q per fragment everything of eq. 8-9
+    is linear in a_q: g_q = sigmoid(W_g^q q + w_q (C W_g^a) + b), w^ . q^c = g_q (w^ . q) + (1 - g_q)
+    w_q (C w^), and the pooled vector sum_q gamma_q q^c = (gamma g)^T Q + (sum_q gamma_q (1 - g_q) w_q) C.
+    Per pair that is O(Lq Lc) numbers and two (L, D) products, no (Lq, D) array. A vector gate needs
+    the attended vectors themselves (Lq x D per pair).
     """
     item = "i" if query_side == "image" else "t"  # the query's item axis; the context's is the other
     other = "t" if item == "i" else "i"
     q = query.feats[:, None] if item == "i" else query.feats[None]  # (Ni, 1, Lq, D) or (1, Nt, Lq, D)
+    q_mask = query.mask[:, None] if item == "i" else query.mask[None]
     mix = f"itqc,{other}cd->itqd"  # weights x one item's context rows
-    if fusion is None:
-        dots = torch.einsum(f"{item}qd,{other}cd->itqc", query.feats, context.feats)  # (Ni, Nt, Lq, Lc)
+    if fusion is None or fusion.scalar:
+        dots = torch.einsum(f"{item}qd,{other}cd->itqc", query.feats, context.feats)  # <q, c> (Ni, Nt, Lq, Lc)
         numerator = (weights * dots).sum(-1)
+        del dots
         gram = context.feats @ context.feats.transpose(1, 2)  # (Nc, Lc, Lc), per item
         attended_sq = (torch.einsum(mix, weights, gram) * weights).sum(-1).clamp(min=0)  # w G w^T
         norms = torch.linalg.vector_norm(q, dim=-1) * attended_sq.sqrt()
-        return numerator / norms.clamp(min=eps), None
+        cosines = numerator / norms.clamp(min=eps)
+        if fusion is None:
+            return cosines, None
+        on_context = f"itqc,{other}c->itq"  # weights x one number per context fragment
+        gate = torch.sigmoid(fusion.query_gate(q)[..., 0]
+                             + torch.einsum(on_context, weights, fusion.context_gate(context.feats)[..., 0]))
+        own = fusion.pool(q)[..., 0]  # w^ . q, per item
+        logits = gate * own + (1 - gate) * torch.einsum(on_context, weights, fusion.pool(context.feats)[..., 0])
+        gamma = masked_softmax(logits, q_mask)  # eq. 9
+        on_context_rows = torch.einsum("itq,itqc->itc", gamma * (1 - gate), weights)  # (Ni, Nt, Lc)
+        pooled = (torch.einsum(f"itq,{item}qd->itd", gamma * gate, query.feats)
+                  + torch.einsum(f"itc,{other}cd->itd", on_context_rows, context.feats))
+        return cosines, pooled
     in_place = not torch.is_grad_enabled()  # scoring: no graph needs the overwritten values
     attended = torch.einsum(mix, weights, context.feats)  # t*_r or v*_j (Ni, Nt, Lq, D)
     cosines = _cos(q, attended, torch.einsum(f"{item}qd,itqd->itq", query.feats, attended), eps)  # eq. 6
-    gate = torch.einsum(mix, weights, fusion.context_gate(context.feats))  # W_g^a a, (Ni, Nt, Lq, Dg)
+    gate = torch.einsum(mix, weights, fusion.context_gate(context.feats))  # W_g^a a, (Ni, Nt, Lq, D)
     gate = gate.add_(fusion.query_gate(q)).sigmoid_() if in_place else torch.sigmoid(gate + fusion.query_gate(q))
     # eq. 8: fused = g q + (1 - g) a = q - (1 - g)(q - a), computed in the two (Lq, D) buffers
     diff = attended.neg_().add_(q) if in_place else q - attended
     fused = diff.mul_(gate.sub_(1)).add_(q) if in_place else q - (1 - gate) * diff  # (g - 1)(q - a) + q
     del diff, attended, gate
-    logits = fusion.pool(fused).squeeze(-1)  # (Ni, Nt, Lq), eq. 9
-    gamma = masked_softmax(logits, query.mask[:, None] if item == "i" else query.mask[None])
+    gamma = masked_softmax(fusion.pool(fused).squeeze(-1), q_mask)  # (Ni, Nt, Lq), eq. 9
     return cosines, torch.einsum("itq,itqd->itd", gamma, fused)
 
 

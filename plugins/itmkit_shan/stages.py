@@ -72,8 +72,9 @@ class Hierarchy(Stage):
                                            " false = eq. 3 as printed)")
     g2l_temperature: float = param(1.0, "G2L softmaxes over cos / temperature, eq. 10-11 (printed: none, i.e. 1)",
                                    gt=0.0)
-    gate: str = param("vector", "the eq. 8 gate g: one value per dimension (ASSUMPTION) or one per fragment;"
-                                " separate weights per modality either way", choices=GATES)
+    gate: str = param("scalar", "the eq. 8 gate g: one value per fragment ('g in [0, 1] is a gate value', the"
+                                " paper's words) or one per dimension ('vector', as IMRAM's gate; 25x the scoring"
+                                " cost); separate weights per modality either way (ASSUMPTION)", choices=GATES)
     eps: float = param(EPS, "floor of the norm products of every cosine (SCAN: 1e-8)", gt=0.0)
 
     def ports(self, image: LocalPort, text: LocalPort) -> ScorePort:
@@ -87,11 +88,16 @@ class Hierarchy(Stage):
                                  gate=self.gate, eps=self.eps)
 
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
-        # float32 numbers per pair at the peak of a no-grad forward: the affinity logits, their masked
-        # copy and a softmax (3 k x n), then one side's attended vectors and gate (2 max(k, n) x D; the
-        # fusion runs in place), its cosines and pool logits, and a few D-vectors per pair in steps 2-3.
+        # float32 numbers per pair at the peak of a no-grad forward. Scalar gate (or L2L alone): the
+        # affinity logits and a softmax of them, and for one direction at a time its dots, the weights
+        # times the dots or the Gram matrix and a layout copy of the weights (6 k x n in all), a few
+        # numbers per fragment and a few D-vectors per pair (the pooled contexts and steps 2-3). Vector
+        # gate: the logits, their masked copy and a softmax (3 k x n), then one side's attended vectors
+        # and gate (2 max(k, n) x D; the fusion runs in place).
         k, n, d = image_len, text_len, self.embed_dim or 1024
-        return FLOAT * (3 * k * n + 2 * max(k, n) * d + 4 * (k + n) + 8 * d)
+        if self.gate == "vector" and self.steps != "l2l":
+            return FLOAT * (3 * k * n + 2 * max(k, n) * d + 4 * (k + n) + 8 * d)
+        return FLOAT * (6 * k * n + 8 * (k + n) + 8 * d)
 
 
 @attrs.frozen(kw_only=True)

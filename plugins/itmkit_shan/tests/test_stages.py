@@ -205,18 +205,22 @@ def test_mismatched_widths_are_a_port_error():
                                    text_global=GlobalPort(64))
 
 
-def test_no_tensor_of_a_scoring_block_exceeds_its_budget():
-    """The largest single tensor of a no-grad forward fits the block's pair_bytes budget (no (Ni, Nt, L, D) copies
-    beyond the (k + n) x D per pair the fusion needs)."""
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_no_tensor_of_a_scoring_block_exceeds_its_budget(gate):
+    """The largest single tensor of a no-grad forward fits the block's pair_bytes budget. With a scalar gate
+    no (Lq, D) array exists per pair (the largest are (k, n) per pair); a vector gate needs the fused fragments."""
     ni, nt, k, n, d = 8, 8, 36, 12, 64
     image, text = local(ni, k, d, 12, dtype=torch.float32), local(nt, n, d, 13, dtype=torch.float32)
-    spec = Hierarchy(embed_dim=d)
+    spec = Hierarchy(embed_dim=d, gate=gate)
     module = spec.build(image=LocalPort(d), text=LocalPort(d))
     budget = ni * nt * spec.pair_bytes(text_len=n, image_len=k)
     with torch.no_grad(), LargestAllocation() as recorder:
         module(image=image, text=text)
     assert recorder.largest <= budget // 2, f"a {recorder.largest:,}-byte tensor in a block budgeted at {budget:,}"
-    assert recorder.largest >= ni * nt * k * d * 4  # the per-pair fused fragments do exist: the estimate is not loose
+    if gate == "scalar":
+        assert recorder.largest <= ni * nt * k * n * 4
+    else:
+        assert recorder.largest >= ni * nt * k * d * 4
 
 
 def test_pair_bytes_grows_with_both_lengths_and_the_width():
