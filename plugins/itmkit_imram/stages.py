@@ -16,9 +16,10 @@ shard_xattn_*_IMRAM): the per-step pooling is always the mean over the query fra
 whatever --agg_func says; the last step's memory update is computed and never used (here it
 is skipped); the evaluation adds the K per-step matrices.
 
-Here a direction is a cross stage, ``imram.t2i`` / ``imram.i2t``, that returns every step's
-cosines as a PairSims (Ni, Nt, Lq, K), and the aggregator ``imram.steps`` pools each step over
-the valid query fragments and adds the steps. The whole Ni x Nt block is computed at once:
+Here a direction is one stage, ``imram.t2i`` / ``imram.i2t``, in a branch's ``similarity`` slot:
+attention, memory and cosines are one computation whose result is every step's cosines, a
+PairSims (Ni, Nt, Lq, K). The aggregator ``imram.steps`` pools each step over the valid query
+fragments and adds the steps. The whole Ni x Nt block is computed at once:
 
 * step 1 is SCAN's attention of the fragments themselves (``itmkit.attention.scan_attention``),
   later steps that of the pair's memory (``pair_query_attention``);
@@ -120,7 +121,7 @@ class RecurrentAttentionMemory(nn.Module):
 class _Memory(Stage):
     """What the two IMRAM directions share: parameters, ports, module and memory; subclasses set the side."""
 
-    kind = "cross"
+    kind = "similarity"
     query_side: ClassVar[str] = "text"
 
     steps: int = param(3, "K, the number of alignment steps (official --iteration_step; F30K script 1, COCO 3)",
