@@ -401,7 +401,7 @@ def data_convert(
     from itmkit.outputs import check_output_file, check_output_folder
     from itmkit.progress import make_progress, task
 
-    precomp_source = src.is_dir() and any(src.glob("*_ims.npy"))
+    precomp_source = src.is_dir() and bool(precomp.split_names(src))
     # DST is an HDF5 file, else a precomp folder: a new dataset's folders may be made, as a run's are.
     if precomp_source or fmt == "hdf5":
         check_output_file(dst, "DST", inputs=(src,), example="data.h5", create_parents=True)

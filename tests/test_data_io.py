@@ -255,3 +255,42 @@ def test_hdf5_write_refuses_inconsistent_arrays_before_writing(tmp_path):
         hdf5.write_split(tmp_path / "data.h5", "train", **{**arrays, "boxes": np.zeros((6, 2, 4))})
     assert f"{tmp_path / 'data.h5'}:/train/boxes (to be written)" in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------- IMRAM's {split}_feat.npy
+
+
+def imram_layout(folder: Path, arrays: dict, splits=("train", "test")) -> None:
+    """The precomp layout with the features named as HuiChen24/IMRAM's data.py reads them."""
+    for name in splits:
+        precomp.write_split(folder, name, **arrays)
+        (folder / f"{name}_ims.npy").rename(folder / f"{name}_feat.npy")
+
+
+def test_imram_feature_files_are_read_like_ims_files(tmp_path):
+    arrays = make_arrays()
+    imram_layout(tmp_path / "d", arrays)
+    assert available_splits(tmp_path / "d") == ["train", "test"]
+    split = open_split(tmp_path / "d", "test")
+    assert isinstance(split.features, np.memmap)
+    assert_same(split, arrays)
+    with pytest.raises(DataError, match=r"tset_ims.npy \(or IMRAM's tset_feat.npy\).*did you mean 'test'"):
+        open_split(tmp_path / "d", "tset")
+
+
+def test_imram_feature_files_convert_to_hdf5(tmp_path):
+    arrays = make_arrays(seed=3)
+    imram_layout(tmp_path / "d", arrays)
+    assert hdf5.convert_precomp_to_hdf5(tmp_path / "d", tmp_path / "data.h5") == ["test", "train"]
+    assert_same(hdf5.read_split(tmp_path / "data.h5", "train"), arrays)
+
+
+def test_both_feature_names_must_be_one_file(tmp_path):
+    arrays = make_arrays()
+    precomp.write_split(tmp_path / "d", "test", **arrays)
+    (tmp_path / "d" / "test_feat.npy").symlink_to(tmp_path / "d" / "test_ims.npy")  # a link made for IMRAM: fine
+    assert_same(open_split(tmp_path / "d", "test"), arrays)
+    (tmp_path / "d" / "test_feat.npy").unlink()
+    np.save(tmp_path / "d" / "test_feat.npy", arrays["features"] + 1)
+    with pytest.raises(DataError, match=r"two feature files, .*test_ims.npy and .*test_feat.npy .*keep one"):
+        open_split(tmp_path / "d", "test")

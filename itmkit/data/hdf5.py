@@ -355,10 +355,9 @@ def convert_precomp_to_hdf5(
     """Copy precomp splits (all of them by default) into one HDF5 file, streaming the features."""
     src_dir = Path(src_dir)
     if splits is None:
-        suffix = "_ims.npy"
-        splits = sorted(p.name[: -len(suffix)] for p in src_dir.glob(f"*{suffix}"))
+        splits = sorted(precomp.split_names(src_dir))
         if not splits:
-            raise DataError(f"no precomp splits (*_ims.npy files) in {src_dir}")
+            raise DataError(f"no precomp splits (*_ims.npy or IMRAM's *_feat.npy files) in {src_dir}")
     opened = [precomp.read_split(src_dir, name) for name in splits]  # check all before writing
     with _writable(Path(dst_path)) as f:
         for split in opened:

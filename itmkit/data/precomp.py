@@ -1,7 +1,8 @@
-"""The SCAN / VSE++ precomp layout: {split}_ims.npy, {split}_caps.txt and optional extras."""
+"""The SCAN / VSE++ precomp layout: {split}_ims.npy (or IMRAM's {split}_feat.npy), {split}_caps.txt and optional extras."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,29 @@ def file_names(split: str) -> dict[str, str]:
         "captions_per_image": f"{split}_caps_per_image.txt",
         "caption_images": f"{split}_cap_images.txt",
     }
+
+
+# The features of a split: {split}_ims.npy (SCAN, VSE++ and most repositories) or, the same array
+# under IMRAM's name, {split}_feat.npy (HuiChen24/IMRAM's data.py). Written as _ims.npy.
+FEATURE_SUFFIXES = ("_ims.npy", "_feat.npy")
+
+
+def split_names(data_dir: Path) -> set[str]:
+    """The splits whose features are in ``data_dir`` under either name."""
+    return {p.name[: -len(suffix)] for suffix in FEATURE_SUFFIXES for p in data_dir.glob(f"*{suffix}")}
+
+
+def features_path(data_dir: Path, split: str) -> Path | None:
+    """Where ``split``'s features are (either name), None when neither exists.
+
+    Both names present are refused unless they are the same file (a link made for IMRAM's loader):
+    two different arrays for one split leave no way to tell which the user meant.
+    """
+    found = [data_dir / f"{split}{suffix}" for suffix in FEATURE_SUFFIXES if os.path.lexists(data_dir / f"{split}{suffix}")]
+    if len(found) == 2 and not (found[0].exists() and found[1].exists() and found[0].samefile(found[1])):
+        raise DataError(f"split {split!r} has two feature files, {found[0]} and {found[1]} (IMRAM's name for the"
+                        " same array): keep one, or make one a link to the other")
+    return found[0] if found else None
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -89,6 +113,7 @@ def read_parts(data_dir: str | Path, split: str) -> SplitParts:
     data_dir = Path(data_dir)
     names = file_names(split)
     paths = {part: data_dir / name for part, name in names.items()}
+    paths["features"] = features_path(data_dir, split) or paths["features"]
     features = _load_npy(data_file(paths["features"], "features file"))
     captions = read_captions(paths["captions"])
     # Optional parts: absent is fine, a folder, a FIFO or a broken link in their place is not.

@@ -715,14 +715,14 @@ def _ordered(splits: set[str]) -> list[str]:
 
 def available_splits(data_dir: str | Path) -> list[str]:
     """Names of the splits in `data_dir` (precomp files and the groups of its HDF5 file)."""
-    from itmkit.data import hdf5  # imported here: hdf5 imports this module
+    from itmkit.data import hdf5, precomp  # imported here: both import this module
 
     data_dir = Path(data_dir)
     if data_dir.is_file():
         return _ordered(set(hdf5.split_names(data_dir)))
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist")
-    names = {p.name[: -len("_ims.npy")] for p in data_dir.glob("*_ims.npy")}
+    names = precomp.split_names(data_dir)
     h5_path = hdf5.find_file(data_dir)
     if h5_path is not None:
         names |= set(hdf5.split_names(h5_path))
@@ -738,7 +738,7 @@ def open_parts(data_dir: str | Path, split: str) -> SplitParts:
         return hdf5.read_parts(data_dir, split)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist")
-    if os.path.lexists(data_dir / f"{split}_ims.npy"):  # a folder or a broken link too: read_parts says what it is
+    if precomp.features_path(data_dir, split) is not None:  # a folder or a broken link too: read_parts says what it is
         return precomp.read_parts(data_dir, split)
     h5_path = hdf5.find_file(data_dir)
     if h5_path is not None:
@@ -746,7 +746,7 @@ def open_parts(data_dir: str | Path, split: str) -> SplitParts:
     present = available_splits(data_dir)
     found = ", ".join(present) if present else "none"
     raise DataError(
-        f"no split {split!r} in {data_dir}: looked for {data_dir / f'{split}_ims.npy'} and an "
+        f"no split {split!r} in {data_dir}: looked for {data_dir / f'{split}_ims.npy'} (or IMRAM's {split}_feat.npy) and an "
         f"HDF5 file (data.h5, *.h5, *.hdf5); splits present: {found}"
         f"{did_you_mean(split, present) if present else ''}"
     )
