@@ -98,23 +98,25 @@ class ContextAwareAttention(nn.Module):
 
     def region_logits(self, v: torch.Tensor, u: torch.Tensor, h_uv: torch.Tensor | None) -> torch.Tensor:
         """tanh(H^v V Q1 + H^uv U Q2) w_v (Ni, Nt or 1, n) of eq. 8-9, before the softmax."""
-        term = None
+        term = h_uv @ self.q2(u) if self.inter else None  # H^uv U Q2 (Ni, Nt, n, z), U Q2 once per caption
+        # the intra-modal term is added in place: a product's backward needs its inputs, not its output
         if self.intra == "semantic":
             rows = l2norm(h_uv, dim=3)  # N(H^uv_i.): each region's response over the words, eq. 16
             vq1 = self.q1(v)  # (Ni, n, z)
-            if 2 * rows.shape[-1] < rows.shape[-2]:  # H^v V Q1 = N (N^T V Q1): 2 n m z products a pair, not n n z
-                term = rows @ torch.einsum("itnm,inz->itmz", rows, vq1)
+            (ni, nt, n, m), z = rows.shape, vq1.shape[-1]
+            if 2 * m < n:  # H^v V Q1 = N (N^T V Q1): 2 n m z products a pair instead of n n (m + z)
+                x = torch.einsum("itnm,inz->itmz", rows, vq1)  # N^T V Q1, one GEMM per image
+                if term is None:
+                    term = rows @ x
+                else:
+                    term.view(-1, n, z).baddbmm_(rows.view(-1, n, m), x.view(-1, m, z))
             else:
-                term = torch.einsum("itnp,ipz->itnz", rows @ rows.transpose(-1, -2), vq1)
-            del rows
+                intra = torch.einsum("itnp,ipz->itnz", rows @ rows.transpose(-1, -2), vq1)
+                term = intra if term is None else term.add_(intra)
         elif self.intra == "feature":
             h_v = self.m1(v) @ v.transpose(1, 2)  # V M1 V^T (Ni, n, n), eq. 14: one per image
-            term = (h_v @ self.q1(v))[:, None]  # (Ni, 1, n, z)
-        if self.inter:
-            cross = torch.einsum("itnm,tmz->itnz", h_uv, self.q2(u))  # H^uv U Q2, laid out (Nt, Ni, n, z)
-            # add_ / tanh_ in place: a product's backward needs its inputs, not its output; the sum goes
-            # into the contiguous SA term, whose layout w_v reads without a copy
-            term = cross if term is None else term.add_(cross) if term.shape == cross.shape else cross.add_(term)
+            intra = (h_v @ self.q1(v))[:, None]  # (Ni, 1, n, z)
+            term = intra if term is None else term.add_(intra)
         return self.w_v(term.tanh_()).squeeze(-1)
 
     def word_logits(self, v: torch.Tensor, u: torch.Tensor, h_vu: torch.Tensor | None) -> torch.Tensor:
@@ -130,7 +132,8 @@ class ContextAwareAttention(nn.Module):
             h_u = self.m2(u) @ u.transpose(1, 2)  # U M2 U^T (Nt, m, m), eq. 15: one per caption
             term = (h_u @ self.q3(u))[None]  # (1, Nt, m, z)
         if self.inter:
-            cross = torch.einsum("itnm,inz->itmz", h_vu, self.q4(v))  # (H^vu)^T V Q4 (eq. 10 prints H^vu V^T)
+            # (H^vu)^T V Q4 (eq. 10 prints H^vu V^T), one GEMM per image, laid out (Ni, Nt, m, z)
+            cross = torch.einsum("itnm,inz->itmz", h_vu, self.q4(v))
             term = cross if term is None else cross.add_(term)
         return self.w_u(term.tanh_()).squeeze(-1)
 
@@ -203,13 +206,14 @@ class Attention(Stage):
                                      normalize_h_inputs=self.normalize_h_inputs, normalize=self.normalize)
 
     def pair_bytes(self, *, text_len: int, image_len: int) -> int:
-        # float32 numbers per pair at the peak of a no-grad forward, one side at a time. Regions: H^uv,
-        # H^vu and one layout copy einsum makes (3 n m) beside the two (n, z) terms of eq. 8 before the
-        # one is added into the other, or beside H^v (n, n) and its product when 2 m >= n. Words: H^u
-        # (m, m) and its layout copy beside an (m, z) term, or H^vu and its copy beside both (m, z)
-        # terms of eq. 10. The attended vectors (3 D) come after these are freed. Measured with a live
-        # storage count over blocks of 16 x 24 pairs (tests/test_stages.py): 0.9 to 1 of this.
+        # float32 numbers per pair at the peak of a no-grad forward, one side at a time (the default
+        # SA + IA; the ablation variants hold less). Regions, 2 m < n: the (n, z) term of eq. 8 and
+        # N^T V Q1 (m, z) beside four (n, m) arrays (H^uv, H^vu, N and the copy einsum makes of it);
+        # otherwise both (n, z) terms and H^v (n, n) beside three. Words: H^u (m, m) and its layout
+        # copy beside an (m, z) term, or H^vu and its copy beside both (m, z) terms of eq. 10. The
+        # attended vectors (3 D) come after these are freed. Measured with a live-storage count over
+        # blocks of 16 x 24 pairs (tests/test_stages.py): 0.9 to 1.1 of this with the per-item arrays.
         n, m, z = image_len, text_len, self.width
-        regions = 3 * n * m + max(2 * n * z, n * n + n * z)
+        regions = n * z + m * z + 4 * n * m if 2 * m < n else 2 * n * z + 3 * n * m + n * n
         words = max(n * m + 2 * m * m + m * z, 2 * n * m + 2 * m * z)
         return FLOAT * max(regions, words, 3 * self.dim)
