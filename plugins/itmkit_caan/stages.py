@@ -103,7 +103,7 @@ class ContextAwareAttention(nn.Module):
         if self.intra == "semantic":
             rows = l2norm(h_uv, dim=3)  # N(H^uv_i.): each region's response over the words, eq. 16
             vq1 = self.q1(v)  # (Ni, n, z)
-            (ni, nt, n, m), z = rows.shape, vq1.shape[-1]
+            (n, m), z = rows.shape[-2:], vq1.shape[-1]
             if 2 * m < n:  # H^v V Q1 = N (N^T V Q1): 2 n m z products a pair instead of n n (m + z)
                 x = torch.einsum("itnm,inz->itmz", rows, vq1)  # N^T V Q1, one GEMM per image
                 if term is None:
