@@ -1,0 +1,212 @@
+"""IMRAM scoring speed against the official shard loop; SHAN's and CAAN's pairs/s and memory beside it.
+
+The issue's setting: 1000 images x 5000 captions, 36 regions, d = 1024, caption lengths 8 to 20,
+random unit vectors (what the encoders give), random weights. Ours is the block engine as `itmkit
+eval` runs it (galleries filled in batches of 128, captions shortest first, then ``score_all`` with
+the default CPU block budget). For IMRAM (Full, K = 3, lambda 9) the reference is a faithful loop of
+the official evaluation (itmkit_imram.tests.official: shards of 128 images, one caption at a time
+sliced to its length and repeated over the shard, K steps of attention, cosine and the gated update
+over [query; attended], both directions, the per-step matrices added), in the same process and
+threads; each side is warmed up and timed best of three, and the scores are compared on the
+reference's slice. SHAN and CAAN have no official code: their pairs/s and peak memory are recorded.
+
+One model per process (peak RSS is the process's). Both galleries hold the full 1000 x 5000
+encodings, so the peak memory includes them; but scoring the whole block with IMRAM K = 3 takes
+hours on a 2-core CPU (each pair multiplies its memory by a D x 2D matrix in each update), so by
+default a sub-block of it is scored and the full block's time extrapolated from pairs/s
+(``--images 1000 --captions 5000 --repeats 1`` measures it). The load average over the minute
+before the script starts says whether the machine was idle.
+
+    python benchmarks/imram_scoring.py                         # IMRAM, writes imram_results.json
+    python benchmarks/imram_scoring.py --model shan --out benchmarks/shan_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from itmkit.build import DataPorts, Encoded, build_model
+from itmkit.gallery import Gallery
+from itmkit.recipe import parse_recipe
+from itmkit.scoring import score_all
+from itmkit.types import Local
+
+HERE = Path(__file__).parent
+REGIONS, DIM = 36, 1024
+MIN_LEN, MAX_LEN = 8, 20
+BATCH = 128
+REPEATS = 3
+FULL = (1000, 5000)
+STEPS, LAMBDA = 3, 9.0
+
+HEAD = f"""
+[recipe]
+name = "bench"
+embed_dim = {DIM}
+[image]
+encoder = {{ stage = "core.precomp" }}
+[text]
+encoder = {{ stage = "core.bigru" }}
+[loss]
+stage = "core.triplet"
+"""
+BRANCHES = {
+    "imram": "".join(f"""
+[[match]]
+similarity = {{ stage = "imram.{side}", steps = {STEPS}, lambda_softmax = {LAMBDA} }}
+aggregate = {{ stage = "imram.steps" }}
+""" for side in ("t2i", "i2t")),
+    "shan": """
+[[match]]
+similarity = { stage = "shan.hierarchy" }
+""",
+    "caan": """
+[[match]]
+similarity = { stage = "caan.attention" }
+""",
+}
+
+
+def model(name: str):
+    torch.manual_seed(0)
+    return build_model(parse_recipe(HEAD + BRANCHES[name]), DataPorts(2048, 100, REGIONS)).eval()
+
+
+def inputs(n_images: int, n_captions: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit region vectors (Ni, 36, d), unit word vectors (Nt, 20, d) zero past each length, lengths (Nt,)."""
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.nn.functional.normalize(torch.randn(n_images, REGIONS, DIM, generator=g), dim=-1)
+    lengths = torch.randint(MIN_LEN, MAX_LEN + 1, (n_captions,), generator=g)
+    words = torch.nn.functional.normalize(torch.randn(n_captions, MAX_LEN, DIM, generator=g), dim=-1)
+    return regions, words * (torch.arange(MAX_LEN)[None] < lengths[:, None])[..., None], lengths
+
+
+def galleries(regions, words, lengths) -> tuple[Gallery, Gallery]:
+    """Both sides as `itmkit eval` holds them: batches appended, captions shortest first."""
+    image_side = Gallery.of(Encoded(Local(regions, torch.ones(regions.shape[:2], dtype=torch.bool))), batch=BATCH)
+    texts = Gallery()
+    order = torch.argsort(lengths, stable=True).tolist()
+    for start in range(0, len(order), BATCH):
+        rows = order[start:start + BATCH]
+        width = int(lengths[rows].max())
+        mask = torch.arange(width)[None] < lengths[rows][:, None]
+        texts.append(Encoded(Local(words[rows, :width], mask)), rows)
+    return image_side, texts
+
+
+def best_of(fn, repeats: int = REPEATS) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def official_weights(m) -> dict:
+    """Our two memory units' weights under the official names (linear_t2i, gate_t2i, linear_i2t, gate_i2t)."""
+    units = {"t2i": m.branches[0].stages[0], "i2t": m.branches[1].stages[0]}
+    return {f"{layer}_{side}": {"weight": getattr(u, layer).weight.detach(), "bias": getattr(u, layer).bias.detach()}
+            for side, u in units.items() for layer in ("linear", "gate")}
+
+
+def flops_per_pair(fn, pairs: int) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / pairs
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(BRANCHES), default="imram")
+    parser.add_argument("--images", type=int, default=100, help="images of the sub-block itmkit scores")
+    parser.add_argument("--captions", type=int, default=500, help="captions of the sub-block itmkit scores")
+    parser.add_argument("--reference-images", type=int, default=64, help="images of the reference's slice (IMRAM)")
+    parser.add_argument("--reference-captions", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/<model>_results.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or HERE / f"{args.model}_results.json"
+
+    load_at_start = os.getloadavg()[0]  # before this script's own threads count in the load
+    m = model(args.model)
+    regions, words, lengths = inputs(*FULL)
+    full_images, full_texts = galleries(regions, words, lengths)  # held for the peak memory, as a real run holds them
+    sub = galleries(regions[:args.images], words[:args.captions], lengths[:args.captions])
+    keep_images = max(args.images, args.reference_images, 8)
+    keep_captions = max(args.captions, args.reference_captions, 32)
+    # only the slices scored below stay in memory besides the galleries
+    regions, words, lengths = regions[:keep_images].clone(), words[:keep_captions].clone(), lengths[:keep_captions]
+    with torch.no_grad():
+        score_all(m, *galleries(regions[:8], words[:32], lengths[:32]))  # warm-up
+        ours_s, (sims, _) = best_of(lambda: score_all(m, *sub), args.repeats)
+        ci, ct = min(args.images, 16), min(args.captions, 64)
+        ours_flops = flops_per_pair(lambda: score_all(m, *galleries(regions[:ci], words[:ct], lengths[:ct])), ci * ct)
+    ours_peak = peak_mb()
+    ours_pps = args.images * args.captions / ours_s
+    full_pairs = FULL[0] * FULL[1]
+    measured_full = (args.images, args.captions) == FULL
+    result = {
+        "model": args.model,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+                   f" torch {torch.__version__}",
+        "sizes": {"regions": REGIONS, "d": DIM, "caption_words": [MIN_LEN, MAX_LEN],
+                  **({"steps": STEPS, "lambda_softmax": LAMBDA, "mode": "full"} if args.model == "imram" else {})},
+        "stages": {b["similarity"]["stage"]: b["similarity"] for b in m.recipe.to_dict()["match"]},
+        "command": "python benchmarks/imram_scoring.py " + " ".join(sys.argv[1:]),
+        "ours": {"block": [args.images, args.captions], "repeats": args.repeats,
+                 "pairs_per_second": round(ours_pps, 1), "seconds": round(ours_s, 2),
+                 "peak_rss_mb_with_full_galleries": round(ours_peak), "mflop_per_pair": round(ours_flops / 1e6, 1)},
+        "load_average_at_start": round(load_at_start, 2),
+        "machine_was_idle": load_at_start < 1.0,
+        "full_block": {"pairs": full_pairs, "measured": measured_full,
+                       "ours_seconds" + ("" if measured_full else "_extrapolated"): round(full_pairs / ours_pps)},
+    }
+    if args.model == "imram":
+        from itmkit_imram.tests import official
+
+        ri, rt = args.reference_images, args.reference_captions
+        weights = official_weights(m)
+
+        def reference():
+            return official.shard_scores(regions[:ri], words[:rt], lengths[:rt], mode="full", steps=STEPS,
+                                         smooth=LAMBDA, weights=weights)
+
+        with torch.no_grad():
+            official.shard_scores(regions[:4], words[:2], lengths[:2], mode="full", steps=STEPS, smooth=LAMBDA,
+                                  weights=weights)  # warm-up
+            ref_s, ref = best_of(reference, args.repeats)
+            ref_flops = flops_per_pair(reference, ri * rt)
+        ref_pps = ri * rt / ref_s
+        result["reference"] = {"block": [ri, rt], "pairs_per_second": round(ref_pps, 1), "seconds": round(ref_s, 2),
+                               "mflop_per_pair": round(ref_flops / 1e6, 1)}
+        result["speedup"] = round(ours_pps / ref_pps, 2)
+        result["flop_ratio"] = round(ref_flops / ours_flops, 2)
+        result["max_abs_difference"] = float(np.abs(sims[:ri, :rt] - ref).max())
+        result["full_block"]["reference_seconds_extrapolated"] = round(full_pairs / ref_pps)
+    print(json.dumps(result, indent=2))
+    if "max_abs_difference" in result:
+        assert result["max_abs_difference"] < 1e-5, f"scores differ from the official loop by {result['max_abs_difference']}"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
