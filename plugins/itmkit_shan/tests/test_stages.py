@@ -88,6 +88,23 @@ def test_hierarchy_equals_the_per_pair_reference(settings, grad):
     torch.testing.assert_close(fast, slow, **TOL)
 
 
+@pytest.mark.parametrize("settings", [{}, {"gate": "vector"}, {"variant": "t2i", "normalize_affinity": False}],
+                         ids=["full", "vector_gate", "t2i_bilinear"])
+def test_gradients_equal_the_reference_gradients(settings):
+    """Training sees the same function: d(sum of scores)/d(every weight and every valid input) as the reference's."""
+    module = hierarchy(**settings)
+    image, text = block(seed=14, ni=2, nt=3)
+    grads = []
+    for forward in (lambda v, t: module(image=Local(v, image.mask), text=Local(t, text.mask)),
+                    lambda v, t: reference_block(module, Local(v, image.mask), Local(t, text.mask))):
+        module.zero_grad()
+        v, t = image.feats.clone().requires_grad_(), text.feats.clone().requires_grad_()
+        forward(v, t).sum().backward()
+        grads.append([p.grad.clone() for p in module.parameters()] + [v.grad[image.mask], t.grad[text.mask]])
+    for fast, slow in zip(*grads):
+        torch.testing.assert_close(fast, slow, **TOL)
+
+
 @pytest.mark.parametrize("variant", ["full", "t2i", "i2t"])
 def test_a_caption_scored_in_a_block_equals_it_scored_alone(variant):
     """Padding is masked everywhere: each caption cut to its length, each image to its regions, gives the same score."""
