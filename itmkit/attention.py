@@ -147,8 +147,9 @@ def pair_query_attention(
 ) -> torch.Tensor:
     """SCAN's attention weights (Ni, Nt, Lq, Lc) for queries that differ per pair (IMRAM's memory).
 
-    ``query`` (Ni, Nt, Lq, D) holds each pair's own query fragments, zero on padded ones;
-    ``query_mask`` (Ni, Nt, Lq) or broadcastable. ``context`` is the other side's fragments: the
+    ``query`` (Ni, Nt, Lq, D) holds each pair's own query fragments; rows of padded ones
+    (``query_mask`` (Ni, Nt, Lq) or broadcastable, False) may hold anything: their affinities
+    are zeroed before the query-axis norm, so they count as slicing them off would. ``context`` is the other side's fragments: the
     Ni images when the queries are words (``query_side`` "text"), the Nt captions when they are
     regions. The same two steps as ``scan_attention``: the raw feature norm over the query axis,
     softmax(lambda *) over the valid context fragments.
@@ -161,7 +162,10 @@ def pair_query_attention(
         context_valid = context.mask[None, :, None, :]
     else:
         raise ValueError(f"query_side must be one of {SIDES}, got {query_side!r}")
-    logits = raw_feature_norm(dots, query_mask[..., None].bool(), raw_norm, eps, scale=lambda_softmax, dim=-2)
+    query_valid = query_mask[..., None].bool()
+    if not bool(query_valid.all()):
+        dots = dots.masked_fill(~query_valid, 0.0)
+    logits = raw_feature_norm(dots, query_valid, raw_norm, eps, scale=lambda_softmax, dim=-2)
     if bool(context.mask.all()):
         return torch.softmax(logits, dim=-1)
     return masked_softmax(logits, context_valid.expand_as(logits), dim=-1)

@@ -73,48 +73,52 @@ class RecurrentAttentionMemory(nn.Module):
     def _refine(self, weights: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         return weights if self.focal == "none" else focal_reassign(weights, context_mask, self.focal)
 
-    def _halves(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[W_l; W_g] split into the query half (2D, D), the context half (2D, D), and [b_l; b_g]."""
-        weight = torch.cat([self.linear.weight, self.gate.weight])  # (2D, 2D): rows = [linear; gate] outputs
-        return weight[:, :self.dim], weight[:, self.dim:], torch.cat([self.linear.bias, self.gate.bias])
+    def _halves(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer over [query; attended] split into its query half and its context half, (D, D) each."""
+        return layer.weight[:, :self.dim], layer.weight[:, self.dim:]
 
     def forward(self, image: Local, text: Local) -> PairSims:
         query, context = (text, image) if self.query_side == "text" else (image, text)
         first = scan_attention(query, context, query_side=self.query_side, lambda_softmax=self.lambda_softmax,
                                raw_norm=self.raw_norm)
-        fragments, query_mask, context_feats, context_mask = pair_layout(query, context, self.query_side)
+        fragments, query_mask, context_feats, _ = pair_layout(query, context, self.query_side)
         fragments = fragments * query_mask.unsqueeze(-1)  # padded queries are zero, as scan_attention made them
         query_mask = first.query_mask  # (Ni, Nt, Lq)
-        w_query, w_context, bias = self._halves()
-        projected_context = context.feats @ w_context.T  # (Nc, Lc, 2D), once per item
-        context_side = "image" if self.query_side == "text" else "text"
-        per_context = "itqc,icd->itqd" if context_side == "image" else "itqc,tcd->itqd"
+        focal_mask = first.context_mask.unsqueeze(-2)
+        # the context halves of both layers, projected once per context item: (Nc, Lc, D) each
+        projected = [context.feats @ self._halves(layer)[1].T for layer in (self.linear, self.gate)]
+        per_context = "itqc,icd->itqd" if self.query_side == "text" else "itqc,tcd->itqd"
 
-        weights = self._refine(first.weights, first.context_mask.unsqueeze(-2))
+        weights = self._refine(first.weights, focal_mask)
         memory = fragments
         step_sims = []
         for k in range(self.steps):
             if k > 0:
                 weights = pair_query_attention(memory, query_mask, context, query_side=self.query_side,
                                                lambda_softmax=self.lambda_softmax, raw_norm=self.raw_norm)
-                weights = self._refine(weights, first.context_mask.unsqueeze(-2))
-            aligned = Aligned(fragments, weights, context_feats, first.query_mask, self.query_side, first.dots,
+                weights = self._refine(weights, focal_mask)
+            aligned = Aligned(fragments, weights, context_feats, query_mask, self.query_side, first.dots,
                               first.context_mask)
             step_sims.append(self.cosine.aligned_cosine(aligned))
             if k + 1 < self.steps:  # the last step's update is never read
-                memory = self._update(memory, weights, projected_context, w_query, bias, per_context, query_mask)
+                memory = self._update(memory, weights, projected, per_context)
         return PairSims(torch.stack(step_sims, dim=-1), query_mask)
 
-    def _update(self, memory: torch.Tensor, weights: torch.Tensor, projected_context: torch.Tensor,
-                w_query: torch.Tensor, bias: torch.Tensor, per_context: str, query_mask: torch.Tensor) -> torch.Tensor:
-        """q' = g * q + (1 - g) * tanh(W_l [q; c] + b_l), g = sigmoid(W_g [q; c] + b_g), padded rows kept zero."""
-        pre = torch.einsum(per_context, weights, projected_context)  # W_c c for every pair: (Ni, Nt, Lq, 2D)
-        pre = pre + (memory @ w_query.T + bias)  # at step 1 memory is per item (broadcast), later per pair
-        candidate, gate = torch.tanh(pre[..., :self.dim]), torch.sigmoid(pre[..., self.dim:])
-        memory = memory * gate + candidate * (1 - gate)
-        if self.renormalize:
-            memory = l2norm(memory)
-        return memory * query_mask.unsqueeze(-1)
+    def _update(self, memory: torch.Tensor, weights: torch.Tensor, projected: list[torch.Tensor],
+                per_context: str) -> torch.Tensor:
+        """q' = g * q + (1 - g) * tanh(W_l [q; c] + b_l), g = sigmoid(W_g [q; c] + b_g).
+
+        W [q; c] = W_q q + weights @ (C W_c^T): at step 1 ``memory`` is the fragments, per item
+        (broadcast over the other side), later each pair's own. Rows of padded queries are not
+        kept at zero here: ``pair_query_attention`` ignores them and nothing else reads them.
+        """
+        out = []
+        for layer, context_half in zip((self.linear, self.gate), projected):
+            query_half = self._halves(layer)[0]
+            out.append(torch.einsum(per_context, weights, context_half) + (memory @ query_half.T + layer.bias))
+        candidate, gate = torch.tanh(out[0]), torch.sigmoid(out[1])
+        memory = torch.lerp(candidate, memory, gate)  # gate * memory + (1 - gate) * candidate
+        return l2norm(memory) if self.renormalize else memory
 
 
 @attrs.frozen(kw_only=True)
