@@ -203,3 +203,33 @@ def test_the_cli_imports_and_the_result_scores_like_the_official_code(tmp_path, 
     images, ids, lengths = random_inputs(seed=9)
     np.testing.assert_allclose(our_scores(out, images, ids, lengths), official_scores(opt, model, images, ids, lengths),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, steps", [("full_IMRAM", 3), ("text_IMRAM", 2), ("image_IMRAM", 1)])
+def test_itmkit_eval_on_imram_data_saves_the_official_matrix(tmp_path, vocab_path, mode, steps):
+    """`itmkit eval --save-sims` of an imported checkpoint on a folder laid out as IMRAM's loader reads it
+    ({split}_feat.npy, {split}_caps.txt) equals the official evaluation's sims (images[::5], steps added)."""
+    sys.path.insert(0, str(Path(__file__).parents[3] / "tests"))
+    from cliutil import invoke
+
+    from itmkit.data import precomp
+
+    opt = options(model_mode=mode, iteration_step=steps)
+    model = official_weights(opt, seed=steps)
+    save_official(tmp_path / "model_best.pth.tar", opt, model=model)
+    out = import_checkpoint("imram", tmp_path / "model_best.pth.tar", vocab_path, tmp_path / "imram.safetensors",
+                            get_importers())
+    rng = np.random.default_rng(steps)
+    feats = rng.random((4, 36, IMG_DIM)).astype(np.float32)
+    captions = [" ".join(rng.choice(WORDS, rng.integers(1, 9))) for _ in range(20)]
+    precomp.write_split(tmp_path / "data", "test", features=feats, captions=captions)
+    (tmp_path / "data" / "test_ims.npy").rename(tmp_path / "data" / "test_feat.npy")
+    code, _, err = invoke("eval", str(out), "--data", str(tmp_path / "data"), "--save-sims", str(tmp_path / "s.npy"),
+                          "--device", "cpu")
+    assert code == 0, err
+    vocab = Vocabulary.load(vocab_path)
+    ids = [vocab.encode(c) for c in captions]
+    width = max(map(len, ids))
+    tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    expected = official_scores(opt, model, torch.from_numpy(feats), tokens, torch.tensor([len(i) for i in ids]))
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected, rtol=0, atol=1e-5)
