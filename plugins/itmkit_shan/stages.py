@@ -122,7 +122,8 @@ class GlobalToLocalStage(Stage):
     eps: float = param(EPS, "floor of the norm products of every cosine (SCAN: 1e-8)", gt=0.0)
 
     def ports(self, image: LocalPort, text: LocalPort, image_global: GlobalPort, text_global: GlobalPort) -> ScorePort:
-        _same_width(self.name, self.embed_dim, image=image, text=text, image_global=image_global, text_global=text_global)
+        _same_width(self.name, self.embed_dim, image=image, text=text, image_global=image_global,
+                    text_global=text_global)
         return ScorePort()
 
     def build(self, image: LocalPort, text: LocalPort, image_global: GlobalPort, text_global: GlobalPort) -> nn.Module:

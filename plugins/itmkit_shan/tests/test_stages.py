@@ -191,12 +191,12 @@ def test_both_stages_share_the_global_steps():
         total = module(image=image, text=text)
         l2l = hierarchy(variant="t2i", steps="l2l")(image=image, text=text)
         # the text context of every pair, recomputed by the reference, and the mean of the regions
-        t_c = torch.stack([torch.stack([
-            reference.fuse_and_pool(module.text_fusion, valid(text, t), [
-                sum(b * v for b, v in zip(torch.softmax(module.lambda_softmax * _affinity(module, image, text, i, t)[:, j],
-                                                        dim=0), valid(image, i)))
-                for j in range(int(text.mask[t].sum()))])
-            for t in range(4)]) for i in range(3)])
+        def word_attended(i, t):  # v*_j of eq. 5 for every valid word j of caption t over image i
+            beta = torch.softmax(module.lambda_softmax * _affinity(module, image, text, i, t), dim=0)  # (k, n)
+            return list(beta.T @ valid(image, i))
+
+        t_c = torch.stack([torch.stack([reference.fuse_and_pool(module.text_fusion, valid(text, t), word_attended(i, t))
+                                        for t in range(4)]) for i in range(3)])
         v_mean = torch.stack([valid(image, i).mean(0) for i in range(3)])
         steps = global_alignment(v_mean[:, None], t_c, zero_padding(image), zero_padding(text), image_queries=False,
                                  text_queries=True, mu2=0.5)
