@@ -14,11 +14,13 @@ Ji, Chen & Wang, "Step-wise Hierarchical Alignment Network for Image-Text Matchi
     step 3, G2G (eq. 14-15) S_G2G = cos(v_c + t*_c, t_c + v*_c)
     S = S_L2L + S_G2L + S_G2G                                                          (eq. 16)
 
-What is computed once per item and what once per pair: the projections W~ V, W~ T and both
-halves of the gate, W_g [v; t*] = W_g^v v + W_g^t t*, are per item, because t*_r = alpha_r T
-makes W_g^t t*_r = alpha_r (T W_g^t^T): no D x D product per pair. Per pair there are the (k, n)
-affinities and their two softmaxes, the attended vectors and the fused fragments ((k + n) x D),
-and O(k + n) attention pools and global attentions. Padding is masked (zeroed fragments, masked
+What is computed once per item and what once per pair: the projections W~ V, W~ T, both halves
+of the gate, W_g [v; t*] = W_g^v v + W_g^t t*, and the pool's projection are per item, because
+t*_r = alpha_r T makes W_g^t t*_r = alpha_r (T W_g^t^T): no D x D product per pair. Per pair there
+are the (k, n) affinities and their two softmaxes; with the scalar gate (the paper's "g in [0, 1]
+is a gate value", the default) everything else is linear in the attended vectors, so they are
+never built (``attend_and_fuse``) and a pair costs O(k n + (k + n) D); a vector gate builds the
+attended and fused fragments, (k + n) x D per pair. Padding is masked (zeroed fragments, masked
 softmaxes, masked pools), so a caption scored in a block gets the score it gets alone.
 """
 
@@ -125,8 +127,8 @@ def _cosine_rows(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
 class ContextFusion(nn.Module):
     """Eq. 8-9 for one side: gate each fragment with its attended context, then attention-pool.
 
-    ``gate``: W_g [q; a] + b_g as one Linear(2D, D) (a vector gate, ASSUMPTION) or Linear(2D, 1)
-    (a scalar gate); ``pool``: w^ of eq. 9, Linear(D, 1) without bias (a bias cancels in the softmax).
+    ``gate``: W_g [q; a] + b_g as one Linear(2D, 1) (a scalar gate, the paper's "gate value") or
+    Linear(2D, D) (a vector gate); separate weights per side (ASSUMPTION); ``pool``: w^ of eq. 9, Linear(D, 1) without bias (a bias cancels in the softmax).
     """
 
     def __init__(self, *, dim: int, gate: str):
