@@ -20,7 +20,7 @@ from torch import nn
 
 from itmkit.ops import EPS
 from itmkit.stage import PortError, Stage, param
-from itmkit.types import GlobalPort, LocalPort, ScorePort
+from itmkit.types import GlobalPort, LocalPort, Port, ScorePort
 from itmkit_shan.hierarchy import GATES, GLOBAL_STEPS, L2L_POOLS, STEPS, VARIANTS, GlobalToLocal as GlobalToLocalModule
 from itmkit_shan.hierarchy import StepwiseHierarchy
 
@@ -30,21 +30,18 @@ VARIANT_HELP = ("which directions run the hierarchy (paper Sec. 4.2): 'full' bot
                 " (L2L keeps sum_j R_t, G2L cos(t_c, v*_c), G2G cos(mean of regions, t_c + v*_c)); 'i2t' the mirror")
 
 
-EMBED_HELP = ("width D of the fragments (default: [recipe].embed_dim; SHAN: 1024); checked against the inputs and"
-              " used for the memory estimate of a scoring block")
-
-
-def _same_width(stage: str, embed_dim: int | None, **ports: LocalPort | GlobalPort) -> int:
+def _same_width(stage: str, **ports: LocalPort | GlobalPort) -> int:
     dims = {name: port.dim for name, port in ports.items()}
     if len(set(dims.values())) != 1:
         listed = ", ".join(f"{name} {dim}" for name, dim in dims.items())
         raise PortError(f"{stage}: its inputs must share one width (cosines and sums of regions and words), got"
                         f" {listed}; give both towers the same embed_dim")
-    width = next(iter(dims.values()))
-    if embed_dim is not None and embed_dim != width:
-        raise PortError(f"{stage}: the fragments have width {width} but embed_dim = {embed_dim}; set embed_dim ="
-                        f" {width} or size the towers to {embed_dim}")
-    return width
+    return next(iter(dims.values()))
+
+
+def _width(ports: dict[str, Port] | None) -> int:
+    """D from the wired ports (the engine passes them), SHAN's 1024 when a caller gives none."""
+    return ports["image"].dim if ports and "image" in ports else 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -55,7 +52,6 @@ class Hierarchy(Stage):
     kind = "similarity"
     paper = "Ji, Chen & Wang 2021 (SHAN), Sec. 3.2 eq. 3-15 and eq. 16; variants of Sec. 4.2"
 
-    embed_dim: int | None = param(None, EMBED_HELP, ge=1)
     variant: str = param("full", VARIANT_HELP, choices=VARIANTS)
     steps: str = param("l2l+g2l+g2g", "alignment steps kept (Table 3 ablations: 'l2l', 'l2l+g2l'; the model: all"
                                       " three)", choices=STEPS)
@@ -78,7 +74,7 @@ class Hierarchy(Stage):
     eps: float = param(EPS, "floor of the norm products of every cosine (SCAN: 1e-8)", gt=0.0)
 
     def ports(self, image: LocalPort, text: LocalPort) -> ScorePort:
-        _same_width(self.name, self.embed_dim, image=image, text=text)
+        _same_width(self.name, image=image, text=text)
         return ScorePort()
 
     def build(self, image: LocalPort, text: LocalPort) -> nn.Module:
@@ -87,14 +83,14 @@ class Hierarchy(Stage):
                                  normalize_affinity=self.normalize_affinity, g2l_temperature=self.g2l_temperature,
                                  gate=self.gate, eps=self.eps)
 
-    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
+    def pair_bytes(self, *, text_len: int, image_len: int, ports: dict[str, Port] | None = None) -> int:
         # float32 numbers per pair at the peak of a no-grad forward. Scalar gate (or L2L alone): the
         # affinity logits and a softmax of them, and for one direction at a time its dots, the weights
         # times the dots or the Gram matrix and a layout copy of the weights (6 k x n in all), a few
         # numbers per fragment and a few D-vectors per pair (the pooled contexts and steps 2-3). Vector
         # gate: the logits, their masked copy and a softmax (3 k x n), then one side's attended vectors
         # and gate (2 max(k, n) x D; the fusion runs in place).
-        k, n, d = image_len, text_len, self.embed_dim or 1024
+        k, n, d = image_len, text_len, _width(ports)
         if self.gate == "vector" and self.steps != "l2l":
             return FLOAT * (3 * k * n + 2 * max(k, n) * d + 4 * (k + n) + 8 * d)
         return FLOAT * (6 * k * n + 8 * (k + n) + 8 * d)
@@ -109,7 +105,6 @@ class GlobalToLocalStage(Stage):
     paper = ("Ji, Chen & Wang 2021 (SHAN), Sec. 3.2 eq. 10-15 (G2L, G2G), with v_c, t_c taken from the towers'"
              " pools instead of eq. 8-9")
 
-    embed_dim: int | None = param(None, EMBED_HELP, ge=1)
     variant: str = param("full", "which global vectors query the other side's fragments: 'full' both; 't2i' only"
                                  " t_c (G2L cos(t_c, v*_c), G2G cos(v_c, t_c + v*_c)); 'i2t' only v_c",
                          choices=VARIANTS)
@@ -122,15 +117,14 @@ class GlobalToLocalStage(Stage):
     eps: float = param(EPS, "floor of the norm products of every cosine (SCAN: 1e-8)", gt=0.0)
 
     def ports(self, image: LocalPort, text: LocalPort, image_global: GlobalPort, text_global: GlobalPort) -> ScorePort:
-        _same_width(self.name, self.embed_dim, image=image, text=text, image_global=image_global,
-                    text_global=text_global)
+        _same_width(self.name, image=image, text=text, image_global=image_global, text_global=text_global)
         return ScorePort()
 
     def build(self, image: LocalPort, text: LocalPort, image_global: GlobalPort, text_global: GlobalPort) -> nn.Module:
         return GlobalToLocalModule(variant=self.variant, steps=self.steps, mu2=self.mu2,
                                    g2l_temperature=self.g2l_temperature, eps=self.eps)
 
-    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
+    def pair_bytes(self, *, text_len: int, image_len: int, ports: dict[str, Port] | None = None) -> int:
         # per pair: cosine logits and weights over the words and the regions, and the expanded,
         # attended and summed global vectors (a few D each).
-        return FLOAT * (3 * (text_len + image_len) + 8 * (self.embed_dim or 1024))
+        return FLOAT * (3 * (text_len + image_len) + 8 * _width(ports))

@@ -215,8 +215,6 @@ def _affinity(module, image, text, i, t):
 def test_mismatched_widths_are_a_port_error():
     with pytest.raises(PortError, match="same embed_dim"):
         Hierarchy().ports(image=LocalPort(256), text=LocalPort(128))
-    with pytest.raises(PortError, match="embed_dim = 512"):
-        Hierarchy(embed_dim=512).ports(image=LocalPort(256), text=LocalPort(256))
     with pytest.raises(PortError, match="text_global 64"):
         GlobalToLocalStage().ports(image=LocalPort(32), text=LocalPort(32), image_global=GlobalPort(32),
                                    text_global=GlobalPort(64))
@@ -228,9 +226,9 @@ def test_no_tensor_of_a_scoring_block_exceeds_its_budget(gate):
     no (Lq, D) array exists per pair (the largest are (k, n) per pair); a vector gate needs the fused fragments."""
     ni, nt, k, n, d = 8, 8, 36, 12, 64
     image, text = local(ni, k, d, 12, dtype=torch.float32), local(nt, n, d, 13, dtype=torch.float32)
-    spec = Hierarchy(embed_dim=d, gate=gate)
+    spec = Hierarchy(gate=gate)
     module = spec.build(image=LocalPort(d), text=LocalPort(d))
-    budget = ni * nt * spec.pair_bytes(text_len=n, image_len=k)
+    budget = ni * nt * spec.pair_bytes(text_len=n, image_len=k, ports={"image": LocalPort(d), "text": LocalPort(d)})
     with torch.no_grad(), LargestAllocation() as recorder:
         module(image=image, text=text)
     assert recorder.largest <= budget // 2, f"a {recorder.largest:,}-byte tensor in a block budgeted at {budget:,}"
@@ -240,8 +238,9 @@ def test_no_tensor_of_a_scoring_block_exceeds_its_budget(gate):
         assert recorder.largest >= ni * nt * k * d * 4
 
 
-def test_pair_bytes_grows_with_both_lengths_and_the_width():
-    spec = Hierarchy(embed_dim=1024)
-    assert spec.pair_bytes(text_len=12, image_len=36) < spec.pair_bytes(text_len=24, image_len=36)
-    assert spec.pair_bytes(text_len=12, image_len=36) < spec.pair_bytes(text_len=12, image_len=48)
-    assert Hierarchy(embed_dim=256).pair_bytes(text_len=12, image_len=36) < spec.pair_bytes(text_len=12, image_len=36)
+def test_pair_bytes_grows_with_both_lengths_and_the_wired_width():
+    spec = Hierarchy()
+    wide, narrow = ({"image": LocalPort(d), "text": LocalPort(d)} for d in (1024, 256))
+    assert spec.pair_bytes(text_len=12, image_len=36, ports=wide) < spec.pair_bytes(text_len=24, image_len=36, ports=wide)
+    assert spec.pair_bytes(text_len=12, image_len=36, ports=wide) < spec.pair_bytes(text_len=12, image_len=48, ports=wide)
+    assert spec.pair_bytes(text_len=12, image_len=36, ports=narrow) < spec.pair_bytes(text_len=12, image_len=36, ports=wide)
