@@ -37,7 +37,7 @@ from torch import nn
 from itmkit.attention import masked_softmax
 from itmkit.ops import EPS, l2norm
 from itmkit.stage import PortError, Stage, param
-from itmkit.types import Local, LocalPort, ScorePort
+from itmkit.types import Local, LocalPort, Port, ScorePort
 
 FLOAT = 4  # bytes of a float32
 INTRA = ("semantic", "feature", "none")
@@ -169,8 +169,6 @@ class Attention(Stage):
     kind = "similarity"
     paper = "Zhang et al. 2020 (CAAN), Sec. 3.3, eq. 5-17 (Figs. 2-3); inner-product score of Sec. 3.4"
 
-    embed_dim: int | None = param(None, "width D of the region and word vectors, which must be equal (default:"
-                                        " [recipe].embed_dim; not given in the paper)", ge=1)
     width: int = param(256, "z, the width of the attention functions (Q1..Q4 in R^{D x z}, w_v, w_u in R^z);"
                             " not given in the paper (ASSUMPTION: 256, which keeps the model near its 11 M"
                             " parameters at D = 1024)", ge=1)
@@ -185,16 +183,11 @@ class Attention(Stage):
                                   " (ASSUMPTION: the paper says 'inner product' and gives no norm; without one"
                                   " the hinge margin has no fixed scale)")
 
-    @property
-    def dim(self) -> int:
-        return self.embed_dim or 1024
-
     def ports(self, image: LocalPort, text: LocalPort) -> ScorePort:
-        d = self.dim
-        if image.dim != d or text.dim != d:
-            raise PortError(f"{self.name}: regions (width {image.dim}) and words (width {text.dim}) must both have"
-                            f" D = {d} (H = tanh(V^T K U) with K in R^(D x D)); size both encoders to {d} or set"
-                            f" embed_dim")
+        if image.dim != text.dim:
+            raise PortError(f"{self.name}: regions (width {image.dim}) and words (width {text.dim}) must have one"
+                            " width D (H = tanh(V^T K U) with K in R^(D x D)); size both encoders alike, e.g."
+                            " leave their embed_dim to [recipe].embed_dim")
         if self.intra_modal == "none" and not self.inter_modal:
             raise PortError(f"{self.name}: intra_modal = 'none' with inter_modal = false leaves no attention term"
                             " (the paper's mean-pooling 'baseline'): use pool = 'core.mean' on both towers and"
@@ -202,10 +195,10 @@ class Attention(Stage):
         return ScorePort()
 
     def build(self, image: LocalPort, text: LocalPort) -> nn.Module:
-        return ContextAwareAttention(dim=self.dim, width=self.width, intra=self.intra_modal, inter=self.inter_modal,
+        return ContextAwareAttention(dim=image.dim, width=self.width, intra=self.intra_modal, inter=self.inter_modal,
                                      normalize_h_inputs=self.normalize_h_inputs, normalize=self.normalize)
 
-    def pair_bytes(self, *, text_len: int, image_len: int) -> int:
+    def pair_bytes(self, *, text_len: int, image_len: int, ports: dict[str, Port] | None = None) -> int:
         # float32 numbers per pair at the peak of a no-grad forward, one side at a time (the default
         # SA + IA; the ablation variants hold less). Regions, 2 m < n: the (n, z) term of eq. 8 and
         # N^T V Q1 (m, z) beside four (n, m) arrays (H^uv, H^vu, N and the copy einsum makes of it);
@@ -216,4 +209,5 @@ class Attention(Stage):
         n, m, z = image_len, text_len, self.width
         regions = n * z + m * z + 4 * n * m if 2 * m < n else 2 * n * z + 3 * n * m + n * n
         words = max(n * m + 2 * m * m + m * z, 2 * n * m + 2 * m * z)
-        return FLOAT * max(regions, words, 3 * self.dim)
+        d = ports["image"].dim if ports and "image" in ports else 1024  # D as wired (the engine passes it)
+        return FLOAT * max(regions, words, 3 * d)

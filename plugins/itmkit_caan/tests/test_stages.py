@@ -46,7 +46,7 @@ def local(batch: int, length: int, dim: int, seed: int, *, dtype=torch.float64) 
 
 def build(dim: int = 8, width: int = 5, seed: int = 0, **options) -> torch.nn.Module:
     torch.manual_seed(seed)
-    spec = Attention(embed_dim=dim, width=width, **options)
+    spec = Attention(width=width, **options)
     return spec.build(image=LocalPort(dim), text=LocalPort(dim)).double().eval()
 
 
@@ -203,13 +203,11 @@ def test_cosine_scores_are_bounded_and_the_inner_product_is_not():
 
 
 def test_ports_explain_width_problems_and_the_empty_variant():
-    with pytest.raises(PortError, match="embed_dim"):
-        Attention(embed_dim=16).ports(image=LocalPort(32), text=LocalPort(16))
-    with pytest.raises(PortError, match="D = 16"):
-        Attention(embed_dim=16).ports(image=LocalPort(16), text=LocalPort(8))
+    with pytest.raises(PortError, match=r"regions \(width 32\) and words \(width 16\) must have one width"):
+        Attention().ports(image=LocalPort(32), text=LocalPort(16))
     with pytest.raises(PortError, match="core.mean"):
-        Attention(embed_dim=16, intra_modal="none", inter_modal=False).ports(image=LocalPort(16), text=LocalPort(16))
-    assert Attention(embed_dim=16).ports(image=LocalPort(16), text=LocalPort(16)).dim == 1
+        Attention(intra_modal="none", inter_modal=False).ports(image=LocalPort(16), text=LocalPort(16))
+    assert Attention().ports(image=LocalPort(16), text=LocalPort(16)).dim == 1
 
 
 # ------------------------------------------------------------------ memory and size
@@ -253,14 +251,14 @@ class PeakLive(TorchDispatchMode):
 
 @pytest.mark.parametrize("n,m,width", [(36, 12, 64), (36, 24, 32), (20, 20, 48), (10, 30, 16)])
 def test_pair_bytes_is_the_measured_peak_of_a_block(n, m, width):
-    spec = Attention(embed_dim=64, width=width)
+    spec = Attention(width=width)
     torch.manual_seed(0)
     module = spec.build(image=LocalPort(64), text=LocalPort(64)).eval()
     ni, nt = 16, 24
     image, text = local(ni, n, 64, seed=11, dtype=torch.float32), local(nt, m, 64, seed=12, dtype=torch.float32)
     with torch.no_grad(), PeakLive() as memory:
         module(image=image, text=text)
-    estimate = spec.pair_bytes(text_len=m, image_len=n) * ni * nt
+    estimate = spec.pair_bytes(text_len=m, image_len=n, ports={"image": LocalPort(64), "text": LocalPort(64)}) * ni * nt
     # what is held per item, not per pair: the zero-padded V, U and their products with K, Q1..Q4
     items = 4 * (ni * n + nt * m) * (2 * 64 + 2 * width)
     assert 0.9 * estimate <= memory.peak <= estimate + items, (memory.peak, estimate, items)
@@ -269,5 +267,5 @@ def test_pair_bytes_is_the_measured_peak_of_a_block(n, m, width):
 def test_parameter_count_at_the_assumed_paper_sizes():
     # The paper reports 11 M parameters in all; at D = 1024, z = 256 the attention holds K (D x D),
     # Q1..Q4 (D x z) and w_v, w_u (z): 2.1 M, beside 2.1 M of region FC and 8.1 M of bi-GRU.
-    module = Attention(embed_dim=1024, width=256).build(image=LocalPort(1024), text=LocalPort(1024))
+    module = Attention(width=256).build(image=LocalPort(1024), text=LocalPort(1024))
     assert sum(p.numel() for p in module.parameters()) == 1024 * 1024 + 4 * 1024 * 256 + 2 * 256 == 2_097_664
