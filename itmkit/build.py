@@ -89,10 +89,13 @@ def _connect(slot: Slot, available: dict[str, dict[type[Port], tuple[Port, str]]
             if spec.optional:
                 continue
             offered = ", ".join(f"{p.describe()} from {src}" for p, src in offers.values()) or "nothing"
+            side = spec.name.removesuffix("_global")
+            hint = (f": add a `pool` stage to [{side}] (its pooled vectors are what {spec.name} reads)"
+                    if spec.name in ("image_global", "text_global") and not offers else "")
             problems.append(Problem(
                 slot.path,
                 f"port mismatch: stage {slot.spec.name} input {spec.name!r} expects"
-                f" {_describe_inputs(spec.accepts)}, but {offered} is available there",
+                f" {_describe_inputs(spec.accepts)}, but {offered} is available there{hint}",
             ))
             return None
         inputs[spec.name], sources[spec.name] = chosen

@@ -50,6 +50,9 @@ def features_path(data_dir: Path, split: str) -> Path | None:
     two different arrays for one split leave no way to tell which the user meant.
     """
     found = [data_dir / f"{split}{suffix}" for suffix in FEATURE_SUFFIXES if os.path.lexists(data_dir / f"{split}{suffix}")]
+    if len(found) == 2:  # a dangling link or a folder under one name is that problem, not "two files"
+        for path in found:
+            data_file(path, "features file")
     if len(found) == 2 and not (found[0].exists() and found[1].exists() and found[0].samefile(found[1])):
         raise DataError(f"split {split!r} has two feature files, {found[0]} and {found[1]} (IMRAM's name for the"
                         " same array): keep one, or make one a link to the other")
