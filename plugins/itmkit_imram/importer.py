@@ -64,13 +64,18 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     """Map IMRAM's options to a recipe and its single state dict to our stages."""
     where = f"{official.path} (IMRAM options)"
     opts = official.options
-    if len(official.modules) != 1:
-        raise CheckpointError(f"{official.path}: an IMRAM checkpoint's 'model' is one state dict of the whole"
-                              f" network, this one holds {len(official.modules)} (a SCAN-family checkpoint?"
-                              " try `itmkit import scan`)")
+    count = len(official.modules)
+    if count != 1 or "model_mode" not in opts:  # another model's checkpoint: say so before any option or key
+        reasons = ([f"an IMRAM checkpoint's 'model' is one state dict of the whole network, this one holds {count}"]
+                   if count != 1 else [])
+        if "model_mode" not in opts:
+            reasons.append("its options have no model_mode, which every IMRAM run records")
+        hint = (" (a SCAN-family checkpoint, one state dict per tower? try `itmkit import scan` or bfan)"
+                if count == 2 else " (a checkpoint of another model? `itmkit plugins` lists the importers)")
+        raise CheckpointError(f"{official.path}: not an IMRAM checkpoint: " + "; ".join(reasons) + hint)
     mode = option(opts, "model_mode", where, str)
     if mode not in MODES:
-        raise CheckpointError(f"{where}: option model_mode={mode!r} is not an IMRAM mode ({', '.join(MODES)})"
+        raise CheckpointError(f"{where}: option model_mode={mode!r} is not an IMRAM mode"
                               + did_you_mean(mode, MODES))
     raw_norm = option(opts, "raw_feature_norm", where, str)
     if raw_norm not in RAW_NORMS:
