@@ -14,8 +14,15 @@ from itmkit.importing import get_importers, import_checkpoint
 from itmkit.testing import save_like_python2
 from itmkit.types import Local, LocalPort, lengths_to_mask
 from itmkit_imram.stages import ImageToText, Steps, TextToImage
-from itmkit_imram.tests.test_importer import (official_scores, official_weights, options, our_scores, random_inputs,
-                                              save_official, vocab_path)  # noqa: F401 (a fixture)
+from itmkit.data.vocab import Vocabulary
+from itmkit_imram.tests.test_importer import WORDS, official_scores, official_weights, options, our_scores, random_inputs
+
+
+@pytest.fixture
+def vocab_path(tmp_path):
+    path = tmp_path / "f30k_precomp_vocab.json"
+    Vocabulary([*Vocabulary.SPECIALS, *WORDS]).save(path)
+    return path
 
 
 def _import(tmp_path, vocab_path, opt, model=None, *, python2=False):
