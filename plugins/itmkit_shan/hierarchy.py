@@ -183,7 +183,10 @@ def attend_and_fuse(
         numerator = (weights * dots).sum(-1)
         del dots
         gram = context.feats @ context.feats.transpose(1, 2)  # (Nc, Lc, Lc), per item
-        attended_sq = (torch.einsum(mix, weights, gram) * weights).sum(-1).clamp(min=0)  # w G w^T
+        # w G w^T, floored at the smallest normal float: an attended vector that is exactly 0 (all the
+        # weight on a zero fragment) would give sqrt an infinite derivative, NaN through 0 x inf; the
+        # value is unchanged, as the norm product is floored at eps below anyway
+        attended_sq = (torch.einsum(mix, weights, gram) * weights).sum(-1).clamp(min=torch.finfo(gram.dtype).tiny)
         norms = torch.linalg.vector_norm(q, dim=-1) * attended_sq.sqrt()
         cosines = numerator / norms.clamp(min=eps)
         if fusion is None:
