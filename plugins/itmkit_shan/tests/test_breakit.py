@@ -55,10 +55,11 @@ def test_every_pair_of_a_ragged_block_scores_as_alone(cls, kw):
 @pytest.mark.parametrize("scale", [1.0, 1e4])
 @pytest.mark.parametrize("cls, kw", SETTINGS, ids=IDS)
 def test_zero_and_huge_fragments_keep_scores_and_gradients_finite(cls, kw, scale):
-    """A valid all-zero region and word, unnormalised towers of magnitude 1e4, float32."""
+    """A valid all-zero region and word, a one-word caption of a zero word, unnormalised towers of magnitude 1e4, float32."""
     image, text, pools = _sides(scale, torch.float32)
     image.feats[1, 0] = 0.0
     text.feats[3, 2] = 0.0
+    text.feats[2, 0] = 0.0  # a caption whose only word is zero
     leaves = [image.feats.requires_grad_(), text.feats.requires_grad_(), *(p.requires_grad_() for p in pools)]
     score, module = _module(cls, kw, torch.float32)
     out = score(image, text, pools)
