@@ -68,7 +68,9 @@ def convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted:
     if count != 1 or "model_mode" not in opts:  # another model's checkpoint: say so before any option or key
         reasons = ([f"an IMRAM checkpoint's 'model' is one state dict of the whole network, this one holds {count}"]
                    if count != 1 else [])
-        if "model_mode" not in opts:
+        if not opts:
+            reasons.append("it has no training options ('opt'), where every IMRAM run records its model_mode")
+        elif "model_mode" not in opts:
             reasons.append("its options have no model_mode, which every IMRAM run records")
         hint = (" (a SCAN-family checkpoint, one state dict per tower? try `itmkit import scan` or bfan)"
                 if count == 2 else " (a checkpoint of another model? `itmkit plugins` lists the importers)")

@@ -96,6 +96,13 @@ def test_a_checkpoint_of_another_model_says_it_is_not_imram(tmp_path, vocab_path
     assert "holds 3" in message and "no model_mode" in message and "import scan" not in message, message
 
 
+def test_a_checkpoint_without_options_says_so(tmp_path, vocab_path):
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "model": official_weights(options()), "best_rsum": 400.0}, path)
+    with pytest.raises(CheckpointError, match=r"not an IMRAM checkpoint: it has no training options \('opt'\)"):
+        import_checkpoint("imram", path, vocab_path, tmp_path / "imram.safetensors", get_importers())
+
+
 # ------------------------------------------------------------------ edge-sized blocks
 
 D = 6
@@ -145,3 +152,29 @@ def test_gradients_are_finite_with_padding_and_one_fragment_sides(cls):
     for t in [*feats, *(p.grad for p in module.parameters())]:
         grad = t.grad if t.requires_grad and t.grad is not None else t
         assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("kind", ["a BFAN checkpoint", "no options", "a damaged file"])
+def test_the_cli_names_the_file_and_the_problem_without_a_traceback(tmp_path, vocab_path, kind):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[3] / "tests"))
+    from cliutil import assert_clean_failure, invoke
+
+    path = tmp_path / "model_best.pth.tar"
+    if kind == "a BFAN checkpoint":
+        opt = argparse.Namespace(**{k: v for k, v in vars(options()).items() if k != "model_mode"}, focal_type="equal")
+        torch.save({"epoch": 1, "model": [{"fc.weight": torch.zeros(8, 12)}, {"embed.weight": torch.zeros(16, 6)}],
+                    "opt": opt}, path)
+        expected = "holds 2"
+    elif kind == "no options":
+        torch.save({"epoch": 1, "model": official_weights(options())}, path)
+        expected = "no training options"
+    else:
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+        expected = "not a readable PyTorch checkpoint"
+    message = assert_clean_failure(invoke("import", "imram", str(path), "--vocab", str(vocab_path), "-o",
+                                          str(tmp_path / "out.safetensors")))
+    assert str(path) in message and expected in message, message
+    assert not (tmp_path / "out.safetensors").exists()
