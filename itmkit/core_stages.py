@@ -263,7 +263,9 @@ class CosineHead(nn.Module):
             wg = torch.einsum("itqc,tcd->itqd", x.weights, gram[0])
         else:
             wg = x.weights @ gram
-        attended_sq = (wg * x.weights).sum(-1).clamp(min=0)
+        # floored at the smallest normal float, not 0: sqrt'(0) is infinite, and an attended vector of
+        # exactly 0 (a context item whose one valid fragment is 0) would make every gradient NaN
+        attended_sq = (wg * x.weights).sum(-1).clamp(min=torch.finfo(wg.dtype).tiny)
         norms = x.query.norm(dim=-1) * attended_sq.sqrt()
         return numerator / norms.clamp(min=self.eps)
 
@@ -287,7 +289,7 @@ def context_major_cosine(x: Aligned, eps: float) -> torch.Tensor | None:
     numerator = (w * d).sum(dim=1)
     wg = torch.bmm(context @ context.transpose(1, 2), w)  # (Nc, Lc, Nq * Lq)
     wg = wg.mul_(w) if not torch.is_grad_enabled() else wg * w
-    attended_sq = wg.sum(dim=1).clamp(min=0)
+    attended_sq = wg.sum(dim=1).clamp(min=torch.finfo(wg.dtype).tiny)  # as in aligned_cosine: finite gradients
     norms = query.norm(dim=-1).reshape(1, nq * lq) * attended_sq.sqrt()
     cos = (numerator / norms.clamp(min=eps)).view(nc, nq, lq)
     return cos if text_queries else cos.transpose(0, 1)

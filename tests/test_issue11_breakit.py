@@ -51,8 +51,6 @@ def test_both_names_linked_to_one_array_are_one_split(tmp_path):
     assert invoke("data", "check", str(data)).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason="core.cosine's aligned_cosine takes sqrt of ||attended||^2 = 0 for a valid"
-                   " all-zero context item: infinite derivative, NaN gradients (itmkit/core_stages.py, not fixed here)")
 def test_the_aligned_cosine_of_a_zero_context_has_finite_gradients():
     """SCAN/IMRAM's cosine of a query with the attended vector of a context whose only region is zero.
 
