@@ -112,12 +112,30 @@ class RecurrentAttentionMemory(nn.Module):
         (broadcast over the other side), later each pair's own. Rows of padded queries are not
         kept at zero here: ``pair_query_attention`` ignores them and nothing else reads them.
         """
+        if not torch.is_grad_enabled():
+            return self._update_in_place(memory, weights, projected, per_context)
         out = []
         for layer, context_half in zip((self.linear, self.gate), projected):
             query_half = self._halves(layer)[0]
             out.append(torch.einsum(per_context, weights, context_half) + (memory @ query_half.T + layer.bias))
         candidate, gate = torch.tanh(out[0]), torch.sigmoid(out[1])
         memory = torch.lerp(candidate, memory, gate)  # gate * memory + (1 - gate) * candidate
+        return l2norm(memory) if self.renormalize else memory
+
+    def _update_in_place(self, memory: torch.Tensor, weights: torch.Tensor, projected: list[torch.Tensor],
+                         per_context: str) -> torch.Tensor:
+        """``_update`` when scoring: both layers as one (., 2D) product, the query half accumulated into
+        the context half's result by one fused matrix product, activations in place."""
+        pre = torch.einsum(per_context, weights, torch.cat(projected, dim=-1))  # (Ni, Nt, Lq, 2D), fresh
+        query_half = torch.cat([self._halves(self.linear)[0], self._halves(self.gate)[0]])  # (2D, D)
+        bias = torch.cat([self.linear.bias, self.gate.bias])
+        if memory.shape[:2] == pre.shape[:2] and memory.is_contiguous():  # a pair's own memory
+            flat = pre.view(-1, 2 * self.dim)
+            flat.addmm_(memory.reshape(-1, self.dim), query_half.T).add_(bias)
+        else:  # step 1: the fragments, once per item, broadcast over the pairs
+            pre += torch.addmm(bias, memory.reshape(-1, self.dim), query_half.T).view(*memory.shape[:-1], -1)
+        candidate, gate = pre[..., :self.dim].tanh_(), pre[..., self.dim:].sigmoid_()
+        memory = torch.lerp(candidate, memory, gate)
         return l2norm(memory) if self.renormalize else memory
 
 

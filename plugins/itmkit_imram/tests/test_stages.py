@@ -178,3 +178,14 @@ def test_pair_bytes_grows_with_the_wired_width():
 @pytest.mark.parametrize("cls", [TextToImage, ImageToText, Steps])
 def test_conformance(cls):
     check_stage(cls)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_scoring_and_training_paths_give_the_same_scores(renormalize):
+    """The no-grad update (one fused product, in place) and the autograd one compute the same memory."""
+    image, text, _ = sides(seed=8, image_lens=torch.tensor([9, 3, 9, 5, 9]))
+    t2i, i2t = modules(3, renormalize=renormalize)
+    for module in (t2i, i2t):
+        scored = ours(module, image, text)
+        trained = Steps().build(x=None)(module(image=image, text=text)).detach()
+        torch.testing.assert_close(scored, trained, rtol=0, atol=1e-12)
