@@ -128,7 +128,9 @@ def save_checkpoint(path: str | Path, model: ITMModel, vocab: Vocabulary, *, tra
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The raw metadata strings of a safetensors file (``read_checkpoint_meta`` checks them)."""
     if Path(path).is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+        best = Path(path) / "model_best.safetensors"  # a run folder: name its checkpoint rather than guess
+        hint = f"; a run folder's best checkpoint is {best}" if best.is_file() else ""
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file{hint}")
     # A FIFO or a device would block safe_open or map endless bytes: refused before it opens (itmkit.inputs).
     input_file(path, "checkpoint", error=CheckpointError, missing="checkpoint not found: {path}")
     try:

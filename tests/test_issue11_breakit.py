@@ -112,3 +112,16 @@ def test_the_new_recipes_train_and_score_on_one_region_images_in_imram_layout(tm
                     "--set", "train.epochs=1", "--set", "train.batch_size=8")
     assert result.returncode == 0, result.stderr
     check_scores_match_captions_alone(tmp_path / "run" / "model_best.safetensors", data, batch_size=4)
+
+
+def test_a_run_folder_given_as_checkpoint_names_its_best_checkpoint(tmp_path):
+    """`itmkit eval RUN_FOLDER` is what a new user tries first: the error names the file to pass."""
+    from itmkit.checkpoint import read_metadata
+    from itmkit.errors import CheckpointError
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file$"):
+        read_metadata(tmp_path / "run")
+    (tmp_path / "run" / "model_best.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"a run folder's best checkpoint is .*run/model_best.safetensors"):
+        read_metadata(tmp_path / "run")
