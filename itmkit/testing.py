@@ -759,10 +759,10 @@ def check_pair_bytes(cls: type[Stage]) -> None:
     """pair_bytes() gives the scoring engine a positive int (for every case's wired input ports)."""
     values = [wired_pair_bytes(make_spec(cls), text_len=WORDS, image_len=REGIONS, ports=case.inputs)
               for case in cases(cls)] or [make_spec(cls).pair_bytes(text_len=WORDS, image_len=REGIONS)]
-    value = next((v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 1), values[0])
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _error(cls, f"pair_bytes(text_len={WORDS}, image_len={REGIONS}) returned {value!r},"
-                          " expected a positive int")
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _error(cls, f"pair_bytes(text_len={WORDS}, image_len={REGIONS}) returned {value!r},"
+                              " expected a positive int")
 
 
 CHECKS: tuple[Callable[[type[Stage]], None], ...] = (

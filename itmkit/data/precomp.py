@@ -49,11 +49,12 @@ def features_path(data_dir: Path, split: str) -> Path | None:
     Both names present are refused unless they are the same file (a link made for IMRAM's loader):
     two different arrays for one split leave no way to tell which the user meant.
     """
-    found = [data_dir / f"{split}{suffix}" for suffix in FEATURE_SUFFIXES if os.path.lexists(data_dir / f"{split}{suffix}")]
-    if len(found) == 2:  # a dangling link or a folder under one name is that problem, not "two files"
-        for path in found:
+    found = [path for path in (data_dir / f"{split}{suffix}" for suffix in FEATURE_SUFFIXES) if os.path.lexists(path)]
+    if len(found) == 2:
+        for path in found:  # a dangling link or a folder under one name is that problem, not "two files"
             data_file(path, "features file")
-    if len(found) == 2 and not (found[0].exists() and found[1].exists() and found[0].samefile(found[1])):
+        if found[0].samefile(found[1]):
+            return found[0]
         raise DataError(f"split {split!r} has two feature files, {found[0]} and {found[1]} (IMRAM's name for the"
                         " same array): keep one, or make one a link to the other")
     return found[0] if found else None

@@ -39,11 +39,12 @@ import torch
 from torch import nn
 
 from itmkit.attention import RAW_NORMS, pair_layout, pair_query_attention, scan_attention
-from itmkit.core_stages import CosineHead
+from itmkit.core_stages import CosineHead, Pool
 from itmkit.focal import FOCAL_TYPES, focal_reassign
-from itmkit.ops import EPS, l2norm, masked_max, masked_mean
+from itmkit.ops import EPS, l2norm
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import Aligned, Local, LocalPort, PairSims, PairSimsPort, Port, ScorePort
+from itmkit_scan.stages import LogSumExpPool, SumPool
 
 FOCAL_CHOICES = ("none", *FOCAL_TYPES)
 
@@ -206,28 +207,20 @@ POOLS = ("mean", "max", "sum", "lse")
 
 
 class StepSum(nn.Module):
-    """S = sum_k pool_t(R_tk): each step's relevances pooled over the valid query fragments, then added."""
+    """S = sum_k pool_t(R_tk): each step's relevances pooled over the valid query fragments, then added.
+
+    Each step is pooled by the stage that pools one channel elsewhere (core.mean / core.max, SCAN's
+    Sum and LogSumExp), so a step's F_k is exactly what that aggregator gives a single alignment.
+    """
 
     def __init__(self, *, pool: str, lambda_lse: float):
         super().__init__()
-        self.pool = pool
-        self.lambda_lse = lambda_lse
+        self.pool = {"mean": lambda: Pool(how="mean"), "max": lambda: Pool(how="max"), "sum": SumPool,
+                     "lse": lambda: LogSumExpPool(lambda_lse=lambda_lse)}[pool]()
 
     def forward(self, x: PairSims) -> torch.Tensor:
-        if self.pool == "mean":
-            per_step = masked_mean(x.sims, x.mask, dim=2)
-        elif self.pool == "max":
-            per_step = masked_max(x.sims, x.mask, dim=2)
-        else:
-            valid = x.mask.unsqueeze(-1)
-            relevance = torch.where(valid, x.sims, 0.0)
-            if self.pool == "sum":
-                per_step = relevance.sum(dim=2)
-            else:  # SCAN's LogSumExp as the official code writes it: exp, sum, log (R is a cosine: no overflow)
-                total = torch.where(valid, torch.exp(self.lambda_lse * relevance), 0.0).sum(dim=2)
-                per_step = torch.log(total.clamp(min=torch.finfo(total.dtype).tiny)) / self.lambda_lse
-                per_step = torch.where(x.mask.any(dim=2, keepdim=True), per_step, 0.0)
-        return per_step.sum(dim=-1)  # (Ni, Nt, K) -> (Ni, Nt)
+        steps = [self.pool(PairSims(x.sims[..., k:k + 1], x.mask)) for k in range(x.sims.shape[-1])]
+        return torch.stack(steps, dim=-1).sum(dim=-1)  # (Ni, Nt, K) -> (Ni, Nt)
 
 
 @attrs.frozen(kw_only=True)
