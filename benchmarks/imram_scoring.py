@@ -27,14 +27,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from itmkit.build import DataPorts, Encoded, build_model
 from itmkit.gallery import Gallery
@@ -42,10 +40,11 @@ from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
 from itmkit.types import Local
 
+from common import BATCH, flops_per_pair, galleries, gemm_gflops, peak_mb  # benchmarks/common.py
+
 HERE = Path(__file__).parent
 REGIONS, DIM = 36, 1024
 MIN_LEN, MAX_LEN = 8, 20
-BATCH = 128
 REPEATS = 3
 FULL = (1000, 5000)
 STEPS, LAMBDA = 3, 9.0
@@ -92,19 +91,6 @@ def inputs(n_images: int, n_captions: int, seed: int = 0) -> tuple[torch.Tensor,
     return regions, words * (torch.arange(MAX_LEN)[None] < lengths[:, None])[..., None], lengths
 
 
-def galleries(regions, words, lengths) -> tuple[Gallery, Gallery]:
-    """Both sides as `itmkit eval` holds them: batches appended, captions shortest first."""
-    image_side = Gallery.of(Encoded(Local(regions, torch.ones(regions.shape[:2], dtype=torch.bool))), batch=BATCH)
-    texts = Gallery()
-    order = torch.argsort(lengths, stable=True).tolist()
-    for start in range(0, len(order), BATCH):
-        rows = order[start:start + BATCH]
-        width = int(lengths[rows].max())
-        mask = torch.arange(width)[None] < lengths[rows][:, None]
-        texts.append(Encoded(Local(words[rows, :width], mask)), rows)
-    return image_side, texts
-
-
 def full_galleries(n_images: int, n_captions: int) -> tuple[Gallery, Gallery]:
     """Galleries of the full block's size, filled batch by batch as `itmkit eval` fills them (never the whole
     block as one tensor): held while the sub-block is scored, so the peak memory is that of a full run."""
@@ -135,28 +121,6 @@ def official_weights(m) -> dict:
     units = {"t2i": m.branches[0].stages[0], "i2t": m.branches[1].stages[0]}
     return {f"{layer}_{side}": {"weight": getattr(u, layer).weight.detach(), "bias": getattr(u, layer).bias.detach()}
             for side, u in units.items() for layer in ("linear", "gate")}
-
-
-def flops_per_pair(fn, pairs: int) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / pairs
-
-
-def gemm_gflops(rows: int = 8192, repeats: int = 10) -> float:
-    """This machine's float32 GEMM rate at the memory update's shape, (pair fragments x D) @ (D x D)."""
-    a, b = torch.randn(rows, DIM), torch.randn(DIM, DIM)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 2 * rows * DIM * DIM / best / 1e9
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -224,7 +188,7 @@ def main() -> None:
         ref_pps = ri * rt / ref_s
         result["reference"] = {"block": [ri, rt], "pairs_per_second": round(ref_pps, 1), "seconds": round(ref_s, 2),
                                "mflop_per_pair": round(ref_flops / 1e6, 1)}
-        gemm = gemm_gflops()
+        gemm = gemm_gflops(8192, DIM, DIM)  # the memory update's shape, (pair fragments x D) @ (D x D)
         result["gemm_gflops"] = round(gemm)
         result["ours_gflops"] = round(ours_pps * ours_flops / 1e9)
         result["reference_gflops"] = round(ref_pps * ref_flops / 1e9)

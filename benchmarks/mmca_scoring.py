@@ -28,24 +28,22 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from itmkit.build import DataPorts, Encoded, build_model
-from itmkit.gallery import Gallery
+from itmkit.build import DataPorts, build_model
 from itmkit.recipe import parse_recipe
 from itmkit.scoring import BlockPlan, score_all
 from itmkit.types import Local
 
+from common import flops_per_pair, galleries, gemm_gflops, peak_mb  # benchmarks/common.py
+
 HERE = Path(__file__).parent
 REGIONS, DIM, BERT = 36, 256, 768
 MIN_LEN, MAX_LEN = 12, 32
-BATCH = 128  # encoding batch, as `itmkit eval` fills its galleries
 REPEATS = 3
 FULL = (1000, 5000)
 
@@ -78,20 +76,6 @@ def inputs(n_images: int, n_captions: int, seed: int = 0) -> tuple[torch.Tensor,
     return regions, tokens, lengths
 
 
-def galleries(regions, tokens, lengths) -> tuple[Gallery, Gallery]:
-    """Both sides as `itmkit eval` holds them: batches appended, captions shortest first."""
-    image_side = Gallery.of(Encoded(Local(regions, torch.ones(regions.shape[:2], dtype=torch.bool))), batch=BATCH)
-    texts = Gallery()
-    order = torch.argsort(lengths, stable=True).tolist()
-    for start in range(0, len(order), BATCH):
-        rows = order[start:start + BATCH]
-        width = int(lengths[rows].max())
-        mask = torch.arange(width)[None] < lengths[rows][:, None]
-        feats = tokens[rows, :width] * mask[..., None]
-        texts.append(Encoded(Local(feats, mask)), rows)
-    return image_side, texts
-
-
 def best_of(fn, repeats: int = REPEATS) -> tuple[float, object, list[float]]:
     """Best wall time of ``repeats`` runs of fn() (after one warm-up call elsewhere), its result, and the load."""
     best, out, load = float("inf"), None, [os.getloadavg()[0]]
@@ -113,29 +97,6 @@ def per_pair(cross, regions, tokens, lengths) -> torch.Tensor:
             text = Local(tokens[t:t + 1, :n], torch.ones(1, n, dtype=torch.bool))
             out[i, t] = cross(image=image, text=text)[0, 0]
     return out
-
-
-def flops_per_pair(fn, pairs: int) -> float:
-    """Matrix-product FLOPs per pair of fn() (torch's FlopCounterMode)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / pairs
-
-
-def gemm_gflops(rows: int = 8192, repeats: int = 10) -> float:
-    """This machine's float32 GEMM rate at the shape of the n-gram head's product, (rows x d) @ (d x 6 C)."""
-    a, b = torch.randn(rows, DIM), torch.randn(DIM, 6 * 256)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 2 * rows * DIM * 6 * 256 / best / 1e9
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -169,7 +130,7 @@ def main() -> None:
         ci, ct = min(args.images, 20), min(args.captions, 100)  # FLOPs per pair: a sub-block of the same lengths
         ours_flops = flops_per_pair(lambda: score_all(m, *galleries(regions[:ci], tokens[:ct], lengths[:ct])), ci * ct)
         ref_flops = flops_per_pair(lambda: per_pair(cross, regions[:ri], tokens[:rt], lengths[:rt]), ri * rt)
-        gemm = gemm_gflops()
+        gemm = gemm_gflops(8192, DIM, 6 * 256)  # the n-gram head's product, (rows x d) @ (d x 6 C)
     ours_pps = args.images * args.captions / ours_s
     ref_pps = ri * rt / ref_s
     full_pairs = FULL[0] * FULL[1]

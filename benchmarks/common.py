@@ -1,0 +1,53 @@
+"""What the scoring benchmarks share: galleries as `itmkit eval` fills them, FLOP counts, the GEMM rate, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from itmkit.build import Encoded
+from itmkit.gallery import Gallery
+from itmkit.types import Local
+
+BATCH = 128  # encoding batch, as `itmkit eval` fills its galleries
+
+
+def galleries(regions: torch.Tensor, fragments: torch.Tensor, lengths: torch.Tensor) -> tuple[Gallery, Gallery]:
+    """Both sides as `itmkit eval` holds them: batches appended, captions shortest first, each batch cut to
+    its longest caption; ``fragments`` (Nt, L, D) are the captions' word (or token) vectors."""
+    image_side = Gallery.of(Encoded(Local(regions, torch.ones(regions.shape[:2], dtype=torch.bool))), batch=BATCH)
+    texts = Gallery()
+    order = torch.argsort(lengths, stable=True).tolist()
+    for start in range(0, len(order), BATCH):
+        rows = order[start:start + BATCH]
+        width = int(lengths[rows].max())
+        mask = torch.arange(width)[None] < lengths[rows][:, None]
+        texts.append(Encoded(Local(fragments[rows, :width] * mask[..., None], mask)), rows)
+    return image_side, texts
+
+
+def flops_per_pair(fn, pairs: int) -> float:
+    """Matrix-product FLOPs per pair of fn() (torch's FlopCounterMode)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / pairs
+
+
+def gemm_gflops(rows: int, inner: int, outer: int, repeats: int = 10) -> float:
+    """This machine's float32 GEMM rate at one shape, (rows x inner) @ (inner x outer): best of 5 timings."""
+    a, b = torch.randn(rows, inner), torch.randn(inner, outer)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * rows * inner * outer / best / 1e9
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
