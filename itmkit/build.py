@@ -8,6 +8,7 @@ a loss; the scoring engine and the trainer call it on blocks of images x caption
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import attrs
@@ -28,6 +29,7 @@ from itmkit.types import (
     Regions,
     RegionsPort,
     ScorePort,
+    BlockContext,
     Tokens,
     TokensPort,
 )
@@ -219,7 +221,7 @@ class Encoded:
 
 @attrs.frozen
 class Step:
-    """One training step's result: the total loss, the B x B scores, and each term unweighted by name."""
+    """One training step's result: the total loss, the B x B scores, and each term by name (objectives' unweighted; a branch stage's as the stage weighted it)."""
 
     loss: torch.Tensor
     scores: torch.Tensor
@@ -253,15 +255,24 @@ class Branch(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.sources = sources
         self.weight = weight
+        # Which stages take the training step's BlockContext (a keyword ``context`` in their forward).
+        self.takes_context = [_takes_context(stage) for stage in stages]
 
-    def forward(self, image: Encoded, text: Encoded) -> torch.Tensor:
+    def forward(self, image: Encoded, text: Encoded, context: BlockContext | None = None) -> torch.Tensor:
+        """The branch's (Ni, Nt) scores; ``context`` (training only) goes to the stages that take it."""
         values: dict[str, Any] = {"[image] fragments": image.local, "[image] pool": image.global_,
                                   "[text] fragments": text.local, "[text] pool": text.global_}
         out: Any = None
-        for stage, sources in zip(self.stages, self.sources):
+        for stage, sources, takes in zip(self.stages, self.sources, self.takes_context):
             kwargs = {name: (out if name == "x" else values[src]) for name, src in sources.items()}
+            if takes and context is not None:
+                kwargs["context"] = context
             out = stage(**kwargs)
         return out
+
+
+def _takes_context(module: nn.Module) -> bool:
+    return "context" in inspect.signature(module.forward).parameters
 
 
 class ITMModel(nn.Module):
@@ -299,11 +310,14 @@ class ITMModel(nn.Module):
     def encode_texts(self, x: Tokens) -> Encoded:
         return self.text(x)
 
-    def score(self, image: Encoded, text: Encoded) -> torch.Tensor:
-        """(Ni, Nt) model scores: the weighted sum of the branches."""
+    def score(self, image: Encoded, text: Encoded, contexts: list[BlockContext] | None = None) -> torch.Tensor:
+        """(Ni, Nt) model scores: the weighted sum of the branches.
+
+        ``contexts`` (training only): one BlockContext per branch, handed to the stages that take one.
+        """
         total = None
-        for branch in self.branches:
-            s = branch.weight * branch(image, text)
+        for k, branch in enumerate(self.branches):
+            s = branch.weight * branch(image, text, contexts[k] if contexts is not None else None)
             total = s if total is None else total + s
         return total
 
@@ -317,10 +331,15 @@ class ITMModel(nn.Module):
     def training_step(self, images: Regions, texts: Tokens, image_ids: torch.Tensor, epoch: int = 0) -> Step:
         """The training step with each term of the loss kept apart (for logging)."""
         image, text = self.encode_images(images), self.encode_texts(texts)
-        scores = self.score(image, text)
         positives = image_ids[:, None] == image_ids[None, :]
+        contexts = [BlockContext(positives, epoch) for _ in self.branches]
+        scores = self.score(image, text, contexts)
         loss = self.loss(scores, positives=positives, epoch=epoch)
         terms = {"loss": loss}
+        for k, context in enumerate(contexts):  # the terms branch stages added (already weighted)
+            for name, value in context.terms.items():
+                terms[f"match[{k}].{name}"] = value
+                loss = loss + value
         if self.objectives:
             values = {"[image] fragments": image.local, "[image] pool": image.global_,
                       "[text] fragments": text.local, "[text] pool": text.global_,
@@ -360,7 +379,12 @@ def build_model(recipe: Recipe, data: DataPorts, seed: int | None = None) -> ITM
     wiring = wire(recipe, data)
     if seed is not None:
         torch.manual_seed(seed)
-    return ITMModel(recipe, wiring, data)
+    model = ITMModel(recipe, wiring, data)
+    if recipe.phases:  # every path a [[train.phase]] names must name a part or switch of this model
+        from itmkit.phases import resolve_schedule
+
+        resolve_schedule(model)
+    return model
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -91,6 +91,17 @@ def build(
         table.add_row(escape(row["path"]), row["stage"], row["consumes"], row["produces"], f"{row['params']:,}")
     out.print(table)
     out.print(escape(f"total parameters: {count_parameters(model):,}   data: {note}"), soft_wrap=True)
+    if r.phases:
+        from itmkit.phases import resolve_schedule, schedule_rows
+
+        phases = Table(title=f"training phases ({r.train.epochs} epochs)")
+        columns = {"phase": "phase", "epochs": "epochs", "lr": "lr", "trains": "trains", "frozen": "frozen",
+                   "off": "switches off"}
+        for title in columns.values():
+            phases.add_column(title)
+        for row in schedule_rows(resolve_schedule(model), model, r.train.epochs):
+            phases.add_row(*(escape(row[key]) for key in columns))
+        out.print(phases)
 
 
 def _build_ports(recipe, path: str):

@@ -94,6 +94,23 @@ class TrainSpec:
     log_every: int = param(50, "write a metrics line every this many iterations", ge=1)
 
 
+@attrs.frozen(kw_only=True)
+class PhaseSpec:
+    """One [[train.phase]] table: a stretch of epochs with its own trained parts, learning rate and switches.
+
+    Phases run in order, each for ``epochs`` epochs; the last one runs until ``train.epochs``. Paths name
+    the model's parts as the recipe does (``image``, ``text.encoder``, ``match[0]``, ``match[0].similarity``),
+    optionally followed by a submodule of that stage (``match[0].similarity.object_rnn``).
+    """
+
+    name: str = param("", "a label for logs and `itmkit build`")
+    epochs: int = param(1, "epochs this phase lasts (the last phase: until train.epochs)", ge=1)
+    train: tuple[str, ...] | None = param(None, "the parts that train in this phase (default: every trainable part)")
+    lr: float | None = param(None, "this phase's learning rate, before the step decay (default: train.lr)", gt=0.0)
+    off: tuple[str, ...] = param((), "switches turned off in this phase (a stage's bool buffer, e.g."
+                                     " match[0].similarity.recurrent); every other switch is on")
+
+
 @attrs.frozen
 class Slot:
     """One stage in a recipe: its spec and where it sits (``image.encoder``, ``match[0].cross``)."""
@@ -146,6 +163,7 @@ class Recipe:
     train: TrainSpec
     source: str = "<recipe>"
     objectives: tuple[Objective, ...] = ()
+    phases: tuple[PhaseSpec, ...] = ()
 
     def slots(self) -> list[Slot]:
         out = []
@@ -180,6 +198,8 @@ class Recipe:
             "data": unstructure(self.data),
             "train": unstructure(self.train),
         }
+        if self.phases:  # absent without phases: older runs' recipes resolve as before
+            out["train"]["phase"] = [unstructure(p) for p in self.phases]
         if self.objectives:  # absent, not empty, without objectives: older runs' recipes resolve as before
             out["objective"] = [{**slot(o.slot), "weight": o.weight} for o in self.objectives]
         return out
@@ -384,7 +404,12 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
 
     info = section("recipe", RecipeInfo, "[recipe]", required=True)
     data = section("data", DataSpec, "[data]")
+    train_raw = raw.get("train", {})
+    phases_raw = train_raw.get("phase", []) if isinstance(train_raw, dict) else []
+    if isinstance(train_raw, dict) and "phase" in train_raw:
+        raw = {**raw, "train": {k: v for k, v in train_raw.items() if k != "phase"}}
     train = section("train", TrainSpec, "[train]")
+    phases = _phases(phases_raw, problems)
     embed_dim = info.embed_dim if info else 1024
 
     def slot(table: Any, path: str, kind: str) -> Slot | None:
@@ -488,4 +513,18 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
 
     if problems:
         return None, problems
-    return Recipe(info, image, text, tuple(branches), loss, data, train, source, tuple(objectives)), []
+    return Recipe(info, image, text, tuple(branches), loss, data, train, source, tuple(objectives), phases), []
+
+
+def _phases(tables: Any, problems: list[Problem]) -> tuple[PhaseSpec, ...]:
+    """The [[train.phase]] tables, structured; problems are appended with their key paths."""
+    if not isinstance(tables, list):
+        problems.append(Problem("train.phase", "expected [[train.phase]] tables (one per stretch of epochs)"))
+        return ()
+    phases = []
+    for i, table in enumerate(tables):
+        phase, found = structure(PhaseSpec, table, f"train.phase[{i}]", "[[train.phase]]")
+        problems.extend(found)
+        if phase is not None:
+            phases.append(phase)
+    return tuple(phases)

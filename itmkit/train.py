@@ -31,6 +31,7 @@ from itmkit.data.loader import train_loader
 from itmkit.datasets import data_ports, resolve_data_dir, text_vocabulary
 from itmkit.errors import DataError, ItmkitError
 from itmkit.evaluate import evaluate
+from itmkit.phases import resolve_schedule
 from itmkit.preflight import check_model_fits, check_training_data
 from itmkit.progress import task
 from itmkit.recipe import Recipe
@@ -76,12 +77,6 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimi
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def learning_rate(recipe: Recipe, epoch: int) -> float:
-    """Step decay: lr * lr_decay ** (epoch // lr_update), as the SCAN-family code does."""
-    t = recipe.train
-    return t.lr * t.lr_decay ** (epoch // t.lr_update)
 
 
 class TrainingStopped(ItmkitError):
@@ -199,6 +194,7 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
 
     model = build_model(recipe, ports, seed=t.seed).to(device)
     check_model_fits(model, {"train": train_split, "dev": dev_split, "test": test_split}, f"the model of {recipe.info.name}")
+    schedule = resolve_schedule(model)  # before the optimizer: it holds every part that trains in some phase
     optimizer = make_optimizer(recipe, model)
     metrics_path = out / "metrics.jsonl"
     first_epoch, best_rsum, best_epoch = 0, -math.inf, -1
@@ -217,10 +213,15 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     meta = {"seed": t.seed, "protocol": recipe.data.protocol, "data": str(data_dir)}
     iteration = first_epoch * (train_split.num_captions // t.batch_size)
     for epoch in range(first_epoch, t.epochs):
-        lr = learning_rate(recipe, epoch)
+        lr = schedule.lr(recipe, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        model.train()
+        schedule.apply(model, epoch)  # model.train(), with this epoch's phase: what trains, its switches
+        phase = schedule.at(epoch)
+        if phase is not None and epoch == max(phase.first, first_epoch):
+            log(f"{phase.label()} (epochs {phase.epochs(t.epochs)}): trains"
+                f" {', '.join(phase.spec.train) if phase.spec.train is not None else 'everything'}"
+                + (f"; off: {', '.join(phase.spec.off)}" if phase.spec.off else ""))
         loader = train_loader(train_split, vocab, batch_size=t.batch_size, seed=t.seed, epoch=epoch)
         loss_sum, batches, term_sums = 0.0, 0, {}
         with task(progress, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as update:

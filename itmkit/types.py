@@ -180,3 +180,30 @@ def lengths_to_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Te
     """(B,) lengths -> (B, width) bool mask, True on valid positions."""
     width = int(lengths.max()) if width is None else width
     return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@attrs.define
+class BlockContext:
+    """What a training step tells the branch stages about its block, and the terms they add to its loss.
+
+    A branch stage whose module's ``forward`` takes the keyword ``context`` receives one during a
+    training step and ``None`` when scoring, so a stage can use the block's positives (DP-RNN's pair
+    early-selection keeps them) and add training-only terms computed from its own intermediate values
+    (DIME's path regularisation) without a second forward pass.
+
+    ``positives`` (Ni, Nt) bool: caption t belongs to image i. ``epoch``: 0-based. ``terms``: name ->
+    scalar tensor, already weighted by the stage; the model adds each to the loss and logs it.
+    """
+
+    positives: torch.Tensor
+    epoch: int = 0
+    terms: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+    def add_term(self, name: str, value: torch.Tensor) -> None:
+        """Add a scalar training term ``name`` (a stage adding the same name twice in one step is a bug)."""
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"training term {name!r} must be a scalar tensor, got {got}")
+        if name in self.terms:
+            raise ValueError(f"training term {name!r} was added twice in one step")
+        self.terms[name] = value
