@@ -328,10 +328,16 @@ class ITMModel(nn.Module):
         """
         return self.training_step(images, texts, image_ids, epoch).pair()
 
-    def training_step(self, images: Regions, texts: Tokens, image_ids: torch.Tensor, epoch: int = 0) -> Step:
-        """The training step with each term of the loss kept apart (for logging)."""
+    def training_step(self, images: Regions, texts: Tokens, image_ids: torch.Tensor, epoch: int = 0,
+                      caption_image_ids: torch.Tensor | None = None) -> Step:
+        """The training step with each term of the loss kept apart (for logging).
+
+        ``image_ids`` names each image row's image, ``caption_image_ids`` each caption row's (default: the
+        same, one caption per image row). With extra negatives the first B rows and columns are the pairs.
+        """
         image, text = self.encode_images(images), self.encode_texts(texts)
-        positives = image_ids[:, None] == image_ids[None, :]
+        caption_image_ids = image_ids if caption_image_ids is None else caption_image_ids
+        positives = image_ids[:, None] == caption_image_ids[None, :]
         contexts = [BlockContext(positives, epoch) for _ in self.branches]
         scores = self.score(image, text, contexts)
         loss = self.loss(scores, positives=positives, epoch=epoch)

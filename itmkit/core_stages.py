@@ -402,14 +402,16 @@ class TripletLoss(nn.Module):
         self.mask_same_image = mask_same_image
 
     def forward(self, x: torch.Tensor, *, positives: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        # The block's first B rows and columns are its pairs (B = the shorter side): extra captions (columns)
+        # or extra images (rows) past them are only negatives, as in DIME's extra-negative losses.
+        b = min(x.shape)
         diagonal = x.diagonal()
-        cost_caption = (self.margin + x - diagonal[:, None]).clamp(min=0)  # captions as negatives
-        cost_image = (self.margin + x - diagonal[None, :]).clamp(min=0)  # images as negatives
-        not_negative = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-        if self.mask_same_image:
-            not_negative = not_negative | positives
-        cost_caption = cost_caption.masked_fill(not_negative, 0)
-        cost_image = cost_image.masked_fill(not_negative, 0)
+        cost_caption = (self.margin + x[:b] - diagonal[:, None]).clamp(min=0)  # captions as negatives (b, Nt)
+        cost_image = (self.margin + x[:, :b] - diagonal[None, :]).clamp(min=0)  # images as negatives (Ni, b)
+        eye = torch.eye(*x.shape, dtype=torch.bool, device=x.device)
+        not_negative = eye | positives if self.mask_same_image else eye
+        cost_caption = cost_caption.masked_fill(not_negative[:b], 0)
+        cost_image = cost_image.masked_fill(not_negative[:, :b], 0)
         if self.max_violation and epoch >= self.warmup_epochs:
             return cost_caption.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
         return cost_caption.sum() + cost_image.sum()
@@ -451,10 +453,11 @@ class InfoNCELoss(nn.Module):
     def forward(self, x: torch.Tensor, *, positives: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         logits = x / self.temperature
         if self.mask_same_image:
-            eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+            eye = torch.eye(*x.shape, dtype=torch.bool, device=x.device)
             logits = logits.masked_fill(positives & ~eye, float("-inf"))
-        targets = torch.arange(x.shape[0], device=x.device)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        b = min(x.shape)  # the pairs lead; extra captions or images past them are only negatives
+        targets = torch.arange(b, device=x.device)
+        return (F.cross_entropy(logits[:b], targets) + F.cross_entropy(logits[:, :b].T, targets)) / 2
 
 
 @attrs.frozen(kw_only=True)

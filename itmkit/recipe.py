@@ -92,6 +92,13 @@ class TrainSpec:
     seed: int = param(0, "seed of initialisation, shuffling and dropout", ge=0, le=2**32 - 1)  # numpy's seed range
     eval_batch_size: int = param(256, "items per batch when encoding for evaluation", ge=1)
     log_every: int = param(50, "write a metrics line every this many iterations", ge=1)
+    extra_captions: int = param(0, "random extra captions per pair, only ever negatives (DIME i-t: 1)", ge=0, le=16)
+    extra_images: int = param(0, "random extra images per pair, only ever negatives (DIME t-i: 1)", ge=0, le=16)
+
+    def __attrs_post_init__(self) -> None:
+        if self.extra_captions and self.extra_images:
+            raise ValueError("extra_captions and extra_images cannot both be set: a block gets extra rows or extra"
+                             " columns, not both")
 
 
 @attrs.frozen(kw_only=True)
@@ -511,6 +518,10 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
         if objective is not None and not found:
             objectives.append(Objective(objective, float(weight)))
 
+    if train is not None and (train.extra_captions or train.extra_images) and objectives:
+        key = "train.extra_captions" if train.extra_captions else "train.extra_images"
+        problems.append(Problem(key, "extra negatives and [[objective]] terms cannot be combined: an objective reads"
+                                     " the batch as pairs (one caption per image row)"))
     if problems:
         return None, problems
     return Recipe(info, image, text, tuple(branches), loss, data, train, source, tuple(objectives), phases), []

@@ -27,7 +27,7 @@ from itmkit.checkpoint import (
     resume_training,
     save_checkpoint,
 )
-from itmkit.data.loader import train_loader
+from itmkit.data.loader import add_extra_negatives, extra_negatives_generator, train_loader
 from itmkit.datasets import data_ports, resolve_data_dir, text_vocabulary
 from itmkit.errors import DataError, ItmkitError
 from itmkit.evaluate import evaluate
@@ -223,12 +223,17 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
                 f" {', '.join(phase.spec.train) if phase.spec.train is not None else 'everything'}"
                 + (f"; off: {', '.join(phase.spec.off)}" if phase.spec.off else ""))
         loader = train_loader(train_split, vocab, batch_size=t.batch_size, seed=t.seed, epoch=epoch)
+        extras = extra_negatives_generator(t.seed, epoch)
         loss_sum, batches, term_sums = 0.0, 0, {}
         with task(progress, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as update:
             for batch in loader:
+                if t.extra_captions or t.extra_images:
+                    batch = add_extra_negatives(batch, loader.dataset, extras, captions=t.extra_captions,
+                                                images=t.extra_images)
                 batch = batch.to(device)
                 regions = Regions(batch.images, batch.image_lengths, batch.boxes, batch.image_sizes)
-                step = model.training_step(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids, epoch=epoch)
+                step = model.training_step(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids, epoch=epoch,
+                                           caption_image_ids=batch.caption_image_ids)
                 loss = step.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

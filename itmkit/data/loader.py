@@ -23,7 +23,12 @@ def _move(tensor: torch.Tensor | None, device: Any, non_blocking: bool) -> torch
 # eq=False on these batches: tensor == is elementwise, so attrs' generated __eq__ would mislead.
 @attrs.frozen(eq=False)
 class Batch:
-    """A training batch: one caption per row and the image it describes."""
+    """A training batch: one caption per row and the image it describes.
+
+    With extra negatives (``add_extra_negatives``) the image rows and the caption rows differ in number:
+    the first B of each are the batch's pairs, the rest are random extra images or captions, and
+    ``caption_image_ids`` gives the image of every caption row.
+    """
 
     images: torch.Tensor  # (B, R, F) float32
     image_lengths: torch.Tensor  # (B,) long: valid regions per image
@@ -33,6 +38,12 @@ class Batch:
     caption_ids: torch.Tensor  # (B,) long: caption index in the split
     boxes: torch.Tensor | None = None  # (B, R, 4 or 30) float32
     image_sizes: torch.Tensor | None = None  # (B, 2) float32: width, height
+    caption_image_ids: torch.Tensor | None = None  # (Nt,) long, with extra negatives: each caption's image
+
+    @property
+    def text_image_ids(self) -> torch.Tensor:
+        """The image of every caption row (the positives of the block are image_ids == text_image_ids)."""
+        return self.image_ids if self.caption_image_ids is None else self.caption_image_ids
 
     def to(self, device: Any, non_blocking: bool = False) -> Batch:
         """The same batch with every tensor on `device`."""
@@ -256,3 +267,49 @@ def caption_batches(split: Split, vocab: Vocabulary, *, batch_size: int, by_leng
         indices = order[start:start + batch_size]
         tokens, lengths = pad_tokens([encoded[i] for i in indices])
         yield CaptionBatch(indices=indices, tokens=tokens, lengths=lengths)
+
+
+def extra_negatives_generator(seed: int, epoch: int) -> torch.Generator:
+    """The stream extra negatives are drawn from: fixed by (seed, epoch), apart from the shuffling's."""
+    return torch.Generator().manual_seed(seed * 1000 + epoch + 2**50)
+
+
+def _pad_rows(rows: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """Per-region rows (N, R, ...) zero-padded along R to ``width``."""
+    if rows is None or rows.shape[1] == width:
+        return rows
+    pad = rows.new_zeros((rows.shape[0], width - rows.shape[1], *rows.shape[2:]))
+    return torch.cat([rows, pad], dim=1)
+
+
+def add_extra_negatives(batch: Batch, dataset: PairDataset, generator: torch.Generator, *, captions: int = 0,
+                        images: int = 0) -> Batch:
+    """The batch with ``captions`` random extra captions or ``images`` random extra images per pair appended.
+
+    DIME trains its i-t model with one extra random sentence per pair and its t-i model with one extra
+    random image (Qu et al., SIGIR 2021; the official data.py samples them uniformly over the split's
+    captions, an image through a random caption of it): they only ever serve as negatives. Drawn from
+    ``generator`` in batch order, so a run resumed at an epoch boundary draws the same ones.
+    """
+    if captions and images:
+        raise ValueError("extra captions and extra images cannot both be added to one batch")
+    b = len(batch.caption_ids)
+    picks = torch.randint(len(dataset), (b * (captions or images),), generator=generator).tolist()
+    if not picks:
+        return batch
+    items = [dataset[i] for i in picks]
+    if captions:
+        own = [batch.tokens[r, : int(batch.lengths[r])].numpy() for r in range(b)]
+        tokens, lengths = pad_tokens(own + [item["tokens"] for item in items])
+        extra_ids = torch.tensor([item["image_id"] for item in items], dtype=torch.long)
+        return attrs.evolve(batch, tokens=tokens, lengths=lengths,
+                            caption_ids=torch.cat([batch.caption_ids, torch.tensor(picks, dtype=torch.long)]),
+                            caption_image_ids=torch.cat([batch.image_ids, extra_ids]))
+    extra = collate(items)
+    width = max(batch.images.shape[1], extra.images.shape[1])
+    boxes = None if batch.boxes is None else torch.cat([_pad_rows(batch.boxes, width), _pad_rows(extra.boxes, width)])
+    sizes = None if batch.image_sizes is None else torch.cat([batch.image_sizes, extra.image_sizes])
+    return attrs.evolve(batch, images=torch.cat([_pad_rows(batch.images, width), _pad_rows(extra.images, width)]),
+                        image_lengths=torch.cat([batch.image_lengths, extra.image_lengths]),
+                        image_ids=torch.cat([batch.image_ids, extra.image_ids]), boxes=boxes, image_sizes=sizes,
+                        caption_image_ids=batch.image_ids)
