@@ -24,6 +24,7 @@ from itmkit.types import (
     Local,
     LocalPort,
     LossPort,
+    PairLocalPort,
     ParametersPort,
     Port,
     Regions,
@@ -169,6 +170,10 @@ def wire(recipe: Recipe, data: DataPorts) -> Wiring:
                 available["x"] = {type(previous[0]): previous}
             w = _connect(slot, available, problems)
             if w is None:
+                break
+            if slot is branch.pair and not isinstance(w.output, PairLocalPort):
+                problems.append(Problem(slot.path, f"a pair stage must rebuild one side's fragments per pair"
+                                                   f" (PairLocalPort), {slot.spec.name} produces {w.output.describe()}"))
                 break
             wires.append(w)
             previous = (w.output, f"{slot.path} ({slot.spec.name})")

@@ -144,9 +144,10 @@ class Match:
     aggregate: Slot | None = None
     weight: float = 1.0
     path: str = "match[0]"
+    pair: Slot | None = None  # rebuilds one side's fragments per pair (PairLocal) before the cross stage
 
     def slots(self) -> list[Slot]:
-        return [s for s in (self.cross, self.similarity, self.aggregate) if s is not None]
+        return [s for s in (self.pair, self.cross, self.similarity, self.aggregate) if s is not None]
 
 
 @attrs.frozen
@@ -194,7 +195,7 @@ class Recipe:
 
         branches = []
         for m in self.match:
-            branch = {k: slot(getattr(m, k)) for k in ("cross", "similarity", "aggregate") if getattr(m, k)}
+            branch = {k: slot(getattr(m, k)) for k in ("pair", "cross", "similarity", "aggregate") if getattr(m, k)}
             branches.append({**branch, "weight": m.weight})
         out = {
             "recipe": unstructure(self.info),
@@ -221,7 +222,7 @@ WEIGHT = ParamInfo("weight", float, 1.0, "this branch's share of the model score
 # Non-negative: every objective is a loss to lower; a negative weight would push its term up without bound.
 OBJECTIVE_WEIGHT = ParamInfo("weight", float, 1.0, "this objective's factor in the training loss", None, 0.0, None, None)
 TOWER_KEYS = {"encoder": "encoder", "reasoners": "reasoner", "pool": "aggregator"}
-MATCH_KEYS = {"cross": "cross", "similarity": "similarity", "aggregate": "aggregator", "weight": None}
+MATCH_KEYS = {"pair": "pair", "cross": "cross", "similarity": "similarity", "aggregate": "aggregator", "weight": None}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
@@ -496,7 +497,8 @@ def structure_recipe(raw: dict, source: str, registry: Registry) -> tuple[Recipe
                 continue
             if any(v is None for v in slots.values()):
                 continue
-            branches.append(Match(slots["similarity"], slots.get("cross"), slots.get("aggregate"), float(weight), path))
+            branches.append(Match(slots["similarity"], slots.get("cross"), slots.get("aggregate"), float(weight), path,
+                                  slots.get("pair")))
 
     loss = slot(raw["loss"], "loss", "loss") if "loss" in raw else None
     if "loss" not in raw:

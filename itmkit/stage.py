@@ -21,7 +21,7 @@ from torch import nn
 
 from itmkit.types import Port
 
-KINDS = ("encoder", "reasoner", "aggregator", "cross", "similarity", "loss", "objective", "rerank")
+KINDS = ("encoder", "reasoner", "aggregator", "pair", "cross", "similarity", "loss", "objective", "rerank")
 
 # Names a ports() parameter may take, and what the builder feeds it.
 #   x      the previous stage's output in the same slot chain (raw input for an encoder;

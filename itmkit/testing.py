@@ -42,6 +42,8 @@ from itmkit.types import (
     Local,
     LocalPort,
     LossPort,
+    PairLocal,
+    PairLocalPort,
     PairSims,
     PairSimsPort,
     ParametersPort,
@@ -71,6 +73,7 @@ SAMPLE_PORTS: dict[type[Port], tuple[Port, ...]] = {
     LocalPort: (LocalPort(DIM),),
     GlobalPort: (GlobalPort(DIM),),
     AlignedPort: (AlignedPort(DIM),),
+    PairLocalPort: (PairLocalPort(DIM, "image"), PairLocalPort(DIM, "text")),
     PairSimsPort: (PairSimsPort(1), PairSimsPort(PAIR_DIM)),
     ScorePort: (ScorePort(),),
     ParametersPort: (ParametersPort(),),
@@ -204,6 +207,8 @@ def random_input(
         return torch.randn(batch, port.dim, generator=g)
     if isinstance(port, AlignedPort):
         return _aligned(port.dim, ni, nt, g, query_side)
+    if isinstance(port, PairLocalPort):
+        return _pair_local(port, ni, nt, g)
     if isinstance(port, PairSimsPort):
         # The mask follows the query side (here the caption's words), the same for every image.
         mask = lengths_to_mask(_lengths(nt, WORDS, g), WORDS)[None].expand(ni, nt, WORDS)
@@ -242,6 +247,16 @@ def _aligned(dim: int, ni: int, nt: int, g: torch.Generator, query_side: str) ->
     logits = torch.randn(ni, nt, query.shape[-2], context.shape[-2], generator=g)
     weights = logits.masked_fill(~context_mask[..., None, :], float("-inf")).softmax(dim=-1)
     return Aligned(query.contiguous(), weights, context.contiguous(), query_mask, query_side)
+
+
+def _pair_local(port: PairLocalPort, ni: int, nt: int, g: torch.Generator) -> PairLocal:
+    """Random fragments of ``port.side`` for every pair; each item's padding is the same in all its pairs."""
+    if port.side == "image":
+        mask = lengths_to_mask(_lengths(ni, REGIONS, g), REGIONS)[:, None].expand(ni, nt, REGIONS)
+    else:
+        mask = lengths_to_mask(_lengths(nt, WORDS, g), WORDS)[None].expand(ni, nt, WORDS)
+    feats = torch.randn(ni, nt, mask.shape[-1], port.dim, generator=g)
+    return PairLocal(feats * mask[..., None], mask, port.side)
 
 
 def random_positives(batch: int = BATCH) -> torch.Tensor:
@@ -487,6 +502,8 @@ def _output_problem(out: Any, port: Port, x: Any, kind: str) -> str | None:
         return _pair_sims_problem(out, port, x, promised)
     if isinstance(port, AlignedPort):
         return _aligned_problem(out, port, promised)
+    if isinstance(port, PairLocalPort):
+        return _pair_local_problem(out, port, promised)
     if isinstance(port, LossPort):
         return None if torch.is_tensor(out) and out.dim() == 0 else f"{promised}, expected a scalar tensor"
     return None  # a port class the kit does not know: only finiteness and gradients are checked
@@ -515,6 +532,23 @@ def _pair_sims_problem(out: Any, port: PairSimsPort, x: Any, promised: str) -> s
                 " (expected one per query, plus at most one pair-level node first)")
     if out.mask.dtype != torch.bool or out.mask.shape != shape[:3]:
         return f"PairSims mask is {out.mask.dtype} {tuple(out.mask.shape)}, expected bool {tuple(shape[:3])}"
+    return None
+
+
+def _pair_local_problem(out: Any, port: PairLocalPort, promised: str) -> str | None:
+    if not isinstance(out, PairLocal):
+        return f"{promised}, not PairLocal"
+    if out.side != port.side:
+        return f"PairLocal.side is {out.side!r}, ports() promised {port.side!r}"
+    shape = out.feats.shape
+    if out.feats.dim() != 4 or shape[:2] != (NI, NT) or shape[3] != port.dim:
+        return f"PairLocal feats have shape {tuple(shape)}, expected ({NI}, {NT}, N, {port.dim})"
+    try:
+        mask = torch.broadcast_shapes(out.mask.shape, shape[:3])
+    except RuntimeError:
+        mask = None
+    if out.mask.dtype != torch.bool or mask != shape[:3]:
+        return f"PairLocal mask is {out.mask.dtype} {tuple(out.mask.shape)}, expected bool broadcastable to {tuple(shape[:3])}"
     return None
 
 
@@ -600,6 +634,9 @@ def _repad(value: Any, g: torch.Generator) -> Any:
     if isinstance(value, Aligned):
         noise = torch.randn(value.query.shape, generator=g) * 10
         return attrs.evolve(value, query=torch.where(value.query_mask[..., None], value.query, noise))
+    if isinstance(value, PairLocal):
+        noise = torch.randn(value.feats.shape, generator=g) * 10
+        return attrs.evolve(value, feats=torch.where(value.mask[..., None], value.feats, noise))
     return value
 
 
@@ -612,6 +649,9 @@ def _valid_part(out: Any) -> list[torch.Tensor]:
     if isinstance(out, Aligned):
         mask = out.query_mask.expand(out.weights.shape[:-1])
         return [mask, out.attended()[mask]]
+    if isinstance(out, PairLocal):
+        mask = out.mask.expand(out.feats.shape[:3])
+        return [mask, out.feats[mask]]
     return [t for t in _tensors(out) if t.is_floating_point()]
 
 
@@ -668,6 +708,9 @@ def _valid_values(out: Any) -> list[torch.Tensor]:
     if isinstance(out, Aligned):
         mask = out.query_mask.expand(out.weights.shape[:-1])
         return [mask.sum(dim=-1), out.attended()[mask]]
+    if isinstance(out, PairLocal):
+        mask = out.mask.expand(out.feats.shape[:3])
+        return [mask.sum(dim=-1), out.feats[mask]]
     return [t for t in _tensors(out) if t.is_floating_point()]
 
 

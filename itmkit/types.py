@@ -54,6 +54,20 @@ class AlignedPort(Port):
 
 
 @attrs.frozen
+class PairLocalPort(Port):
+    """One side's fragments rebuilt for every image x caption pair: ``PairLocal`` (Ni, Nt, N, D).
+
+    ``side`` says whose fragments they are ("image": DP-RNN's reordered objects; "text": DIME t-i's
+    refined words). A cross stage that reads it uses them in place of that side's tower fragments.
+    """
+
+    side: str = "image"
+
+    def describe(self) -> str:
+        return f"PairLocal[{self.dim}, {self.side}]"
+
+
+@attrs.frozen
 class PairSimsPort(Port):
     """Per-fragment similarity vectors for every image x caption pair: ``PairSims`` (Ni, Nt, N, S)."""
 
@@ -166,6 +180,15 @@ class Aligned:
     def attended(self) -> torch.Tensor:
         """The attended context vectors (Ni, Nt, Lq, D)."""
         return self.weights @ self.context
+
+
+@attrs.frozen
+class PairLocal:
+    """Fragments (Ni, Nt, N, D) of ``side`` ("image" or "text") for every pair, with a mask broadcastable to (Ni, Nt, N)."""
+
+    feats: torch.Tensor
+    mask: torch.Tensor
+    side: str
 
 
 @attrs.frozen

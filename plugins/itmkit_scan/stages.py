@@ -21,9 +21,10 @@ import attrs
 import torch
 from torch import nn
 
-from itmkit.attention import RAW_NORMS, scan_attention
+from itmkit.attention import RAW_NORMS, pair_query_attention, scan_attention
 from itmkit.stage import PortError, Stage, param
-from itmkit.types import Aligned, AlignedPort, Local, LocalPort, PairSims, PairSimsPort, ScorePort
+from itmkit.types import (Aligned, AlignedPort, Local, LocalPort, PairLocal, PairLocalPort, PairSims, PairSimsPort,
+                          ScorePort)
 
 # =========================================================================== cross attention
 
@@ -41,17 +42,34 @@ class StackedCrossAttention(nn.Module):
         self.lambda_softmax = lambda_softmax
         self.raw_feature_norm = raw_feature_norm
 
-    def forward(self, image: Local, text: Local) -> Aligned:
+    def forward(self, image: Local, text: Local, x: PairLocal | None = None) -> Aligned:
         query, context = (text, image) if self.query_side == "text" else (image, text)
-        return scan_attention(query, context, query_side=self.query_side, lambda_softmax=self.lambda_softmax,
-                              raw_norm=self.raw_feature_norm)
+        if x is None:
+            return scan_attention(query, context, query_side=self.query_side, lambda_softmax=self.lambda_softmax,
+                                  raw_norm=self.raw_feature_norm)
+        # The queries were rebuilt for every pair (a [[match]] pair stage): the same attention, per pair.
+        weights = pair_query_attention(x.feats, x.mask, context, query_side=self.query_side,
+                                       lambda_softmax=self.lambda_softmax, raw_norm=self.raw_feature_norm)
+        context_feats, context_mask = ((context.feats[:, None], context.mask[:, None]) if self.query_side == "text"
+                                       else (context.feats[None], context.mask[None]))
+        return Aligned(query=x.feats, weights=weights, context=context_feats,
+                       query_mask=x.mask.expand(weights.shape[:-1]), query_side=self.query_side,
+                       context_mask=context_mask)
 
 
-def _cross_ports(image: LocalPort, text: LocalPort) -> AlignedPort:
+def _cross_ports(image: LocalPort, text: LocalPort, x: PairLocalPort | None, query_side: str, name: str) -> AlignedPort:
     if image.dim != text.dim:
         raise PortError(f"SCAN attention compares regions and words by dot product, so both sides need the"
                         f" same dim: image fragments are {image.dim}-d, text fragments {text.dim}-d"
                         " (set one [recipe].embed_dim, or the same embed_dim on both encoders)")
+    if x is not None:
+        if x.side != query_side:
+            other = "scan.i2t" if x.side == "image" else "scan.t2i"
+            raise PortError(f"{name} attends from the {query_side} fragments, but the pair stage before it rebuilds"
+                            f" the {x.side} side's: use {other}, whose queries are the {x.side} fragments")
+        if x.dim != image.dim:
+            raise PortError(f"the pair stage's {x.side} fragments are {x.dim}-d, the other side's {image.dim}-d:"
+                            " SCAN attention needs one dim")
     return AlignedPort(image.dim)
 
 
@@ -69,10 +87,11 @@ class _Cross(Stage):
     kind = "cross"
     query_side: ClassVar[str] = "text"
 
-    def ports(self, image: LocalPort, text: LocalPort) -> AlignedPort:
-        return _cross_ports(image, text)
+    def ports(self, image: LocalPort, text: LocalPort, x: PairLocalPort | None = None) -> AlignedPort:
+        """``x``: the query side's fragments rebuilt per pair by a [[match]] pair stage (DP-RNN, DIME), if any."""
+        return _cross_ports(image, text, x, self.query_side, self.name)
 
-    def build(self, image: LocalPort, text: LocalPort) -> nn.Module:
+    def build(self, image: LocalPort, text: LocalPort, x: PairLocalPort | None = None) -> nn.Module:
         return StackedCrossAttention(query_side=self.query_side, lambda_softmax=self.lambda_softmax,
                                      raw_feature_norm=self.raw_feature_norm)
 
