@@ -2,7 +2,9 @@
 
 import itmkit
 
+from itmkit_dprnn.stages import Macm, Objects
+
 
 @itmkit.hookimpl
 def register_stages():
-    return []
+    return [Objects, Macm]
