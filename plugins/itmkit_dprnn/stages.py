@@ -25,7 +25,6 @@ from typing import Literal
 import attrs
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmkit.attention import context_major_dots, masked_softmax
 from itmkit.errors import DataError
@@ -34,6 +33,7 @@ from itmkit.stage import BoxLayout, DataNeeds, PortError, Stage, param
 from itmkit.types import BlockContext, Local, LocalPort, Regions, RegionsPort, ScorePort, lengths_to_mask
 
 from itmkit_dprnn.macm import CLIPS, object_oriented, word_oriented
+from itmkit_dprnn.rnn import input_gates, pair_bigru
 
 FLOAT = 4  # bytes of a float32
 
@@ -177,28 +177,25 @@ class DualPathMatch(nn.Module):
         top = others.topk(d, dim=0).indices  # (d, Nt)
         return torch.zeros_like(positives).scatter_(0, top, True) | positives
 
-    def reorder(self, objects: torch.Tensor, object_mask: torch.Tensor, dots: torch.Tensor,
-                word_weights: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
-        """Each pair's objects in the order of their most related word (P, R, D) (eq. 14).
+    def reorder(self, object_mask: torch.Tensor, dots: torch.Tensor, word_weights: torch.Tensor,
+                word_mask: torch.Tensor) -> torch.Tensor:
+        """Each pair's object order (P, R): by the position of each object's most related word (eq. 14).
 
-        objects (P, R, D), dots <o_i, w_j> (P, R, L), word_weights a^w (P, L), masks (P, R), (P, L).
-        p_i = argmax over the valid words of a^w_j <o_i, w_j>; a stable sort by p_i keeps detector order
-        among objects with the same word (ASSUMPTION) and puts padded objects last.
+        dots <o_i, w_j> (P, R, L), word_weights a^w (P, L), masks (P, R), (P, L). p_i = argmax over the
+        valid words of a^w_j <o_i, w_j>; a stable sort by p_i keeps detector order among objects with the
+        same word (ASSUMPTION) and puts padded objects last.
         """
         relatedness = (word_weights[:, None, :] * dots).masked_fill(~word_mask[:, None, :], float("-inf"))
         word = relatedness.argmax(dim=-1)  # p_i (P, R)
         word = word.masked_fill(~object_mask, dots.shape[-1])  # padding after every word
-        order = torch.sort(word, dim=-1, stable=True).indices  # (P, R)
-        return objects.gather(1, order[..., None].expand_as(objects))
+        return torch.sort(word, dim=-1, stable=True).indices
 
-    def run_rnn(self, ordered: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """o^new_i = (h->_i + h<-_i) / 2 over each pair's reordered valid objects (P, R, D) (eq. 15)."""
-        packed = pack_padded_sequence(ordered, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.object_rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=ordered.shape[1])
-        if self.bidirectional:
-            half = out.shape[-1] // 2
-            out = (out[..., :half] + out[..., half:]) / 2
+    def run_rnn(self, objects: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """o^new_i = (h->_i + h<-_i) / 2 over each pair's reordered valid objects (P, R, D) (eq. 15).
+
+        objects (Ni, R, D) the block's images; pair p reads image rows[p] in order[p]; valid (P, R) prefix.
+        """
+        out = pair_bigru(self.object_rnn, input_gates(self.object_rnn, objects), rows, order, valid)
         return l2norm(out) if self.normalize_rnn else out
 
     def macm(self, dots, object_gram, word_gram, object_mask, word_mask, word_weights, objects) -> torch.Tensor:
@@ -249,13 +246,18 @@ class DualPathMatch(nn.Module):
                recurrent: bool) -> torch.Tensor:
         """The scores (P,) of the pairs (rows[p], cols[p]), running the object RNN per pair when ``recurrent``."""
         words, word_mask, weights = text.feats[cols], text.mask[cols], word_weights[cols]  # (P, L, D), (P, L)
-        objects, object_mask = image.feats[rows], image.mask[rows]  # (P, R, D), (P, R)
-        dots = objects @ words.transpose(1, 2)  # <o_i, w_j> (P, R, L) of the encoder's objects
+        object_mask = image.mask[rows]  # (P, R)
         if recurrent:
-            objects = self.run_rnn(self.reorder(objects, object_mask, dots, weights, word_mask), object_mask.sum(dim=1))
-            object_mask = lengths_to_mask(object_mask.sum(dim=1), objects.shape[1])  # valid objects come first now
-            dots = objects @ words.transpose(1, 2)
+            # <o_i, w_j> of the encoder's objects: one GEMM for the block, each pair's (R, L) picked from it
+            dots = context_major_dots(text.feats, image.feats)[rows, :, cols]  # (P, R, L)
+            order = self.reorder(object_mask, dots, weights, word_mask)
+            lengths = object_mask.sum(dim=1)
+            object_mask = lengths_to_mask(lengths, image.feats.shape[1])  # valid objects come first now
+            objects = self.run_rnn(image.feats, rows, order, object_mask)
+        else:
+            objects = image.feats[rows]  # (P, R, D)
         objects = objects * object_mask[..., None]
+        dots = objects @ words.transpose(1, 2)
         object_gram = objects @ objects.transpose(1, 2)
         word_gram = words @ words.transpose(1, 2)
         return self.macm(dots, object_gram, word_gram, object_mask, word_mask, weights, objects)
@@ -321,13 +323,13 @@ class Macm(Stage):
     def pair_bytes(self, *, text_len: int, image_len: int, ports: dict | None = None) -> int:
         """Per pair at the peak of a no-grad forward with the RNN on (the scoring default).
 
-        Live together at the RNN: the gathered objects and their reordered copy (2 R D), the packed
-        input and output (R D + 2 R D), the padded bi-directional output and its average (2 R D + R D),
-        the gathered words (L D), the GRU's gate buffers (~ 4 R D for both directions), and the (R, L)
-        products, cosines, norms and weights (~ 8 R L) and the object Gram (R R) of MACM. Measured
-        as the growth of peak resident memory over one block (D 64 to 1024, 64 to 2304 pairs, 36
-        objects, 12 to 30 words), the real peak is 0.75 to 0.95 of this.
+        Live together at the RNN: one direction's gathered input gates (3 R D), its hidden states and
+        their stacked copy (2 R D), the other direction's output (R D), o^new and its normalised copy
+        (2 R D), the gathered words (L D); then MACM's (R, L) products, cosines, norms and weights
+        (~ 8 R L) and the object Gram (R R). Measured as the growth of peak resident memory over one
+        block (D 32 to 1024, 64 to 4096 pairs, 36 objects, 12 to 30 words), the real peak is 0.5 (small
+        D, where the (R, L) terms are overcounted) to 0.9 of this.
         """
         dim = ports["image"].dim if ports and "image" in ports else 1024
         r, length = image_len, text_len
-        return FLOAT * (12 * r * dim + length * dim + 8 * r * length + 2 * r * r) + 64
+        return FLOAT * (9 * r * dim + length * dim + 8 * r * length + 2 * r * r) + 64
