@@ -2,7 +2,15 @@
 
 import itmkit
 
+from itmkit_dime.importer import convert
+from itmkit_dime.stages import DimeBert, DimeImagePool, DimeInteraction, DimeRefineStage
+
 
 @itmkit.hookimpl
 def register_stages():
-    return []
+    return [DimeBert, DimeImagePool, DimeInteraction, DimeRefineStage]
+
+
+@itmkit.hookimpl
+def register_importers():
+    return {"dime": convert}
