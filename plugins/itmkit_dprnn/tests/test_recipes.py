@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -21,12 +22,16 @@ RECIPES = sorted(p for p in (ROOT / "recipes").glob("dprnn_*.toml") if "dprnn" i
 TOL = dict(rtol=0, atol=1e-5)
 
 
-def test_there_are_six_recipes():
+def test_there_are_seven_recipes():
     assert [p.stem for p in RECIPES] == ["dprnn_coco_object", "dprnn_coco_word", "dprnn_f30k_object",
-                                         "dprnn_f30k_word", "dprnn_shapes_object", "dprnn_shapes_word"]
+                                         "dprnn_f30k_word", "dprnn_shapes_macm", "dprnn_shapes_object",
+                                         "dprnn_shapes_word"]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+MODELS = [p for p in RECIPES if p.stem != "dprnn_shapes_macm"]
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
 def test_every_recipe_builds_with_its_three_phases(path):
     recipe = load_recipe(path)
     model = build_model(recipe, DataPorts(256 if "shapes" in path.stem else 2048, 100, 36))
@@ -43,6 +48,17 @@ def test_every_recipe_builds_with_its_three_phases(path):
     schedule.apply(model, 1)
     assert bool(match.recurrent) and not model.text.training and match.object_rnn.training
     assert not any(p.requires_grad for p in model.image.parameters())
+
+
+def test_the_multi_att_ablation_runs_macm_alone_on_every_pair():
+    r = load_recipe(ROOT / "recipes" / "dprnn_shapes_macm.toml")
+    word = load_recipe(ROOT / "recipes" / "dprnn_shapes_word.toml")
+    m = r.match[0].similarity.spec
+    assert not m.recurrent and m.preselect_train == 0 and not r.phases
+    assert attrs.evolve(m, recurrent=True, preselect_train=10) == word.match[0].similarity.spec
+    assert (r.train, r.image, r.text, r.loss, r.data) == (word.train, word.image, word.text, word.loss, word.data)
+    model = build_model(r, DataPorts(256, 100, 36))
+    assert not bool(model.branches[0].stages[0].recurrent)
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if "shapes" not in p.stem], ids=lambda p: p.stem)
