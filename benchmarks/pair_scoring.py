@@ -1,0 +1,287 @@
+"""DIME scoring speed against its official evaluation; DP-RNN's pairs/s and memory beside it.
+
+Both models rebuild one side for every image x caption pair, so every pair runs a deep computation.
+
+DIME (``--model dime``, i-t or t-i): the official sizes (36 regions, D = 256, BERT states of 768 at
+32 positions, 16 heads, hidden 512), random weights and inputs. Ours is the block engine as `itmkit
+eval` runs it: galleries of fc(f) regions (and the image vectors for t-i) and of the captions' BERT
+states with their token counts, then ``score_all`` with the default CPU block budget; the text head
+(the n-gram CNN over the BERT states) runs inside the scoring, per block. The reference is the
+official evaluation (itmkit_dime.tests.official: evaluation.calItr, shards of 64 images x 64
+captions through InteractionModule) on inputs the official encoder already produced (l2-normalised
+regions, words and sentence vectors: its encode_data runs before calItr), so its time holds no
+text head. Both sides carry the same weights, run in the same process and threads, are warmed up
+and timed best of three; scores are compared on the reference's block.
+
+DP-RNN (``--model dprnn``, model-W): 36 objects, h = 1024, captions of 8 to 20 words, the object
+bi-GRU over each pair's reordered objects. No official code exists: its pairs/s, FLOPs per pair
+and peak memory are recorded.
+
+The full 1000 x 5000 block would take hours on a 2-core CPU with either model (tens to hundreds of
+MFLOP per pair), so a sub-block is scored while galleries of the full block's size are held (the
+peak memory is that of a full run) and the full block's time is extrapolated from pairs/s. The load
+average over the minute before the script starts says whether the machine was idle.
+
+    python benchmarks/pair_scoring.py --model dime                 # writes dime_results.json
+    python benchmarks/pair_scoring.py --model dime --direction t2i --out benchmarks/dime_t2i_results.json
+    python benchmarks/pair_scoring.py --model dprnn                # writes dprnn_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from itmkit.build import DataPorts, Encoded, build_model
+from itmkit.gallery import Gallery
+from itmkit.recipe import parse_recipe
+from itmkit.scoring import score_all
+from itmkit.types import Local
+
+from common import BATCH, flops_per_pair, gemm_gflops, peak_mb  # benchmarks/common.py
+
+HERE = Path(__file__).parent
+REGIONS = 36
+FULL = (1000, 5000)
+REPEATS = 3
+SHARD = 64  # the official calItr shard: 2 x batch_size 32
+
+# DIME (train.py defaults, README lambdas)
+DIME_DIM, BERT, POSITIONS = 256, 768, 32
+DIME_LAMBDA = {"i2t": 4.0, "t2i": 9.0}
+# DP-RNN (the paper's h)
+DPRNN_DIM, MIN_WORDS, MAX_WORDS = 1024, 8, 20
+
+
+def dime_model(direction: str):
+    pool = 'pool = { stage = "dime.image_pool", batchnorm = true }' if direction == "t2i" else ""
+    recipe = f"""
+[recipe]
+name = "bench-dime"
+embed_dim = {DIME_DIM}
+[image]
+encoder = {{ stage = "core.precomp", normalize = false }}
+{pool}
+[text]
+encoder = {{ stage = "core.bigru", embed_dim = {BERT} }}
+[[match]]
+similarity = {{ stage = "dime.interaction", direction = "{direction}", lambda_softmax = {DIME_LAMBDA[direction]} }}
+[loss]
+stage = "core.triplet"
+"""
+    torch.manual_seed(0)
+    m = build_model(parse_recipe(recipe), DataPorts(2048, 100, REGIONS)).eval()
+    with torch.no_grad():  # a trained score head: running statistics away from (0, 1)
+        for module in m.branches[0].stages[0].head.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def dprnn_model():
+    recipe = f"""
+[recipe]
+name = "bench-dprnn"
+embed_dim = {DPRNN_DIM}
+[image]
+encoder = {{ stage = "core.precomp" }}
+[text]
+encoder = {{ stage = "core.bigru" }}
+[[match]]
+similarity = {{ stage = "dprnn.macm", orientation = "word" }}
+[loss]
+stage = "core.triplet"
+"""
+    torch.manual_seed(0)
+    return build_model(parse_recipe(recipe), DataPorts(2048, 100, REGIONS)).eval()
+
+
+def dime_inputs(ni: int, nt: int, seed: int = 0):
+    """fc(f) regions (Ni, 36, 256), image vectors (Ni, 256), BERT states (Nt, 32, 768), token counts (Nt,)."""
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.randn(ni, REGIONS, DIME_DIM, generator=g)
+    image = F.normalize(torch.randn(ni, DIME_DIM, generator=g), dim=-1)
+    states = torch.randn(nt, POSITIONS, BERT, generator=g)
+    lengths = torch.randint(10, POSITIONS + 1, (nt,), generator=g)
+    return regions, image, states, lengths
+
+
+def dprnn_inputs(ni: int, nt: int, seed: int = 0):
+    """Unit objects (Ni, 36, h), unit words (Nt, 20, h) zero past each length, lengths (Nt,)."""
+    g = torch.Generator().manual_seed(seed)
+    objects = F.normalize(torch.randn(ni, REGIONS, DPRNN_DIM, generator=g), dim=-1)
+    lengths = torch.randint(MIN_WORDS, MAX_WORDS + 1, (nt,), generator=g)
+    words = F.normalize(torch.randn(nt, MAX_WORDS, DPRNN_DIM, generator=g), dim=-1)
+    return objects, None, words * (torch.arange(MAX_WORDS)[None] < lengths[:, None])[..., None], lengths
+
+
+def image_part(regions: torch.Tensor, image: torch.Tensor | None) -> Encoded:
+    return Encoded(Local(regions, torch.ones(regions.shape[:2], dtype=torch.bool)), image)
+
+
+def text_part(model: str, fragments: torch.Tensor, lengths: torch.Tensor) -> Encoded:
+    """DP-RNN's captions cut to the batch's longest; DIME's at their 32 positions (all of them fragments, as
+    dime.bert gives them) with their token counts."""
+    if model == "dprnn":
+        width = int(lengths.max())
+        mask = torch.arange(width)[None] < lengths[:, None]
+        return Encoded(Local(fragments[:, :width] * mask[..., None], mask))
+    return Encoded(Local(fragments, torch.ones(fragments.shape[:2], dtype=torch.bool), {"token_lengths": lengths}))
+
+
+def galleries(model: str, regions, image, fragments, lengths) -> tuple[Gallery, Gallery]:
+    """Both sides as `itmkit eval` holds them: batches of 128, DP-RNN's captions shortest first."""
+    images = Gallery()
+    for start in range(0, len(regions), BATCH):
+        rows = slice(start, start + BATCH)
+        images.append(image_part(regions[rows], None if image is None else image[rows]),
+                      range(start, min(start + BATCH, len(regions))))
+    texts = Gallery()
+    order = torch.argsort(lengths, stable=True).tolist() if model == "dprnn" else list(range(len(lengths)))
+    for start in range(0, len(order), BATCH):
+        rows = order[start:start + BATCH]
+        texts.append(text_part(model, fragments[rows], lengths[rows]), rows)
+    return images, texts
+
+
+def held_galleries(model: str, inputs) -> tuple[Gallery, Gallery]:
+    """Galleries of the full block's size, filled batch by batch (never the whole block as one tensor)."""
+    images, texts = Gallery(), Gallery()
+    for start in range(0, FULL[0], BATCH):
+        r, img, _, _ = inputs(min(BATCH, FULL[0] - start), 0, seed=start + 1)
+        images.append(image_part(r, img), range(start, start + len(r)))
+    for start in range(0, FULL[1], BATCH):
+        _, _, w, n = inputs(0, min(BATCH, FULL[1] - start), seed=start + 1)
+        texts.append(text_part(model, w, n), range(start, start + len(n)))
+    return images, texts
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def official_dime(m, direction: str):
+    """The official InteractionModule and text head holding our weights (the importer's key maps, inverted)."""
+    from itmkit_dime.importer import interaction_keys, text_keys
+    from itmkit_dime.tests import official
+
+    stage = m.branches[0].stages[0]
+    spec = m.recipe.match[0].similarity.spec
+    itr = official.OfficialInteraction(DIME_DIM, direction, hid_router=spec.hid_router, hid_imrc=spec.hid_imrc,
+                                       heads=spec.heads, raw_feature_norm=spec.raw_feature_norm,
+                                       lambda_softmax=spec.lambda_softmax, path_hid=spec.path_hid).eval()
+    head = official.OfficialTextHead(BERT, DIME_DIM).eval()
+    ours = stage.state_dict()
+    head.load_state_dict({theirs: ours[mine] for theirs, (mine, _) in text_keys(DIME_DIM, BERT).items()})
+    keys = interaction_keys(DIME_DIM, spec.path_hid, spec.hid_router, spec.hid_imrc)
+    itr.load_state_dict({theirs: ours[mine] for theirs, (mine, _) in keys.items()})
+    return official, itr, head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("dime", "dprnn"), default="dime")
+    parser.add_argument("--direction", choices=("i2t", "t2i"), default="i2t", help="DIME's direction")
+    parser.add_argument("--images", type=int, default=64, help="images of the sub-block itmkit scores")
+    parser.add_argument("--captions", type=int, default=128, help="captions of the sub-block itmkit scores")
+    parser.add_argument("--reference-images", type=int, default=SHARD, help="images of the official reference's block")
+    parser.add_argument("--reference-captions", type=int, default=SHARD)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/<model>_results.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or HERE / f"{args.model}_results.json"
+
+    load_at_start = os.getloadavg()[0]  # before this script's own threads count in the load
+    dime = args.model == "dime"
+    m = dime_model(args.direction) if dime else dprnn_model()
+    inputs = dime_inputs if dime else dprnn_inputs
+    held = held_galleries(args.model, inputs)  # kept alive for the peak memory, as a real run holds them
+    ni, nt = max(args.images, args.reference_images), max(args.captions, args.reference_captions)
+    regions, image, fragments, lengths = inputs(ni, nt)
+    sub = galleries(args.model, regions[:args.images], None if image is None else image[:args.images],
+                    fragments[:args.captions], lengths[:args.captions])
+    with torch.no_grad():
+        score_all(m, *galleries(args.model, regions[:4], None if image is None else image[:4], fragments[:8],
+                                lengths[:8]))  # warm-up
+        ours_s, (sims, _) = best_of(lambda: score_all(m, *sub), args.repeats)
+        ci, ct = min(args.images, 8), min(args.captions, 16)
+        small = galleries(args.model, regions[:ci], None if image is None else image[:ci], fragments[:ct], lengths[:ct])
+        ours_flops = flops_per_pair(lambda: score_all(m, *small), ci * ct)
+    ours_peak = peak_mb()
+    ours_pps = args.images * args.captions / ours_s
+    full_pairs = FULL[0] * FULL[1]
+    spec = m.recipe.match[0].similarity.spec
+    result = {
+        "model": args.model,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+                   f" torch {torch.__version__}",
+        "sizes": ({"regions": REGIONS, "d": DIME_DIM, "bert_width": BERT, "positions": POSITIONS,
+                   "heads": spec.heads, "hid_imrc": spec.hid_imrc, "hid_router": spec.hid_router}
+                  if dime else {"regions": REGIONS, "h": DPRNN_DIM, "caption_words": [MIN_WORDS, MAX_WORDS]}),
+        "stage": m.recipe.to_dict()["match"][0]["similarity"],
+        "command": "python benchmarks/pair_scoring.py " + " ".join(sys.argv[1:]),
+        "ours": {"block": [args.images, args.captions], "repeats": args.repeats,
+                 "pairs_per_second": round(ours_pps, 1), "seconds": round(ours_s, 2),
+                 "peak_rss_mb_with_full_galleries": round(ours_peak), "mflop_per_pair": round(ours_flops / 1e6, 1)},
+        "galleries_held": {"images": len(held[0]), "captions": len(held[1])},
+        "load_average_at_start": round(load_at_start, 2),
+        "machine_was_idle": load_at_start < 1.0,
+        "full_block": {"pairs": full_pairs, "ours_seconds_extrapolated": round(full_pairs / ours_pps)},
+    }
+    # the dominant product's shape: (pair fragments x D) @ (D x D) for DIME's cells, (pairs x h) @ (h x 3h)
+    # for DP-RNN's GRU gates
+    gemm = gemm_gflops(8192, DIME_DIM, DIME_DIM) if dime else gemm_gflops(2048, DPRNN_DIM, 3 * DPRNN_DIM)
+    result["gemm_gflops"] = round(gemm)
+    result["ours_gflops"] = round(ours_pps * ours_flops / 1e9)
+    result["ceiling_pairs_per_second"] = round(gemm * 1e9 / ours_flops)
+    if dime:
+        official, itr, head = official_dime(m, args.direction)
+        ri, rt = args.reference_images, args.reference_captions
+        with torch.no_grad():  # what the official encode_data stores before calItr
+            (stc, _), wrd = head(fragments[:rt])
+            rgn, img = F.normalize(regions[:ri], dim=-1), image[:ri]
+
+            def reference():
+                return official.cal_itr(itr, rgn, img, wrd, stc, lengths[:rt], shard_size=SHARD)
+
+            official.cal_itr(itr, rgn[:2], img[:2], wrd[:2], stc[:2], lengths[:2])  # warm-up
+            ref_s, ref = best_of(reference, args.repeats)
+            rci, rct = min(ri, 8), min(rt, 16)
+            ref_flops = flops_per_pair(lambda: official.cal_itr(itr, rgn[:rci], img[:rci], wrd[:rct], stc[:rct],
+                                                                lengths[:rct]), rci * rct)
+        ref_pps = ri * rt / ref_s
+        result["reference"] = {"block": [ri, rt], "shard": SHARD, "pairs_per_second": round(ref_pps, 1),
+                               "seconds": round(ref_s, 2), "mflop_per_pair": round(ref_flops / 1e6, 1)}
+        result["reference_gflops"] = round(ref_pps * ref_flops / 1e9)
+        result["ceiling_speedup"] = round(gemm * 1e9 / ours_flops / ref_pps, 2)
+        result["speedup"] = round(ours_pps / ref_pps, 2)
+        result["flop_ratio"] = round(ref_flops / ours_flops, 2)
+        n_i, n_t = min(ri, args.images), min(rt, args.captions)
+        result["max_abs_difference"] = float(np.abs(sims[:n_i, :n_t] - ref[:n_i, :n_t]).max())
+        result["full_block"]["reference_seconds_extrapolated"] = round(full_pairs / ref_pps)
+    print(json.dumps(result, indent=2))
+    if "max_abs_difference" in result:
+        assert result["max_abs_difference"] < 1e-5, f"scores differ from the official loop by {result['max_abs_difference']}"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
