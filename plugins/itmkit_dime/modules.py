@@ -1,10 +1,11 @@
 """DIME's networks as plain modules: the text head, the four cells, the routing layers, the score head.
 
-Everything runs on a whole block at once in *query-major* layout: the side DIME refines (regions
+Everything runs on a whole block at once in *context-major* layout: the side DIME refines (regions
 for i-t, words for t-i) is the query side q, the other side is the context side c, and a pair
-tensor is (Nq, Nc, N, D). A layer-0 input does not depend on the pair and is (Nq, 1, N, D), so the
-cells that only read it (RIC, IMRC and every router) run once per item and broadcast. The
-stages turn the (Nq, Nc) result into (Ni, Nt) (a transpose for t-i).
+tensor is (Nc, Nq, N, D), so that CMRC's attention and modulation are batched matrix products over
+the context items with no copy of the pair tensors. A layer-0 input does not depend on the pair and
+is (1, Nq, N, D), so the cells that only read it (RIC, IMRC and every router) run once per item and
+broadcast. The stages turn the (Nc, Nq) result into (Ni, Nt) (a transpose for i-t).
 
 Official code: github.com/LgQu/DIME, models/{TextNet,VisNet,Cells,Router,SelfAttention,Refinement,
 DynamicInteraction,InteractionModule}.py; the comments name the quirks kept from it.
@@ -26,9 +27,37 @@ PATH_EPS = 1e-8
 TOTAL_PATHS = NUM_CELLS * NUM_CELLS * 2 + NUM_CELLS  # layer 0 and 1: 4 x 4 each, layer 2: 4 x 1 -> 36
 
 
-def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x with its masked fragments set to 0 (``mask`` broadcasts to x without its last axis)."""
-    return x if bool(mask.all()) else x.masked_fill(~mask.unsqueeze(-1), 0.0)
+# Inside the interaction a fragment mask is None when every fragment is valid (the official case: 36
+# regions, 32 WordPiece positions): the masked forms cost extra passes over (Nc, Nq, N, D) tensors.
+
+
+def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x with its masked fragments set to 0 (``mask`` broadcasts to x without its last axis; None: all valid)."""
+    return x if mask is None else x.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+def fragment_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the valid fragments (axis -2)."""
+    return x.mean(dim=-2) if mask is None else masked_mean(x, mask, dim=-2)
+
+
+def fragment_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Max over the valid fragments (axis -2)."""
+    return (x if mask is None else x.masked_fill(~mask.unsqueeze(-1), float("-inf"))).amax(dim=-2)
+
+
+def unless_all(mask: torch.Tensor) -> torch.Tensor | None:
+    """The mask, or None when every fragment is valid (one check per forward)."""
+    return None if bool(mask.all()) else mask
+
+
+def accumulate(total: torch.Tensor | None, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """total + weight * x in one pass (addcmul into the running sum, which only this function holds)."""
+    if total is None:
+        return weight * x
+    if total.shape != torch.broadcast_shapes(total.shape, weight.shape, x.shape):
+        return torch.addcmul(total, weight, x)
+    return total.addcmul_(weight, x)  # autograd-safe: addcmul's backward never reads the sum it updates
 
 
 # ================================================================================ text head
@@ -53,7 +82,8 @@ class TextHead(nn.Module):
         self.mapping = nn.Linear(len(widths) * dim, dim)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states = zero_padding(states, mask)
+        mask_or_none = unless_all(mask)
+        states = zero_padding(states, mask_or_none)
         x_emb = self.fc(states)  # (B, W, D)
         grid = states.unsqueeze(1)  # (B, 1, W, Hd)
         maps = []
@@ -62,8 +92,8 @@ class TextHead(nn.Module):
             maps.append(F.relu(conv(F.pad(grid, (0, 0, before, k - 1 - before)))).squeeze(3))  # (B, D, W)
         grams = torch.cat(maps, dim=1).transpose(1, 2)  # (B, W, 3D)
         words = F.normalize(self.mapping(grams) + x_emb, dim=-1)
-        pooled = grams.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)  # max over valid positions
-        sentence = F.normalize(self.mapping(pooled) + masked_mean(x_emb, mask, dim=1), dim=-1)
+        pooled = fragment_max(grams, mask_or_none)  # max over the valid positions
+        sentence = F.normalize(self.mapping(pooled) + fragment_mean(x_emb, mask_or_none), dim=-1)
         return words, sentence
 
 
@@ -79,8 +109,8 @@ class Router(nn.Module):
         with torch.no_grad():
             self.mlp[2].bias.fill_(1.5)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.relu(torch.tanh(self.mlp(masked_mean(x, mask, dim=-2))))  # (..., paths)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.relu(torch.tanh(self.mlp(fragment_mean(x, mask))))  # (..., paths)
 
 
 class RectifiedIdentity(nn.Module):
@@ -90,7 +120,7 @@ class RectifiedIdentity(nn.Module):
         super().__init__()
         self.router = Router(dim, hid_router, paths)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, block: Block) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, block: Block) -> torch.Tensor:
         return F.relu(x)
 
 
@@ -107,9 +137,9 @@ class GlobalLocalGuidance(nn.Module):
         self.fc_1 = nn.Linear(dim, dim)
         self.fc_2 = nn.Linear(dim, dim).requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, block: Block) -> torch.Tensor:
-        guided = zero_padding(self.fc_1(x) * block.other_global[None, :, None, :], mask)  # (Nq, Nc, N, D)
-        return (1 + F.normalize(guided, dim=-2)) * x
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, block: Block) -> torch.Tensor:
+        guided = zero_padding(self.fc_1(x) * block.other_global[:, None, None, :], mask)  # (Nc, Nq, N, D)
+        return torch.addcmul(x, F.normalize(guided, dim=-2), x)  # (1 + n) x
 
 
 class IntraModalReasoning(nn.Module):
@@ -127,18 +157,16 @@ class IntraModalReasoning(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, block: Block) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, block: Block) -> torch.Tensor:
         *lead, n, d = x.shape
         h = self.heads
         flat = x.reshape(-1, n, d)
         q, k, v = (f(flat).view(-1, n, h, d // h).transpose(1, 2) for f in (self.query, self.key, self.value))
-        logits = q @ k.transpose(-1, -2) / math.sqrt(d // h)  # (P, h, n, n)
-        keys = mask.expand(*lead, n).reshape(-1, 1, 1, n)
-        if not bool(keys.all()):
-            logits = logits.masked_fill(~keys, float("-inf"))
-        attended = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, n, d)
-        a = flat + attended
-        return (a + self.fc2(F.relu(self.fc1(a)))).view(*lead, n, d)
+        keys = None if mask is None else mask.expand(*lead, n).reshape(-1, 1, 1, n)
+        # softmax(q k^T / sqrt(d_k)) v by the fused kernel: it reads the per-head views without copying them
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)  # (P, h, n, d_k)
+        a = attended.transpose(1, 2).reshape(-1, n, d) + flat  # (the reshape may be a view of the kernel output)
+        return self.fc2(F.relu(self.fc1(a))).add_(a).view(*lead, n, d)
 
 
 RAW_NORMS = ("clipped_l2norm", "l2norm", "softmax", "clipped", "no_norm")
@@ -166,16 +194,16 @@ class CrossModalRefinement(nn.Module):
         self.fc_1 = nn.Linear(dim, dim)
         self.fc_2 = nn.Linear(dim, dim)
 
-    def attention(self, x: torch.Tensor, mask: torch.Tensor, block: Block) -> torch.Tensor:
-        """Attention weights (Nq, Nc, N, L) of each query fragment over its pair's context fragments."""
+    def attention(self, x: torch.Tensor, mask: torch.Tensor | None, block: Block) -> torch.Tensor:
+        """Attention weights (Nc, Nq, N, L) of each query fragment over its pair's context fragments."""
         ctx = block.context  # (Nc, L, D)
-        nq, p, n, d = x.shape
+        p, nq, n, d = x.shape
+        nc = ctx.shape[0]
         if p == 1:  # pair-independent queries (layer 0): one matrix product for the whole block
-            dots = (x.reshape(nq * n, d) @ ctx.reshape(-1, d).T).view(nq, n, ctx.shape[0], -1).transpose(1, 2)
+            dots = (x.reshape(nq * n, d) @ ctx.reshape(-1, d).T).view(nq, n, nc, -1).permute(2, 0, 1, 3)
         else:
-            dots = torch.einsum("qcnd,cld->qcnl", x, ctx)
-        qmask = mask.unsqueeze(-1)  # (.., N, 1): normalisation runs over the queries
-        norm = self.raw_feature_norm
+            dots = (x.reshape(nc, nq * n, d) @ ctx.transpose(1, 2)).view(nc, nq, n, -1)
+        norm = self.raw_feature_norm  # each normalisation runs over the queries (axis -2)
         if norm in ("clipped_l2norm", "clipped"):
             dots = F.leaky_relu(dots, 0.1)
         if norm == "clipped_l2norm":
@@ -184,18 +212,20 @@ class CrossModalRefinement(nn.Module):
             dots = zero_padding(dots, mask)
             dots = dots / (dots.pow(2).sum(dim=-2, keepdim=True).sqrt() + 1e-8)
         elif norm == "softmax":
-            dots = dots.masked_fill(~qmask, float("-inf")).softmax(dim=-2)
+            dots = (dots if mask is None else dots.masked_fill(~mask.unsqueeze(-1), float("-inf"))).softmax(dim=-2)
         logits = self.lambda_softmax * dots
-        logits = logits.masked_fill(~block.context_mask[None, :, None, :], float("-inf"))
+        if block.context_mask is not None:
+            logits = logits.masked_fill(~block.context_mask[:, None, None, :], float("-inf"))
         return logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, block: Block) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, block: Block) -> torch.Tensor:
         weights = self.attention(x, mask, block)
         if block.modulation is None:  # fc_scale / fc_shift of each context item, once per block
             block.modulation = torch.cat([self.fc_scale(block.context), self.fc_shift(block.context)], dim=-1)
-        mod = torch.einsum("qcnl,cle->qcne", weights, block.modulation)  # (Nq, Nc, N, 2D)
+        nc, nq, n, length = weights.shape
+        mod = (weights.reshape(nc, nq * n, length) @ block.modulation).view(nc, nq, n, -1)  # (Nc, Nq, N, 2D)
         scale, shift = mod.chunk(2, dim=-1)
-        return x + self.fc_2(F.relu(self.fc_1(x * torch.tanh(scale) + shift)))
+        return self.fc_2(F.relu(self.fc_1(torch.addcmul(shift, x, torch.tanh(scale))))).add_(x)
 
 
 class Block:
@@ -204,7 +234,7 @@ class Block:
     ``modulation`` caches one layer's CMRC projections of the context (each layer's CMRC has its own).
     """
 
-    def __init__(self, context: torch.Tensor, context_mask: torch.Tensor, other_global: torch.Tensor):
+    def __init__(self, context: torch.Tensor, context_mask: torch.Tensor | None, other_global: torch.Tensor):
         self.context, self.context_mask, self.other_global = context, context_mask, other_global
         self.modulation: torch.Tensor | None = None
 
@@ -240,18 +270,25 @@ def normalise_paths(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mix(weights: torch.Tensor, gate: torch.Tensor, outs: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Input of output path k: sum_j w[k, j] out_j + gate[k] out_0, each out_j (Nq, 1 or Nc, N, D)."""
-    total = gate[..., k, None, None] * outs[0]
-    for j, out in enumerate(outs):
-        total = total + weights[..., k, j, None, None] * out
+    """Input of output path k: sum_j w[k, j] out_j + gate[k] out_0, each out_j (1 or Nc, Nq, N, D).
+
+    The pair-independent outputs (layer 0's RIC and IMRC) are summed first at their own size, so
+    each pair-sized output costs one fused multiply-add.
+    """
+    w = weights[..., k, :].clone()
+    w[..., 0] += gate[..., k]  # the skip carries RIC's output: fold it into RIC's weight
+    order = sorted(range(len(outs)), key=lambda j: outs[j].shape[0])  # pair-independent ones first
+    total = None
+    for j in order:
+        total = accumulate(total, w[..., j, None, None], outs[j])
     return total
 
 
 class DynamicInteraction(nn.Module):
     """DIME's routing space: 3 layers x 4 cells, densely connected by routers (InteractionModule.py).
 
-    forward(query (Nq, N, D), query_mask, block) -> refined fragments (Nq, Nc, N, D) and the paths
-    (Nq, Nc, 36) that the path regularisation reads (layer 0's normalised 4 x 4, layer 1's
+    forward(query (Nq, N, D), query_mask, block) -> refined fragments (Nc, Nq, N, D) and the paths
+    (Nc, Nq, 36) that the path regularisation reads (layer 0's normalised 4 x 4, layer 1's
     normalised 4 x 4, layer 2's raw 4), flattened as the official ``view(…, -1)``.
 
     Layer 0 and 1: out_k = sum_j p_kj cell_j(in_j) + gate_k RIC(in_0), p normalised over the cells
@@ -270,47 +307,48 @@ class DynamicInteraction(nn.Module):
         self.layers = nn.ModuleList([RoutingLayer(dim, NUM_CELLS, **kwargs), RoutingLayer(dim, NUM_CELLS, **kwargs),
                                      RoutingLayer(dim, 1, **kwargs)])
 
-    def forward(self, query: torch.Tensor, query_mask: torch.Tensor, block: Block,
+    def forward(self, query: torch.Tensor, query_mask: torch.Tensor | None, block: Block,
                 want_paths: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         nq, n, d = query.shape
         nc = block.context.shape[0]
-        x0, m = query[:, None], query_mask[:, None]  # (Nq, 1, N, D), (Nq, 1, N)
+        x0 = query[None]  # (1, Nq, N, D)
+        m = None if query_mask is None else query_mask[None]  # (1, Nq, N)
         # layer 0: every cell reads the pair-independent query fragments
         layer = self.layers[0]
         block.modulation = None
-        outs = [cell(x0, m, block) for cell in layer.cells()]  # RIC, IMRC: (Nq, 1, ..); GLGC, CMRC: (Nq, Nc, ..)
-        probs0 = torch.stack([cell.router(x0, m) for cell in layer.cells()], dim=-1)  # (Nq, 1, out, cells)
+        outs = [cell(x0, m, block) for cell in layer.cells()]  # RIC, IMRC: (1, Nq, ..); GLGC, CMRC: (Nc, Nq, ..)
+        probs0 = torch.stack([cell.router(x0, m) for cell in layer.cells()], dim=-1)  # (1, Nq, out, cells)
         w0, gate0 = normalise_paths(probs0)
         # layer 1: cell j reads layer 0's output path j
         layer = self.layers[1]
         block.modulation = None
         outs1, probs1 = [], []
         for j, cell in enumerate(layer.cells()):
-            inp = mix(w0, gate0, outs, j).expand(nq, nc, n, d)
+            inp = mix(w0, gate0, outs, j).expand(nc, nq, n, d)
             outs1.append(cell(inp, m, block))
             probs1.append(cell.router(inp, m))
             del inp
         del outs
-        w1, gate1 = normalise_paths(torch.stack(probs1, dim=-1))  # (Nq, Nc, out, cells)
+        w1, gate1 = normalise_paths(torch.stack(probs1, dim=-1))  # (Nc, Nq, out, cells)
         # layer 2: one output path, renormalised over the cells' probabilities and skip gates
         layer = self.layers[2]
         block.modulation = None
-        total, denominator, probs2 = 0, 0, []
+        total, denominator, probs2 = None, 0, []
         for j, cell in enumerate(layer.cells()):
             inp = mix(w1, gate1, outs1, j)
-            p = cell.router(inp, m)  # (Nq, Nc, 1)
+            p = cell.router(inp, m)  # (Nc, Nq, 1)
             skip = (p < THRESHOLD / NUM_CELLS).to(p.dtype)
-            total = total + p[..., None] * cell(inp, m, block) + skip[..., None] * inp
+            total = accumulate(accumulate(total, p[..., None], cell(inp, m, block)), skip[..., None], inp)
             denominator = denominator + skip + p
             probs2.append(p)
             del inp
         del outs1
-        refined = total / denominator[..., None]
+        refined = total.div_(denominator[..., None])
         block.modulation = None
         if not want_paths:
             return refined, None
-        paths = torch.cat([w0.reshape(nq, 1, -1).expand(nq, nc, -1), w1.reshape(nq, nc, -1),
-                           torch.stack(probs2, dim=-1).reshape(nq, nc, -1)], dim=-1)  # (Nq, Nc, 36)
+        paths = torch.cat([w0.reshape(1, nq, -1).expand(nc, nq, -1), w1.reshape(nc, nq, -1),
+                           torch.stack(probs2, dim=-1).reshape(nc, nq, -1)], dim=-1)  # (Nc, Nq, 36)
         return refined, paths
 
 
@@ -325,28 +363,26 @@ class ScoreHead(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm1d(dim)
 
-    def normalised(self, refined: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not self.training:  # running statistics: an affine map per channel, the same for every pair
+    def normalised(self, refined: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.training or mask is None:  # scoring: running statistics, an affine map per channel
             return self.bn(refined.reshape(-1, refined.shape[-1])).view_as(refined)
         full = mask.expand(refined.shape[:-1])
-        if bool(full.all()):
-            return self.bn(refined.reshape(-1, refined.shape[-1])).view_as(refined)
         out = torch.zeros_like(refined)  # batch statistics over the valid fragments only
         out[full] = self.bn(refined[full])
         return out
 
-    def forward(self, refined: torch.Tensor, mask: torch.Tensor, other_global: torch.Tensor) -> torch.Tensor:
-        """refined (Nq, Nc, N, D), mask broadcastable to (Nq, Nc, N), other_global (Nc, D) -> (Nq, Nc)."""
+    def forward(self, refined: torch.Tensor, mask: torch.Tensor | None, other_global: torch.Tensor) -> torch.Tensor:
+        """refined (Nc, Nq, N, D), mask broadcastable to (Nc, Nq, N) or None, other_global (Nc, D) -> (Nc, Nq)."""
         y = self.normalised(refined, mask)
-        pooled = masked_mean(y, mask, dim=2) + y.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=2)
-        return (F.normalize(pooled, dim=-1) * other_global[None]).sum(dim=-1)
+        pooled = fragment_mean(y, mask) + fragment_max(y, mask)
+        return (F.normalize(pooled, dim=-1) * other_global[:, None]).sum(dim=-1)
 
 
 def path_loss(paths: torch.Tensor, mapping: nn.Linear, label: torch.Tensor, pairs: int) -> torch.Tensor:
     """||P P^T - B B^T||^2 / pairs with P = l2norm(mapping(mean over the context side of the paths)).
 
-    paths (Nq, Nc, 36); label B (Nq, H): l2norm of each query item's mean BERT state (model.train_emb:
+    paths (Nc, Nq, 36); label B (Nq, H): l2norm of each query item's mean BERT state (model.train_emb:
     the caption of each image row for i-t, each caption for t-i); ``pairs`` the block's batch size.
     """
-    p = F.normalize(mapping(paths.mean(dim=1)), dim=-1)
+    p = F.normalize(mapping(paths.mean(dim=0)), dim=-1)
     return ((p @ p.T - label @ label.T) ** 2).sum() / pairs

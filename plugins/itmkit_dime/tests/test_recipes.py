@@ -12,7 +12,9 @@ from itmkit.build import DataPorts, build_model
 from itmkit.recipe import load_recipe
 
 ROOT = Path(__file__).parents[3]
-RECIPES = sorted((ROOT / "recipes").glob("dime_*.toml"))
+# the DIME paper's own recipes (cross-paper ones such as dime_sgraf.toml are tested with the lead's recipes)
+NAMES = ["dime_coco_i2t", "dime_coco_t2i", "dime_f30k_i2t", "dime_f30k_t2i", "dime_shapes", "dime_shapes_t2i"]
+RECIPES = [ROOT / "recipes" / f"{name}.toml" for name in NAMES]
 
 
 def tiny_bert() -> list[str]:
@@ -21,9 +23,8 @@ def tiny_bert() -> list[str]:
     return [f"text.encoder.path={TINY}", "text.encoder.pretrained=false"]
 
 
-def test_the_recipes():
-    assert [p.stem for p in RECIPES] == ["dime_coco_i2t", "dime_coco_t2i", "dime_f30k_i2t", "dime_f30k_t2i",
-                                         "dime_shapes", "dime_shapes_t2i"]
+def test_the_recipes_exist():
+    assert all(p.is_file() for p in RECIPES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
