@@ -155,6 +155,18 @@ def test_a_stored_bert_unlike_the_directory_is_used_and_reported(tmp_path, bert_
     torch.testing.assert_close(weights, state[1]["bert.encoder.layer.0.output.dense.weight"])
 
 
+def test_a_python2_pickle_imports(tmp_path, bert_dir):
+    """The README's Python 2.7 / PyTorch 1.0 runs pickle their options as byte strings (legacy format)."""
+    from itmkit.testing import save_like_python2
+
+    model = OfficialModel(bert_dir, options("t2i", logger_name="runs/filker_DIME_\xe9t\xe9"), seed=7)
+    source = tmp_path / "MSCOCO_DIME_ti.pth.tar"
+    save_like_python2({"epoch": 17, "model": model.state(), "best_rsum": 480.2, "best_r1": 70.1, "opt": model.opt,
+                       "Eiters": 54321}, source)
+    out = import_checkpoint("dime", source, bert_dir, tmp_path / "d.safetensors", get_importers())
+    assert load_checkpoint(out).model.recipe.match[0].similarity.spec.direction == "t2i"
+
+
 def test_gamma_beta_layer_norm_names_import_too(tmp_path, bert_dir):
     model = OfficialModel(bert_dir, options(), seed=4)
     state = model.state()
