@@ -2,9 +2,10 @@
 
 import itmkit
 
+from itmkit_dprnn.pair import Recurrent
 from itmkit_dprnn.stages import Macm, Objects
 
 
 @itmkit.hookimpl
 def register_stages():
-    return [Objects, Macm]
+    return [Objects, Macm, Recurrent]

@@ -58,19 +58,22 @@ class StackedCrossAttention(nn.Module):
 
 
 def _cross_ports(image: LocalPort, text: LocalPort, x: PairLocalPort | None, query_side: str, name: str) -> AlignedPort:
-    if image.dim != text.dim:
-        raise PortError(f"SCAN attention compares regions and words by dot product, so both sides need the"
-                        f" same dim: image fragments are {image.dim}-d, text fragments {text.dim}-d"
-                        " (set one [recipe].embed_dim, or the same embed_dim on both encoders)")
-    if x is not None:
-        if x.side != query_side:
-            other = "scan.i2t" if x.side == "image" else "scan.t2i"
-            raise PortError(f"{name} attends from the {query_side} fragments, but the pair stage before it rebuilds"
-                            f" the {x.side} side's: use {other}, whose queries are the {x.side} fragments")
-        if x.dim != image.dim:
-            raise PortError(f"the pair stage's {x.side} fragments are {x.dim}-d, the other side's {image.dim}-d:"
-                            " SCAN attention needs one dim")
-    return AlignedPort(image.dim)
+    if x is None:
+        if image.dim != text.dim:
+            raise PortError(f"SCAN attention compares regions and words by dot product, so both sides need the"
+                            f" same dim: image fragments are {image.dim}-d, text fragments {text.dim}-d"
+                            " (set one [recipe].embed_dim, or the same embed_dim on both encoders)")
+        return AlignedPort(image.dim)
+    if x.side != query_side:
+        other = "scan.i2t" if x.side == "image" else "scan.t2i"
+        raise PortError(f"{name} attends from the {query_side} fragments, but the pair stage before it rebuilds"
+                        f" the {x.side} side's: use {other}, whose queries are the {x.side} fragments")
+    context = text if query_side == "image" else image  # the tower's fragments the rebuilt queries attend over
+    if x.dim != context.dim:
+        context_side = "text" if query_side == "image" else "image"
+        raise PortError(f"the pair stage's {x.side} fragments are {x.dim}-d, the {context_side} fragments they"
+                        f" attend over {context.dim}-d: SCAN attention needs one dim")
+    return AlignedPort(x.dim)
 
 
 def _cross_pair_bytes(text_len: int, image_len: int) -> int:
