@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import resource
 import time
 
@@ -51,3 +52,26 @@ def gemm_gflops(rows: int, inner: int, outer: int, repeats: int = 10) -> float:
 def peak_mb() -> float:
     """This process's peak resident memory so far, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def block_arguments(parser: argparse.ArgumentParser, *, images: int, captions: int, reference_images: int,
+                    reference_captions: int, repeats: int = 3) -> None:
+    """The options every sub-block benchmark takes: its block, the reference's block, threads, repeats, output."""
+    parser.add_argument("--images", type=int, default=images, help="images of the sub-block itmkit scores")
+    parser.add_argument("--captions", type=int, default=captions, help="captions of the sub-block itmkit scores")
+    parser.add_argument("--reference-images", type=int, default=reference_images,
+                        help="images of the reference's block")
+    parser.add_argument("--reference-captions", type=int, default=reference_captions)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", default=None, help="default: benchmarks/<model>_results.json")
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    """(the shortest of ``repeats`` timings of fn(), its result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out

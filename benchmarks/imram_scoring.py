@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
 from itmkit.types import Local
 
-from common import BATCH, flops_per_pair, galleries, gemm_gflops, peak_mb  # benchmarks/common.py
+from common import BATCH, best_of, block_arguments, flops_per_pair, galleries, gemm_gflops, peak_mb  # benchmarks/common.py
 
 HERE = Path(__file__).parent
 REGIONS, DIM = 36, 1024
@@ -107,15 +106,6 @@ def full_galleries(n_images: int, n_captions: int) -> tuple[Gallery, Gallery]:
     return images, texts
 
 
-def best_of(fn, repeats: int = REPEATS) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def official_weights(m) -> dict:
     """Our two memory units' weights under the official names (linear_t2i, gate_t2i, linear_i2t, gate_i2t)."""
     units = {"t2i": m.branches[0].stages[0], "i2t": m.branches[1].stages[0]}
@@ -126,17 +116,11 @@ def official_weights(m) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(BRANCHES), default="imram")
-    parser.add_argument("--images", type=int, default=100, help="images of the sub-block itmkit scores")
-    parser.add_argument("--captions", type=int, default=500, help="captions of the sub-block itmkit scores")
-    parser.add_argument("--reference-images", type=int, default=64, help="images of the reference's slice (IMRAM)")
-    parser.add_argument("--reference-captions", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/<model>_results.json")
+    block_arguments(parser, images=100, captions=500, reference_images=64, reference_captions=16, repeats=REPEATS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or HERE / f"{args.model}_results.json"
+    out = Path(args.out) if args.out else HERE / f"{args.model}_results.json"
 
     load_at_start = os.getloadavg()[0]  # before this script's own threads count in the load
     m = model(args.model)

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
 from itmkit.types import Local
 
-from common import BATCH, flops_per_pair, gemm_gflops, peak_mb  # benchmarks/common.py
+from common import BATCH, best_of, block_arguments, flops_per_pair, gemm_gflops, peak_mb  # benchmarks/common.py
 
 HERE = Path(__file__).parent
 REGIONS = 36
@@ -166,15 +165,6 @@ def held_galleries(model: str, inputs) -> tuple[Gallery, Gallery]:
     return images, texts
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def official_dime(m, direction: str):
     """The official InteractionModule and text head holding our weights (the importer's key maps, inverted)."""
     from itmkit_dime.importer import interaction_keys, text_keys
@@ -197,17 +187,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("dime", "dprnn"), default="dime")
     parser.add_argument("--direction", choices=("i2t", "t2i"), default="i2t", help="DIME's direction")
-    parser.add_argument("--images", type=int, default=64, help="images of the sub-block itmkit scores")
-    parser.add_argument("--captions", type=int, default=128, help="captions of the sub-block itmkit scores")
-    parser.add_argument("--reference-images", type=int, default=SHARD, help="images of the official reference's block")
-    parser.add_argument("--reference-captions", type=int, default=SHARD)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/<model>_results.json")
+    block_arguments(parser, images=64, captions=128, reference_images=SHARD, reference_captions=SHARD, repeats=REPEATS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or HERE / f"{args.model}_results.json"
+    out = Path(args.out) if args.out else HERE / f"{args.model}_results.json"
 
     load_at_start = os.getloadavg()[0]  # before this script's own threads count in the load
     dime = args.model == "dime"
