@@ -170,7 +170,11 @@ def resolve_schedule(model: ITMModel) -> Schedule:
                                         + did_you_mean(path, known)))
                 continue
             prefix = prefixes[id(target)]
-            trained |= {n for n in trainable if n.startswith(prefix + ".")}
+            found = {n for n in trainable if n.startswith(prefix + ".")}
+            if not found:
+                problems.append(Problem(f"train.phase[{i}].train[{j}]", f"{path!r} has no trainable parameters"
+                                        " (none, or all frozen when built): training it would change nothing"))
+            trained |= found
         for j, path in enumerate(spec.off):
             if path not in owners:
                 choices = sorted(owners)

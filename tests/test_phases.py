@@ -212,6 +212,8 @@ def test_bad_paths_are_recipe_errors_with_suggestions(registry):
     assert "'txet' names no part of the model (did you mean 'text'?) @ train.phase[0].train[0]" in text
     assert "is not a switch (the switches: match[0].similarity.head_on)" in text
     assert "@ train.phase[1].off[0]" in text and "@ train.phase[1].train[0]" in text
+    with pytest.raises(RecipeError, match=r"'loss' has no trainable parameters .* @ train.phase\[0\].train\[0\]"):
+        _model(registry, overrides=['train.phase[0].train=["loss"]'])
     with pytest.raises(RecipeError, match=r"train.phase\[0\].epochs"):
         _model(registry, overrides=["train.phase[0].epochs=0"])
     with pytest.raises(RecipeError, match=r"unknown parameter 'epoch' of \[\[train.phase\]\]"):
