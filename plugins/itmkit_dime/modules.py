@@ -13,7 +13,6 @@ DynamicInteraction,InteractionModule}.py; the comments name the quirks kept from
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

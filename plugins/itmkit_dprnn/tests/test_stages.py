@@ -7,7 +7,6 @@ the stages must all reduce to it.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
