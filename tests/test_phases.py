@@ -197,7 +197,7 @@ def test_apply_freezes_parameters_sets_switches_and_evals_frozen_parts(registry)
 
 
 def test_a_frozen_module_stays_frozen_in_every_phase(registry):
-    model = _model(registry)
+    model = _model(registry, overrides=['train.phase[0].train=["text"]'])  # a phase may not name a frozen part
     model.image.encoder.requires_grad_(False)  # as a frozen BERT is built
     schedule = resolve_schedule(model)
     schedule.apply(model, 3)  # "everything" means everything that trains at all
