@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 
@@ -75,3 +76,24 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
         out = fn()
         best = min(best, time.perf_counter() - start)
     return best, out
+
+
+def compare_with_reference(result: dict, *, ours_pps: float, ours_flops: float, ref_pps: float, ref_flops: float,
+                           gemm: float, difference: float) -> None:
+    """Add the reference comparison to ``result``: speed-up, FLOP ratio, the GEMM-rate ceiling, the score difference."""
+    result["reference_gflops"] = round(ref_pps * ref_flops / 1e9)
+    # our pairs/s if every FLOP ran at the GEMM rate and nothing else took time
+    result["ceiling_pairs_per_second"] = round(gemm * 1e9 / ours_flops)
+    result["ceiling_speedup"] = round(gemm * 1e9 / ours_flops / ref_pps, 2)
+    result["speedup"] = round(ours_pps / ref_pps, 2)
+    result["flop_ratio"] = round(ref_flops / ours_flops, 2)
+    result["max_abs_difference"] = difference
+    result["full_block"]["reference_seconds_extrapolated"] = round(result["full_block"]["pairs"] / ref_pps)
+
+
+def write_result(result: dict, out) -> None:
+    """Print and write ``result``; refuse (after printing) scores that differ from the reference by 1e-5 or more."""
+    print(json.dumps(result, indent=2))
+    if "max_abs_difference" in result:
+        assert result["max_abs_difference"] < 1e-5, f"scores differ from the reference by {result['max_abs_difference']}"
+    out.write_text(json.dumps(result, indent=2) + "\n")

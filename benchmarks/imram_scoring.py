@@ -24,7 +24,6 @@ before the script starts says whether the machine was idle.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -39,7 +38,8 @@ from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
 from itmkit.types import Local
 
-from common import BATCH, best_of, block_arguments, flops_per_pair, galleries, gemm_gflops, peak_mb  # benchmarks/common.py
+from common import (BATCH, best_of, block_arguments, compare_with_reference, flops_per_pair, galleries, gemm_gflops,
+                    peak_mb, write_result)  # benchmarks/common.py
 
 HERE = Path(__file__).parent
 REGIONS, DIM = 36, 1024
@@ -175,19 +175,9 @@ def main() -> None:
         gemm = gemm_gflops(8192, DIM, DIM)  # the memory update's shape, (pair fragments x D) @ (D x D)
         result["gemm_gflops"] = round(gemm)
         result["ours_gflops"] = round(ours_pps * ours_flops / 1e9)
-        result["reference_gflops"] = round(ref_pps * ref_flops / 1e9)
-        # our pairs/s if every FLOP ran at the GEMM rate and nothing else took time
-        result["ceiling_pairs_per_second"] = round(gemm * 1e9 / ours_flops)
-        result["ceiling_speedup"] = round(gemm * 1e9 / ours_flops / ref_pps, 2)
-        result["speedup"] = round(ours_pps / ref_pps, 2)
-        result["flop_ratio"] = round(ref_flops / ours_flops, 2)
-        result["max_abs_difference"] = float(np.abs(sims[:ri, :rt] - ref).max())
-        result["full_block"]["reference_seconds_extrapolated"] = round(full_pairs / ref_pps)
-    print(json.dumps(result, indent=2))
-    if "max_abs_difference" in result:
-        assert result["max_abs_difference"] < 1e-5, f"scores differ from the official loop by {result['max_abs_difference']}"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-
+        compare_with_reference(result, ours_pps=ours_pps, ours_flops=ours_flops, ref_pps=ref_pps, ref_flops=ref_flops,
+                               gemm=gemm, difference=float(np.abs(sims[:ri, :rt] - ref).max()))
+    write_result(result, out)
 
 if __name__ == "__main__":
     main()

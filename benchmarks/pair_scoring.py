@@ -30,7 +30,6 @@ average over the minute before the script starts says whether the machine was id
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -46,7 +45,8 @@ from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
 from itmkit.types import Local
 
-from common import BATCH, best_of, block_arguments, flops_per_pair, gemm_gflops, peak_mb  # benchmarks/common.py
+from common import (BATCH, best_of, block_arguments, compare_with_reference, flops_per_pair, gemm_gflops, peak_mb,
+                    write_result)  # benchmarks/common.py
 
 HERE = Path(__file__).parent
 REGIONS = 36
@@ -254,18 +254,10 @@ def main() -> None:
         ref_pps = ri * rt / ref_s
         result["reference"] = {"block": [ri, rt], "shard": SHARD, "pairs_per_second": round(ref_pps, 1),
                                "seconds": round(ref_s, 2), "mflop_per_pair": round(ref_flops / 1e6, 1)}
-        result["reference_gflops"] = round(ref_pps * ref_flops / 1e9)
-        result["ceiling_speedup"] = round(gemm * 1e9 / ours_flops / ref_pps, 2)
-        result["speedup"] = round(ours_pps / ref_pps, 2)
-        result["flop_ratio"] = round(ref_flops / ours_flops, 2)
         n_i, n_t = min(ri, args.images), min(rt, args.captions)
-        result["max_abs_difference"] = float(np.abs(sims[:n_i, :n_t] - ref[:n_i, :n_t]).max())
-        result["full_block"]["reference_seconds_extrapolated"] = round(full_pairs / ref_pps)
-    print(json.dumps(result, indent=2))
-    if "max_abs_difference" in result:
-        assert result["max_abs_difference"] < 1e-5, f"scores differ from the official loop by {result['max_abs_difference']}"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-
+        compare_with_reference(result, ours_pps=ours_pps, ours_flops=ours_flops, ref_pps=ref_pps, ref_flops=ref_flops,
+                               gemm=gemm, difference=float(np.abs(sims[:n_i, :n_t] - ref[:n_i, :n_t]).max()))
+    write_result(result, out)
 
 if __name__ == "__main__":
     main()

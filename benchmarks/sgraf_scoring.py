@@ -29,6 +29,8 @@ from scoring import (DIM, REGIONS, caption, caption_lengths, comparison, galleri
                      peak_mb)
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import gemm_gflops  # benchmarks/common.py
+
 from itmkit.build import DataPorts, Encoded, build_model
 from itmkit.gallery import Gallery
 from itmkit.recipe import parse_recipe
@@ -126,18 +128,6 @@ def reference_inputs(n_images: int, n_captions: int, n_ref: int) -> tuple[torch.
     return images, captions, lengths
 
 
-def gemm_gflops(rows: int = 2048, repeats: int = 30) -> float:
-    """This machine's float32 GEMM rate at the shape of SGRAF's local projection, (rows x D) @ (D x S)."""
-    a, b = torch.randn(rows, DIM), torch.randn(DIM, SIM_DIM)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 2 * rows * DIM * SIM_DIM / best / 1e9
-
-
 def run_counts(module: str, queue) -> None:
     """Matrix-product FLOPs per pair of both sides on 100 images x 1000 captions, and the GEMM rate.
 
@@ -153,7 +143,7 @@ def run_counts(module: str, queue) -> None:
         forward_sim(official_weights(module), images, captions, lengths, module_name=module, sgr_step=STEPS)
     pairs = n_images * n_captions
     queue.put({"ours": ours.get_total_flops() / pairs, "reference": ref.get_total_flops() / pairs,
-               "gemm_gflops": gemm_gflops()})
+               "gemm_gflops": gemm_gflops(2048, DIM, SIM_DIM, repeats=30)})  # SGRAF's local projection, (rows x D) @ (D x S)
 
 
 def main() -> None:

@@ -35,9 +35,8 @@ from torch import nn
 from itmkit.errors import ItmkitError
 from itmkit.ops import masked_mean
 from itmkit.stage import PortError, Stage, param
-from itmkit.types import (BlockContext, GlobalPort, Local, LocalPort, PairLocal, PairLocalPort, ScorePort, Tokens,
-                          TokensPort)
-from itmkit_bert.stages import TINY, load_bert
+from itmkit.types import BlockContext, GlobalPort, Local, LocalPort, PairLocal, PairLocalPort, ScorePort, Tokens
+from itmkit_bert.stages import TINY
 from itmkit_dime.modules import (RAW_NORMS, TOTAL_PATHS, Block, DynamicInteraction, ScoreHead, TextHead,
                                  path_loss, unless_all)
 from itmkit_saem.stages import FixedLengthBert, SaemBert
@@ -71,12 +70,7 @@ class DimeBert(SaemBert):
     paper = (f"{PAPER}, text representation; official TextNet.EncoderText (frozen BERT, max_words = 32,"
              " data.convert_to_feature); the saem.bert encoder plus the caption lengths")
     example: ClassVar[dict] = {"path": str(TINY), "pretrained": False}
-
-    def build(self, x: TokensPort) -> nn.Module:
-        self._config()
-        return BertWithLengths(bert=load_bert(self.path, pretrained=self.pretrained), max_words=self.max_words,
-                               pad_fragments=self.pad_fragments, freeze=self.freeze,
-                               frozen_dropout=self.frozen_dropout, lr_scale=self.lr_scale)
+    module: ClassVar[type[BertWithLengths]] = BertWithLengths
 
 
 # ================================================================================ image pool

@@ -125,6 +125,7 @@ class SaemBert(BertDirectory, Stage):
     paper = (f"{PAPER}, text fragments from BERT; Devlin et al. 2019. Official text_net.BertMapping:"
              " frozen BERT, captions padded to max_words = 32 (data.convert_to_feature)")
     example: ClassVar[dict] = {"path": str(TINY), "pretrained": False}
+    module: ClassVar[type[FixedLengthBert]] = FixedLengthBert  # a subclass may extend what the module returns
 
     path: str = param(help="local Hugging Face BERT directory (config.json, vocab.txt, weights); nothing is"
                            " downloaded")
@@ -159,9 +160,9 @@ class SaemBert(BertDirectory, Stage):
 
     def build(self, x: TokensPort) -> nn.Module:
         self._config()
-        return FixedLengthBert(bert=load_bert(self.path, pretrained=self.pretrained), max_words=self.max_words,
-                               pad_fragments=self.pad_fragments, freeze=self.freeze,
-                               frozen_dropout=self.frozen_dropout, lr_scale=self.lr_scale)
+        return self.module(bert=load_bert(self.path, pretrained=self.pretrained), max_words=self.max_words,
+                           pad_fragments=self.pad_fragments, freeze=self.freeze,
+                           frozen_dropout=self.frozen_dropout, lr_scale=self.lr_scale)
 
 
 # ================================================================================ text head
