@@ -78,6 +78,38 @@ class Precomp(Stage):
                               absolute=self.absolute)
 
 
+class RawRegions(nn.Module):
+    """The precomputed region features as they are (optionally l2-normalised): no learned projection."""
+
+    def __init__(self, *, normalize: bool = False):
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, x: Regions) -> Local:
+        feats = l2norm(x.feats) if self.normalize else x.feats
+        extras = {"boxes": x.boxes} if x.boxes is not None else {}
+        return Local(feats, x.mask, extras)
+
+
+@attrs.frozen(kw_only=True)
+class Raw(Stage):
+    """The raw region features as the image fragments, width F: MTFN fuses their plain mean
+    (Wang et al. 2019, Sec. 3.1) and RAMEN concatenates each raw region with the question
+    (Shrestha et al. 2019, Sec. 3.1), neither through a projection of its own."""
+
+    name = "core.raw"
+    kind = "encoder"
+    paper = "Wang et al. 2019 (MTFN), Sec. 3.1; Shrestha et al. 2019 (RAMEN), Sec. 3.1"
+
+    normalize: bool = param(False, "l2-normalise each region vector (RAMEN does so only with spatial codes)")
+
+    def ports(self, x: RegionsPort) -> LocalPort:
+        return LocalPort(x.dim)
+
+    def build(self, x: RegionsPort) -> nn.Module:
+        return RawRegions(normalize=self.normalize)
+
+
 class GRUTextEncoder(nn.Module):
     """Word embedding -> (bi)GRU; the two directions averaged; each word vector l2-normalised."""
 
@@ -487,4 +519,4 @@ def register_importers() -> dict:
 
 @hookimpl
 def register_stages() -> list[type[Stage]]:
-    return [Precomp, BiGRU, Mean, Max, Last, Cosine, Dot, Order, Triplet, InfoNCE]
+    return [Precomp, Raw, BiGRU, Mean, Max, Last, Cosine, Dot, Order, Triplet, InfoNCE]

@@ -20,5 +20,7 @@ def register_importers() -> dict:
     ``convert(official: OfficialCheckpoint, vocab: Vocabulary) -> Converted`` (see
     ``itmkit.importing``) maps the paper's options to a recipe and its weights to our stages.
     A converter whose ``vocab`` is annotated ``Vocabulary | ModelDirectory`` also accepts a
-    directory as ``--vocab`` (a pretrained text encoder's files, e.g. BERT's).
+    directory as ``--vocab`` (a pretrained text encoder's files, e.g. BERT's); one annotated
+    ``VocabularyFile`` gets the file unread, reads it itself (a vocabulary outside the SCAN layout)
+    and returns the words as ``Converted.vocab``.
     """

@@ -59,6 +59,7 @@ class Converted:
     state: dict[str, torch.Tensor]
     data: DataPorts
     notes: tuple[str, ...] = ()  # what the import left out or replaced, one line each (training_options)
+    vocab: Vocabulary | None = None  # the words, when the converter read the --vocab file itself (VocabularyFile)
 
 
 @attrs.frozen
@@ -71,15 +72,28 @@ class ModelDirectory:
     path: Path
 
 
+@attrs.frozen
+class VocabularyFile:
+    """``--vocab`` handed over unread, for a paper whose vocabulary file is not in the SCAN layout
+    (MTFN's skip-thoughts word ids start at 1 and have no <pad>/<start>/<end>).
+
+    Only a converter whose ``vocab`` parameter is annotated ``VocabularyFile`` receives one; it reads
+    the file and returns the words in ``Converted.vocab``.
+    """
+
+    path: Path
+
+
 Converter = Callable[[OfficialCheckpoint, Vocabulary], Converted]
 
 
-def _reads_model_directory(converter: Converter) -> bool:
+def _accepts(converter: Converter, kind: type) -> bool:
+    """Whether the converter's ``vocab`` annotation names ``kind`` (alone or in a union)."""
     try:
         hint = typing.get_type_hints(converter).get("vocab")
     except Exception:  # unresolvable annotations: treat as a plain vocabulary reader
         return False
-    return hint is ModelDirectory or ModelDirectory in typing.get_args(hint)
+    return hint is kind or kind in typing.get_args(hint)
 
 
 def read_official(path: str | Path) -> OfficialCheckpoint:
@@ -499,14 +513,21 @@ def import_checkpoint(name: str, path: str | Path, vocab_path: str | Path, out: 
         raise CheckpointError(f"no importer {name!r}" + did_you_mean(name, importers))
     official = read_official(path)
     source = Path(vocab_path)
+    words: Vocabulary | ModelDirectory | VocabularyFile
     if source.is_dir():
-        if not _reads_model_directory(importers[name]):
+        if not _accepts(importers[name], ModelDirectory):
             raise CheckpointError(f"--vocab {source} is a directory; `itmkit import {name}` reads the official"
                                   " vocabulary file (JSON, or VSE++'s .pkl)")
-        words: Vocabulary | ModelDirectory = ModelDirectory(source)
+        words = ModelDirectory(source)
+    elif _accepts(importers[name], VocabularyFile):
+        words = VocabularyFile(source)
     else:
         words = Vocabulary.load(source)
     converted = importers[name](official, words)
+    if isinstance(words, VocabularyFile):
+        if converted.vocab is None:
+            raise TypeError(f"importer {name!r} takes the vocabulary file but returned no Converted.vocab")
+        words = converted.vocab
     recipe = parse_recipe(converted.recipe, f"{path} [converted options]")
     # What the model reads captions with, as its text encoder takes the words (GPO appends <mask>).
     vocab = recipe.text.encoder.spec.vocabulary(lambda: words)

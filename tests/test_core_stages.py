@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from itmkit.core_stages import BiGRU, Cosine, InfoNCE, Last, Max, Mean, Precomp, Triplet
+from itmkit.core_stages import BiGRU, Cosine, InfoNCE, Last, Max, Mean, Precomp, Raw, Triplet
 from itmkit.ops import cosine, l1norm, l2norm, masked_last, masked_max, masked_mean, xavier_linear_
 from itmkit.types import (
     Aligned,
@@ -132,6 +132,20 @@ def test_precomp_embed_dim_follows_the_spec_and_boxes_ride_along():
     boxes = torch.rand(1, 3, 4)
     out = Precomp(embed_dim=12).build(x=RegionsPort(7))(Regions(torch.rand(1, 3, 7), torch.tensor([3]), boxes))
     assert out.feats.shape == (1, 3, 12) and out.extras["boxes"] is boxes
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_raw_passes_the_regions_through_at_their_own_width(normalize):
+    assert Raw(normalize=normalize).ports(x=RegionsPort(7)) == LocalPort(7)
+    feats = torch.rand(2, 3, 7, generator=gen(5), dtype=torch.float64)
+    boxes = torch.rand(2, 3, 4)
+    out = Raw(normalize=normalize).build(x=RegionsPort(7))(Regions(feats, torch.tensor([3, 1]), boxes))
+    assert torch.equal(out.mask, lengths_to_mask(torch.tensor([3, 1]), 3)) and out.extras["boxes"] is boxes
+    for i in range(2):
+        for r in range(3):
+            f = feats[i, r].tolist()
+            expected = [a / (norm(f) + 1e-8) for a in f] if normalize else f
+            assert out.feats[i, r].tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def gru_direction(x: list[list[float]], weights: dict[str, torch.Tensor], suffix: str,

@@ -1,0 +1,8 @@
+"""itmkit-ramen: RAMEN's early-fusion block (Shrestha et al., CVPR 2019), adapted to image-text matching."""
+
+import itmkit
+
+
+@itmkit.hookimpl
+def register_stages():
+    return []
