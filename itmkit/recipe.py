@@ -86,7 +86,8 @@ class TrainSpec:
     lr: float = param(2e-4, "initial learning rate", gt=0.0)
     lr_update: int = param(15, "multiply the learning rate by lr_decay every this many epochs", ge=1)
     lr_decay: float = param(0.1, "learning rate factor applied every lr_update epochs", gt=0.0, le=1.0)
-    optimizer: Literal["adam", "adamw"] = param("adam", "optimiser (GPO uses adamw)", choices=("adam", "adamw"))
+    optimizer: Literal["adam", "adamw", "adamax"] = param("adam", "optimiser (GPO uses adamw, RAMEN adamax)",
+                                                           choices=("adam", "adamw", "adamax"))
     weight_decay: float = param(0.0, "weight decay (adamw: decoupled)", ge=0.0)
     grad_clip: float = param(2.0, "clip the gradient norm of all parameters to this (0 = off)", ge=0.0)
     seed: int = param(0, "seed of initialisation, shuffling and dropout", ge=0, le=2**32 - 1)  # numpy's seed range

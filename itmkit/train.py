@@ -76,6 +76,8 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimi
         group["lr"] = t.lr * group["lr_scale"]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamax":
+        return torch.optim.Adamax(groups, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 

@@ -18,7 +18,7 @@ from itmkit.core_stages import BiGRU
 from itmkit.data.vocab import Vocabulary
 from itmkit.datasets import data_ports, text_vocabulary
 from itmkit.errors import CheckpointError
-from itmkit.importing import Converted, ModelDirectory, _reads_model_directory, import_checkpoint
+from itmkit.importing import Converted, ModelDirectory, VocabularyFile, _accepts, import_checkpoint
 from itmkit.recipe import Slot, parse_recipe
 from itmkit.testing import SAMPLE_PORTS
 from itmkit.train import make_optimizer, parameter_groups
@@ -129,7 +129,7 @@ def test_parameters_are_grouped_by_their_modules_lr_scale():
     assert [g["lr_scale"] for g in parameter_groups(torch.nn.Linear(2, 2))] == [1.0]
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adamax"])
 def test_the_optimizer_starts_each_group_at_its_scaled_rate(optimizer):
     recipe = parse_recipe(RECIPE, overrides=["train.lr=0.01", f"train.optimizer={optimizer}"])
     opt = make_optimizer(recipe, Scaled())
@@ -149,11 +149,39 @@ def reads_directory(official, vocab: Vocabulary | ModelDirectory) -> Converted:
 
 
 def test_only_an_importer_annotated_for_it_receives_a_model_directory(tmp_path):
-    assert not _reads_model_directory(reads_json) and _reads_model_directory(reads_directory)
+    assert not _accepts(reads_json, ModelDirectory) and _accepts(reads_directory, ModelDirectory)
     checkpoint = tmp_path / "model_best.pth.tar"
     torch.save({"model": [{}], "opt": {}}, checkpoint)
     with pytest.raises(CheckpointError, match=r"is a directory; `itmkit import json` reads the official vocabulary file \(JSON, or VSE\+\+'s \.pkl\)"):
         import_checkpoint("json", checkpoint, tmp_path, tmp_path / "out.safetensors", {"json": reads_json})
+
+
+def reads_its_own_file(official, vocab: VocabularyFile) -> Converted:
+    """An importer of a vocabulary outside the SCAN layout: one word per line, read here."""
+    words = Vocabulary([*Vocabulary.SPECIALS, *vocab.path.read_text().split()])
+    model = build_model(parse_recipe(RECIPE), DataPorts(12, len(words), 36))
+    return Converted(RECIPE, model.state_dict(), DataPorts(12, len(words), 36), vocab=words)
+
+
+def test_an_importer_annotated_for_it_reads_the_vocabulary_file_itself(tmp_path):
+    assert _accepts(reads_its_own_file, VocabularyFile) and not _accepts(reads_json, VocabularyFile)
+    checkpoint, words = tmp_path / "model_best.pth.tar", tmp_path / "words.txt"
+    torch.save({"model": [{}], "opt": {}}, checkpoint)
+    words.write_text("dog\ncat\nbird\n")  # not JSON: Vocabulary.load would refuse it
+    out = import_checkpoint("own", checkpoint, words, tmp_path / "out.safetensors", {"own": reads_its_own_file})
+    assert load_checkpoint(out).vocab.idx2word == [*Vocabulary.SPECIALS, "dog", "cat", "bird"]
+
+
+def forgets_the_words(official, vocab: VocabularyFile) -> Converted:
+    return attrs.evolve(reads_its_own_file(official, vocab), vocab=None)
+
+
+def test_an_importer_that_takes_the_file_must_return_the_words(tmp_path):
+    checkpoint, words = tmp_path / "model_best.pth.tar", tmp_path / "words.txt"
+    torch.save({"model": [{}], "opt": {}}, checkpoint)
+    words.write_text("dog\n")
+    with pytest.raises(TypeError, match="returned no Converted.vocab"):
+        import_checkpoint("own", checkpoint, words, tmp_path / "out.safetensors", {"own": forgets_the_words})
 
 
 def test_metadata_vocab_is_still_the_official_json_for_word_vocabularies(tmp_path):
