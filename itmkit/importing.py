@@ -49,6 +49,9 @@ class OfficialCheckpoint:
     epoch: int | None
     best_rsum: float | None
     notes: tuple[str, ...] = ()  # what reading changed (a data_name given as a path), one line each
+    # The other top-level entries as read (plain values: the weights-only unpickler builds no class),
+    # e.g. MTFN's nested 'options' dict and 'arch' beside its 'opt' Namespace.
+    entries: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -134,8 +137,9 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
                               " [img_enc, txt_enc, ...] (or one state dict)")
     states = [_state_dict(path, i, m) for i, m in enumerate(modules)]
     options, notes = _plain_data_name(path, _options(path, raw.get("opt")))
+    entries = {str(k): v for k, v in raw.items() if k not in ("model", "opt")}
     return OfficialCheckpoint(str(path), states, options, _number(path, raw, "epoch"),
-                              _number(path, raw, "best_rsum"), notes)
+                              _number(path, raw, "best_rsum"), notes, entries)
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6: a zip archive

@@ -175,3 +175,15 @@ def test_integer_buffers_and_every_float_width_are_weights():
         assert tensor_problem("fc.weight", torch.zeros(2, dtype=dtype)) is None
     assert "is int32" in tensor_problem("fc.weight", torch.zeros(2, dtype=torch.int32))
     assert "is bool" in tensor_problem("bn.num_batches_tracked", torch.tensor(True))
+
+
+def test_the_other_top_level_entries_are_kept_as_read(tmp_path):
+    """MTFN stores its model options as a nested dict 'options' beside the 'opt' Namespace."""
+    from itmkit.importing import read_official
+
+    source = tmp_path / "model_best.pth.tar"
+    options = {"model": {"fusion": {"R": 20, "activation_v": "tanh"}}, "optim": {"lr": 1e-4}}
+    torch.save(container(opt=argparse.Namespace(embed_size=8), options=options, arch="baseline"), source)
+    official = read_official(source)
+    assert official.entries["options"] == options and official.entries["arch"] == "baseline"
+    assert "model" not in official.entries and "opt" not in official.entries
