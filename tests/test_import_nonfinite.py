@@ -183,7 +183,7 @@ def test_the_other_top_level_entries_are_kept_as_read(tmp_path):
 
     source = tmp_path / "model_best.pth.tar"
     options = {"model": {"fusion": {"R": 20, "activation_v": "tanh"}}, "optim": {"lr": 1e-4}}
-    torch.save(container(opt=argparse.Namespace(embed_size=8), options=options, arch="baseline"), source)
+    torch.save({**container(opt=argparse.Namespace(embed_size=8)), "options": options, "arch": "baseline"}, source)
     official = read_official(source)
     assert official.entries["options"] == options and official.entries["arch"] == "baseline"
     assert "model" not in official.entries and "opt" not in official.entries
