@@ -176,22 +176,68 @@ def train(
 
 @app.command(name="eval")
 def eval_(
-    checkpoints: Annotated[list[Path], typer.Argument(help="one checkpoint, or several for an ensemble")],
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="one checkpoint, or several for an ensemble")] = None,
     data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's \\[data].path)")] = None,
     split: Annotated[Optional[str], typer.Option(help="split to score (default: the recipe's test split)")] = None,
-    protocol: Annotated[Optional[str], typer.Option(help="f30k-1k | coco-1k-5fold | coco-5k (default: the recipe's)")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help="f30k-1k | coco-1k-5fold | coco-5k (default: the recipe's;"
+                                                    " with --sims, f30k-1k: the whole matrix)")] = None,
+    sims_file: Annotated[Optional[Path], typer.Option("--sims", help="evaluate a saved (images x captions) .npy matrix"
+                                                      " from any source instead of checkpoints; captions k*i..k*i+k-1"
+                                                      " describe image i")] = None,
+    rerank: Annotated[Optional[str], typer.Option(help="re-rank before the metrics: mtfn-rr (MTFN's cross-modal"
+                                                  " re-ranking; its t2i step reads the test set's caption grouping)")] = None,
+    rerank_k_i2t: Annotated[int, typer.Option("--rerank-k-i2t", help="mtfn-rr: re-sort each image's top K captions")] = 15,
+    rerank_k_t2i: Annotated[int, typer.Option("--rerank-k-t2i", help="mtfn-rr: re-sort each caption's top K images")] = 20,
     save_sims: Annotated[Optional[Path], typer.Option("--save-sims", help="write the (images x captions) matrix as .npy")] = None,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object of metrics")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object of metrics (with --rerank:"
+                                          " the re-ranked ones, the plain ones under before_rerank)")] = False,
     device: DeviceOption = "auto",
 ) -> None:
-    """Evaluate checkpoint(s); several are an ensemble (similarities averaged)."""
+    """Evaluate checkpoint(s), several as an ensemble (similarities averaged), or a saved matrix (--sims)."""
+    from itmkit.evaluation import PROTOCOLS
+    from itmkit.errors import did_you_mean
+    from itmkit.rerank import RERANKERS
+
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ItmkitError(f"--protocol {protocol!r} is not known" + did_you_mean(protocol, PROTOCOLS))
+    if rerank is not None and rerank not in RERANKERS:
+        raise ItmkitError(f"--rerank {rerank!r} is not known" + did_you_mean(rerank, RERANKERS))
+    for flag, k in (("--rerank-k-i2t", rerank_k_i2t), ("--rerank-k-t2i", rerank_k_t2i)):
+        if k < 1:
+            raise ItmkitError(f"{flag} must be at least 1, got {k}")
+    if sims_file is not None:
+        given = [flag for flag, value in (("checkpoints", checkpoints), ("--data", data), ("--split", split),
+                                          ("--save-sims", save_sims)) if value]
+        if given:
+            raise ItmkitError(f"--sims evaluates a saved matrix on its own; {', '.join(given)} cannot go with it")
+        from itmkit.evaluate import read_similarity_matrix
+
+        sims = read_similarity_matrix(sims_file)
+        caption_images = _captions_per_image(sims.shape, sims_file)  # a saved matrix: the official layout
+        protocol, title = protocol or "f30k-1k", f"{sims_file}: {sims.shape[0]} images x {sims.shape[1]} captions"
+    elif not checkpoints:
+        raise ItmkitError("nothing to evaluate: give checkpoint(s), or a saved matrix with --sims SIMS.npy")
+    else:
+        sims, caption_images, protocol, title = _score_checkpoints(checkpoints, data, split, protocol, save_sims, device)
+    metrics = _metrics(sims, protocol, caption_images, rerank, rerank_k_i2t, rerank_k_t2i)
+    if as_json:
+        print(json.dumps(metrics))
+    elif rerank:
+        out.print(metrics_table(metrics["before_rerank"], f"{title}, {protocol}"))
+        out.print(metrics_table(metrics, f"{title}, {protocol}, re-ranked by {rerank}"
+                                         f" (k {rerank_k_i2t} i2t, {rerank_k_t2i} t2i)"))
+    else:
+        out.print(metrics_table(metrics, f"{title}, {protocol}"))
+
+
+def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | None, protocol: str | None,
+                       save_sims: Path | None, device: str) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """Score the split with the checkpoint(s): the matrix, its caption images, the protocol, a title."""
     from itmkit.checkpoint import atomic_write_bytes, load_checkpoint
     from itmkit.datasets import recorded_data_dir
     from itmkit.evaluate import ensemble_similarity
-    from itmkit.preflight import check_eval_data
-    from itmkit.evaluation import PROTOCOLS, protocol_metrics
-    from itmkit.errors import did_you_mean
     from itmkit.outputs import check_output_file
+    from itmkit.preflight import check_eval_data
     from itmkit.progress import make_progress
 
     if save_sims:
@@ -200,8 +246,6 @@ def eval_(
     loaded = [load_checkpoint(path, dev) for path in checkpoints]
     first = loaded[0].model.recipe
     protocol = protocol or first.data.protocol
-    if protocol not in PROTOCOLS:
-        raise ItmkitError(f"--protocol {protocol!r} is not known" + did_you_mean(protocol, PROTOCOLS))
     folder = recorded_data_dir(data, first.data.path, checkpoints[0], log=err.print)
     split_name = split or first.data.test_split
     if save_sims:  # again with the dataset, now known: never onto a file of the data being scored
@@ -211,7 +255,6 @@ def eval_(
     with make_progress() as progress:
         sims, stats = ensemble_similarity([(x.model, x.vocab) for x in loaded], the_split, device=dev,
                                           batch_size=first.train.eval_batch_size, progress=progress)
-    metrics = protocol_metrics(sims, protocol, the_split.caption_images)
     if save_sims:
         import io
 
@@ -219,13 +262,35 @@ def eval_(
         np.save(buffer, sims)
         atomic_write_bytes(save_sims, buffer.getvalue())
     pairs = sum(s.pairs for s in stats) / max(sum(s.seconds for s in stats), 1e-9)
-    if as_json:
-        print(json.dumps(metrics))
-    else:
-        names = " + ".join(str(p) for p in checkpoints)
-        out.print(metrics_table(metrics, f"{names}: {split_name} split, {protocol}"))
     err.print(f"scored {the_split.num_images} images x {the_split.num_captions} captions"
               f" x {len(loaded)} model(s): {pairs:,.0f} pairs/s")
+    names = " + ".join(str(p) for p in checkpoints)
+    return sims, the_split.caption_images, protocol, f"{names}: {split_name} split"
+
+
+def _metrics(sims: np.ndarray, protocol: str, layout: int | np.ndarray, rerank: str | None,
+             k_i2t: int, k_t2i: int) -> dict:
+    """The protocol's metrics; re-ranked ones with the plain ones under ``before_rerank``."""
+    from itmkit.evaluation import protocol_metrics
+    from itmkit.progress import make_progress, task
+    from itmkit.rerank import GROUPING_NOTICE, reranked_ranks
+
+    before = protocol_metrics(sims, protocol, layout)
+    if not rerank:
+        return before
+    err.print(f"note: {GROUPING_NOTICE}")
+    with make_progress() as progress, task(progress, f"re-rank ({rerank})", None) as update:
+        ranks = reranked_ranks(rerank, k_i2t=k_i2t, k_t2i=k_t2i, progress=lambda d, t: update(d, t))
+        return {**protocol_metrics(sims, protocol, layout, ranks=ranks), "before_rerank": before}
+
+
+def _captions_per_image(shape: tuple[int, ...], path: Path) -> int:
+    """k of a saved matrix, which carries no caption images: the official layout, k consecutive captions per image."""
+    n_images, n_captions = shape
+    if n_captions % n_images:
+        raise ItmkitError(f"similarity matrix {path}: shape {shape} has no whole number of captions per image;"
+                          " expected (images, k x images), the captions of image i at columns k*i .. k*i+k-1")
+    return n_captions // n_images
 
 
 # ----------------------------------------------------------------------------------- import

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -10,6 +12,7 @@ from itmkit.data.loader import caption_batches, image_batches
 from itmkit.data.split import Split
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import ItmkitError
+from itmkit.inputs import input_file
 from itmkit.evaluation import protocol_metrics
 from itmkit.progress import task
 from itmkit.gallery import DEFAULT_GALLERY_BUDGET
@@ -70,6 +73,13 @@ def check_finite(sims: np.ndarray, split: Split, label: str = "") -> None:
     ``--save-sims``). Sorting puts NaN last, so one NaN image silently drops every caption's rank of
     it to the bottom (t2i R@1 29.6 -> 2.0 on a test) instead of failing: hence the refusal.
     """
+    source = f" of {split.source}" if split.source else ""
+    check_finite_matrix(sims, f"{label}split {split.name!r}{source}",
+                        "Check the features with `itmkit data check` (NaN or inf values), or the checkpoint's weights")
+
+
+def check_finite_matrix(sims: np.ndarray, where: str, hint: str = "") -> None:
+    """``check_finite`` for any matrix: ``where`` names it in the message, ``hint`` ends it."""
     n_images, n_captions = sims.shape
     image_bad_somewhere = np.zeros(n_images, dtype=bool)
     image_bad_everywhere = np.zeros(n_images, dtype=bool)
@@ -94,16 +104,33 @@ def check_finite(sims: np.ndarray, split: Split, label: str = "") -> None:
             parts.append(f"image(s) {_first(images)} against every caption")
         if captions.size:
             parts.append(f"caption(s) {_first(captions)} against every image")
-        where = "; ".join(parts)
+        found = "; ".join(parts)
     else:
-        where = (f"image(s) {_first(np.flatnonzero(image_bad_somewhere))} and caption(s)"
+        found = (f"image(s) {_first(np.flatnonzero(image_bad_somewhere))} and caption(s)"
                  f" {_first(np.flatnonzero(caption_bad_somewhere))}")
-    source = f" of {split.source}" if split.source else ""
-    raise NonFiniteScores(
-        f"{label}split {split.name!r}{source}: {count} similarity score(s) are NaN or inf, for {where};"
-        f" no metrics computed. Check the features with `itmkit data check` (NaN or inf values), or the"
-        f" checkpoint's weights"
-    )
+    raise NonFiniteScores(f"{where}: {count} similarity score(s) are NaN or inf, for {found}; no metrics computed"
+                          + (f". {hint}" if hint else ""))
+
+
+def read_similarity_matrix(path: str | Path) -> np.ndarray:
+    """A saved (images x captions) matrix (``.npy``, any real dtype), memory-mapped, checked to be
+    2-D, non-empty and finite. Read without pickle: an object array or a pickle is refused."""
+    path = input_file(path, "similarity matrix", error=ItmkitError)
+    try:
+        sims = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # a pickle, an object array, a damaged header
+        raise ItmkitError(f"similarity matrix {path}: not a plain .npy array ({exc}); save it with"
+                          " numpy.save(path, matrix) from a float array") from None
+    except (OSError, EOFError) as exc:
+        raise ItmkitError(f"similarity matrix {path}: cannot be read as .npy ({exc})") from None
+    if not isinstance(sims, np.ndarray):  # an .npz archive opens as a mapping of arrays
+        raise ItmkitError(f"similarity matrix {path}: an .npz archive; expected one .npy array (numpy.save)")
+    if sims.dtype.kind not in "fiu":
+        raise ItmkitError(f"similarity matrix {path}: dtype {sims.dtype}; expected real numbers (float32 or float64)")
+    if sims.ndim != 2 or 0 in sims.shape:
+        raise ItmkitError(f"similarity matrix {path}: shape {sims.shape}; expected (images, captions), both at least 1")
+    check_finite_matrix(sims, f"similarity matrix {path}")
+    return sims
 
 
 def ensemble_similarity(members: list[tuple[ITMModel, Vocabulary]], split: Split, **kwargs) -> tuple[np.ndarray, list[ScoreStats]]:

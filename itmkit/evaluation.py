@@ -8,6 +8,8 @@ as the official loops, so ties break identically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from itmkit.errors import ItmkitError
@@ -102,33 +104,45 @@ def _layout_problem(shape: tuple[int, ...], owners: int | np.ndarray) -> str | N
     return None
 
 
-def retrieval_metrics(sims: np.ndarray, captions_per_image: int | np.ndarray = 5) -> dict[str, float]:
+# (sims, captions_per_image) -> (i2t ranks, t2i ranks): how ranks are read off a matrix (re-ranking swaps it)
+Ranker = Callable[[np.ndarray, "int | np.ndarray"], tuple[np.ndarray, np.ndarray]]
+
+
+def plain_ranks(sims: np.ndarray, captions_per_image: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both directions' ranks as the official evaluation reads them off the matrix."""
+    return i2t_ranks(sims, captions_per_image), t2i_ranks(sims, captions_per_image)
+
+
+def retrieval_metrics(sims: np.ndarray, captions_per_image: int | np.ndarray = 5,
+                      ranks: Ranker = plain_ranks) -> dict[str, float]:
     """R@1/5/10, medr, meanr for both directions and rsum of an (images x captions) matrix.
 
     ``captions_per_image``: k, or the image of each caption (C,) for a varying count per image.
+    ``ranks``: how ranks are read off the matrix (``itmkit.rerank`` re-ranks first).
     """
     sims = np.asarray(sims)
     captions_per_image = _owners(captions_per_image)
     problem = _layout_problem(sims.shape, captions_per_image)
     if problem:
         raise ItmkitError(problem)
-    out = {**_summary(i2t_ranks(sims, captions_per_image), "i2t"),
-           **_summary(t2i_ranks(sims, captions_per_image), "t2i")}
+    i2t, t2i = ranks(sims, captions_per_image)
+    out = {**_summary(i2t, "i2t"), **_summary(t2i, "t2i")}
     out["rsum"] = _rsum(out)
     return out
 
 
-def _fold_metrics(sims: np.ndarray, captions_per_image: int | np.ndarray, start: int, stop: int) -> dict[str, float]:
+def _fold_metrics(sims: np.ndarray, captions_per_image: int | np.ndarray, start: int, stop: int,
+                  ranks: Ranker = plain_ranks) -> dict[str, float]:
     """retrieval_metrics of images start..stop-1 against their own captions only."""
     owners = _owners(captions_per_image)
     if isinstance(owners, int):
-        return retrieval_metrics(sims[start:stop, start * owners:stop * owners], owners)
+        return retrieval_metrics(sims[start:stop, start * owners:stop * owners], owners, ranks)
     problem = _layout_problem(sims.shape, owners)
     if problem:
         raise ItmkitError(problem)
     # A fold is a set of images; their captions go with them, wherever they sit in the matrix.
     keep = (owners >= start) & (owners < stop)
-    return retrieval_metrics(sims[start:stop][:, keep], owners[keep] - start)
+    return retrieval_metrics(sims[start:stop][:, keep], owners[keep] - start, ranks)
 
 
 def _rsum(m: dict[str, float]) -> float:
@@ -137,6 +151,7 @@ def _rsum(m: dict[str, float]) -> float:
 
 # Images a protocol's test split must have (the COCO 5K test set, scored whole or as five 1K folds).
 PROTOCOL_IMAGES = {"coco-1k-5fold": 5000, "coco-5k": 5000}
+COCO_FOLD_IMAGES = 1000  # coco-1k-5fold: five folds of this many images
 
 
 def protocol_problem(protocol: str, num_images: int, split: str = "the test split") -> str | None:
@@ -153,16 +168,18 @@ def protocol_problem(protocol: str, num_images: int, split: str = "the test spli
     return None
 
 
-def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int | np.ndarray = 5) -> dict[str, float]:
+def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int | np.ndarray = 5,
+                     ranks: Ranker = plain_ranks) -> dict[str, float]:
     """Metrics by a named protocol: f30k-1k and coco-5k use the whole matrix; coco-1k-5fold
-    averages each metric over five folds of 1000 images (rsum recomputed from the means)."""
+    averages each metric over five folds of 1000 images (rsum recomputed from the means), each
+    fold's ranks read off its own block (``ranks``, as in retrieval_metrics)."""
     problem = protocol_problem(protocol, sims.shape[0], "the similarity matrix")
     if problem:
         raise ItmkitError(problem)
     if protocol != "coco-1k-5fold":
-        return retrieval_metrics(sims, captions_per_image)
-    fold = 1000
-    folds = [_fold_metrics(sims, captions_per_image, f * fold, (f + 1) * fold) for f in range(5)]
+        return retrieval_metrics(sims, captions_per_image, ranks)
+    fold = COCO_FOLD_IMAGES
+    folds = [_fold_metrics(sims, captions_per_image, f * fold, (f + 1) * fold, ranks) for f in range(5)]
     out = {k: float(np.mean([m[k] for m in folds])) for k in METRIC_KEYS if k != "rsum"}
     out["rsum"] = _rsum(out)
     return out
