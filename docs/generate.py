@@ -71,7 +71,8 @@ def results_section() -> str:
         papers = papers_of(ROOT / r["recipe"])
         m = r["metrics"]
         rows.append((KIND_ORDER.index(r["kind"]), -m["rsum"], (
-            f"| [`{Path(r['recipe']).name}`](../{r['recipe']}) | {', '.join(papers) or 'VSE++ (core)'}"
+            f"| [`{Path(r['recipe']).name}`](../{r['recipe']}){' + re-ranking `' + r['rerank'] + '`' if r.get('rerank') else ''}"
+            f" | {', '.join(papers) or 'VSE++ (core)'}"
             f" | {r['best_epoch']} of {r['epochs']}"
             f" | {m['i2t_r1']:.1f} / {m['i2t_r5']:.1f} / {m['i2t_r10']:.1f}"
             f" | {m['t2i_r1']:.1f} / {m['t2i_r5']:.1f} / {m['t2i_r10']:.1f} | **{m['rsum']:.1f}**"
@@ -80,7 +81,9 @@ def results_section() -> str:
         "## Measured on the built-in data\n\n",
         "Test split of the built-in *shapes* data (1000 images, 5000 captions, `f30k-1k` protocol), each recipe\n",
         "trained as it stands in `recipes/` on the 2-core CPU machine; recorded with `docs/record_result.py`.\n",
-        "The baseline first, then each paper's recipe, then the cross-paper combinations, each by rSum.\n\n",
+        "The baseline first, then each paper's recipe, then the cross-paper combinations, each by rSum. A row\n",
+        "`+ re-ranking` is the same run's best checkpoint re-ranked (`itmkit eval --rerank`; its t2i step reads the\n",
+        "test set's caption grouping, see docs/plugins/mtfn.md).\n\n",
         "| recipe | papers | best epoch | i2t R@1 / R@5 / R@10 | t2i R@1 / R@5 / R@10 | rSum | run |\n",
         "|---|---|---|---|---|---|---|\n",
     ]
