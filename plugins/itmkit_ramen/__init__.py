@@ -2,7 +2,9 @@
 
 import itmkit
 
+from itmkit_ramen.stages import Fusion, Question, QuestionVectorPool
+
 
 @itmkit.hookimpl
 def register_stages():
-    return []
+    return [Question, QuestionVectorPool, Fusion]
