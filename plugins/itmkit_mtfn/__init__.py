@@ -2,7 +2,15 @@
 
 import itmkit
 
+from itmkit_mtfn.importer import convert
+from itmkit_mtfn.stages import Fusion, SkipThoughts
+
 
 @itmkit.hookimpl
 def register_stages():
-    return []
+    return [SkipThoughts, Fusion]
+
+
+@itmkit.hookimpl
+def register_importers():
+    return {"mtfn": convert}
