@@ -1,0 +1,141 @@
+"""MTFN scoring speed: itmkit's block engine with mtfn.fusion against the official evaluation loop.
+
+The paper's widths (Wang et al. 2019, option/FusionNoattn_baseline.yaml): image vectors of 2048 (the
+region mean), sentence vectors of 2400 (the uni-skip state), x_v, x_t and z of 1024, R = 20, random
+weights and random vectors. Both sides start from the same precomputed vectors (the official
+validate() would run the region mean and the GRU inside every block; neither side is charged for them):
+
+- ours: `itmkit eval`'s engine, ``score_all`` over galleries of the pooled vectors with the default CPU
+  block budget; mtfn.fusion takes its bilinear form (no activation or dropout after the sum over r),
+  folded into one (1025 x 1025) matrix when that is cheaper.
+- the reference: engine.validate's loop, batches of 128 images x batches of 128 captions, each block
+  through Core_Fusion (the R products (Bv, Bt, 1024) stacked and summed) and _classif, as the plugin's
+  tests/official.py writes them out from model.py.
+
+Both run in this process with the same threads, warmed up, best of three, with the same weights; the
+scores are compared on the reference's block. The reference on the whole 1000 x 5000 block takes
+minutes per run on this CPU, so by default it scores a sub-block (--reference-images x
+--reference-captions, whole 128 x 128 batches) and its full-block time is extrapolated from pairs/s.
+
+    python benchmarks/mtfn_scoring.py                 # writes benchmarks/mtfn_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from common import best_of, peak_mb, write_result  # benchmarks/common.py
+
+from itmkit.build import DataPorts, Encoded, build_model
+from itmkit.recipe import parse_recipe
+from itmkit.scoring import score_all
+from itmkit_mtfn.tests import official
+
+HERE = Path(__file__).parent
+DIM_V, DIM_T, DIM_H, DIM_MM, RANK = 2048, 2400, 1024, 1024, 20
+BATCH = 128  # engine.validate's batches (train.py's batch_size)
+
+RECIPE = f"""
+[recipe]
+name = "bench-mtfn"
+embed_dim = {DIM_MM}
+[image]
+encoder = {{ stage = "core.raw" }}
+pool = {{ stage = "core.mean" }}
+[text]
+encoder = {{ stage = "mtfn.skipthoughts", word_dim = 8, hidden_dim = {DIM_T} }}
+pool = {{ stage = "core.last" }}
+[[match]]
+similarity = {{ stage = "mtfn.fusion", rank = {RANK}, dim_hv = {DIM_H}, dim_ht = {DIM_H}, dim_mm = {DIM_MM} }}
+[loss]
+stage = "core.triplet"
+"""
+
+
+def models():
+    """Our model and the official FusionNoAtt, holding the same random fusion weights (eval mode)."""
+    options = official.yaml_options(DIM_V, DIM_T, DIM_H, DIM_MM, RANK)
+    torch.manual_seed(0)
+    theirs = official.FusionNoAtt(options, 10, 8).eval()  # model.py's layers with nn.Linear's initialisation
+    with torch.no_grad():  # a 10 times larger classifier: scores spread over (0.1, 0.9), not (0.45, 0.58)
+        theirs.linear_classif.weight.mul_(10)
+    ours = build_model(parse_recipe(RECIPE), DataPorts(DIM_V, 10)).eval()
+    head = ours.branches[0].stages[0]
+    with torch.no_grad():
+        for name in ("linear_v", "linear_t"):
+            getattr(head, name).load_state_dict(getattr(theirs.fusion, name).state_dict())
+        head.linear_classif.load_state_dict(theirs.linear_classif.state_dict())
+        for side in ("hv", "ht"):
+            layers = getattr(theirs.fusion, f"list_linear_{side}")
+            getattr(head, f"linear_{side}").weight.copy_(torch.cat([m.weight for m in layers]))
+            getattr(head, f"linear_{side}").bias.copy_(torch.cat([m.bias for m in layers]))
+    return ours, theirs
+
+
+@torch.no_grad()
+def reference(model, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """engine.validate: every (128 images) x (128 captions) block through Core_Fusion and _classif."""
+    out = torch.zeros(len(images), len(texts))
+    for i in range(0, len(images), BATCH):
+        for t in range(0, len(texts), BATCH):
+            out[i:i + BATCH, t:t + BATCH] = model.score_vectors(images[i:i + BATCH], texts[t:t + BATCH])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--captions", type=int, default=5000)
+    parser.add_argument("--reference-images", type=int, default=256)
+    parser.add_argument("--reference-captions", type=int, default=640)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "mtfn_results.json")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    ours, theirs = models()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(args.images, DIM_V, generator=g)  # region means of non-negative features
+    texts = torch.rand(args.captions, DIM_T, generator=g) * 2 - 1  # GRU states in (-1, 1)
+
+    def run_ours():
+        return score_all(ours, Encoded(None, images), Encoded(None, texts))[0]
+
+    with torch.no_grad():
+        run_ours()  # warm-up
+        seconds, sims = best_of(run_ours, args.repeats)
+    ours_peak = peak_mb()
+    ni, nt = args.reference_images, args.reference_captions
+    reference(theirs, images[:BATCH], texts[:BATCH])  # warm-up
+    ref_seconds, ref_sims = best_of(lambda: reference(theirs, images[:ni], texts[:nt]), args.repeats)
+    pairs = args.images * args.captions
+    ours_pps, ref_pps = pairs / seconds, ni * nt / ref_seconds
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "load_average_1min_at_start": round(load, 2),
+        "widths": {"dim_v": DIM_V, "dim_t": DIM_T, "dim_hv": DIM_H, "dim_ht": DIM_H, "dim_mm": DIM_MM, "R": RANK},
+        "inputs": "precomputed image (region mean) and sentence (GRU state) vectors on both sides",
+        "full_block": {"images": args.images, "captions": args.captions, "pairs": pairs,
+                       "ours_seconds": round(seconds, 2),
+                       "reference_seconds_extrapolated": round(pairs / ref_pps)},
+        "reference_block": {"images": ni, "captions": nt, "seconds": round(ref_seconds, 2)},
+        "ours_pairs_per_second": round(ours_pps),
+        "reference_pairs_per_second": round(ref_pps),
+        "speedup": round(ours_pps / ref_pps, 1),
+        "ours_peak_mb_before_reference": round(ours_peak),
+        "peak_mb": round(peak_mb()),
+        "max_abs_difference": float((torch.as_tensor(sims[:ni, :nt]) - ref_sims).abs().max()),
+        "score_range": [round(float(ref_sims.min()), 3), round(float(ref_sims.max()), 3)],
+        "timing": f"warm, best of {args.repeats}, same process and threads",
+        "run_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
