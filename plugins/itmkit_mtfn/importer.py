@@ -111,7 +111,8 @@ def _activation(options: Mapping[str, Any], key: str, where: str) -> str:
     name = options[key]
     if name not in ACTIVATIONS[1:]:
         raise CheckpointError(f"{where}: option {key}={name!r:.40} is not an activation itmkit knows (one of"
-                              f" {', '.join(ACTIVATIONS[1:])})" + (did_you_mean(name, ACTIVATIONS) if isinstance(name, str) else ""))
+                              f" {', '.join(ACTIVATIONS[1:])})"
+                              + (did_you_mean(name, ACTIVATIONS) if isinstance(name, str) else ""))
     return name
 
 
@@ -211,8 +212,9 @@ def convert(official: OfficialCheckpoint, vocab: VocabularyFile) -> Converted:
         out[f"{FUSION}{ours}.weight"] = state[f"{theirs}.weight"]
         out[f"{FUSION}{ours}.bias"] = state[f"{theirs}.bias"]
     for side in ("hv", "ht"):
-        out[f"{FUSION}linear_{side}.weight"] = torch.cat([state[f"fusion.list_linear_{side}.{k}.weight"] for k in range(r)])
-        out[f"{FUSION}linear_{side}.bias"] = torch.cat([state[f"fusion.list_linear_{side}.{k}.bias"] for k in range(r)])
+        for kind in ("weight", "bias"):  # the R Linears stacked: rows r * dim_mm .. = list_linear_{side}[r]
+            out[f"{FUSION}linear_{side}.{kind}"] = torch.cat([state[f"fusion.list_linear_{side}.{k}.{kind}"]
+                                                              for k in range(r)])
     out = {k: v.detach().float().contiguous() for k, v in out.items()}
     notes = []
     if emb[0].abs().max() > 0:

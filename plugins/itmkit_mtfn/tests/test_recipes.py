@@ -22,7 +22,8 @@ def test_the_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_builds(path):
     recipe = load_recipe(path)
-    model = build_model(recipe, DataPorts(256 if "_f30k" not in path.stem and "_coco" not in path.stem else 2048, 64, 36))
+    paper = path.stem in ("mtfn_f30k", "mtfn_coco")
+    model = build_model(recipe, DataPorts(2048 if paper else 256, 64, 36))
     assert recipe.match[0].similarity.spec.name == "mtfn.fusion"
     assert model.loss is not None
 

@@ -185,7 +185,8 @@ def test_each_caption_alone_gives_the_same_states():
 
 
 def test_training_applies_one_mask_per_sequence_and_gate_at_every_step():
-    """The dropped path equals the official cell run step by step with the same six masks, held for the whole caption."""
+    """The dropped path equals the official cell run step by step with the same six masks, held for the whole
+    caption."""
     enc = encoder(8).train()
     x = tokens(9)
     drawn = []
