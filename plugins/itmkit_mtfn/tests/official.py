@@ -174,3 +174,14 @@ def save(model: FusionNoAtt, path: Path, data_name: str = "flickr30k_splits", st
     record.update(entries)
     torch.save(record, path)
     return path
+
+
+def calcul_loss(scores: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """utils.calcul_loss: the hardest negative of each row (captions) and column (images), summed."""
+    diagonal = scores.diag().view(len(scores), 1)
+    cost_s = (margin + scores - diagonal.expand_as(scores)).clamp(min=0)
+    cost_im = (margin + scores - diagonal.t().expand_as(scores)).clamp(min=0)
+    eye = torch.eye(len(scores), dtype=torch.bool)
+    cost_s = cost_s.masked_fill(eye, 0)
+    cost_im = cost_im.masked_fill(eye, 0)
+    return cost_s.max(1)[0].sum() + cost_im.max(0)[0].sum()

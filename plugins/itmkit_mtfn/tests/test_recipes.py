@@ -10,6 +10,7 @@ import pytest
 from itmkit.build import DataPorts, build_model
 from itmkit.recipe import load_recipe
 from itmkit_mtfn.importer import schedule
+from itmkit_mtfn.tests import official
 
 ROOT = Path(__file__).parents[3]
 RECIPES = sorted((ROOT / "recipes").glob("mtfn_*.toml"))
@@ -63,3 +64,14 @@ def test_a_trained_model_scores_a_split_as_each_caption_alone(tmp_path):
         "train.epochs=1", "train.batch_size=8", "train.eval_batch_size=3", "train.phase=[]"])
     train(recipe, out_dir=tmp_path / "run", log=lambda *a: None)
     check_scores_match_captions_alone(tmp_path / "run" / "model_best.safetensors", data)
+
+
+def test_the_paper_loss_is_calcul_loss():
+    import torch
+
+    recipe = load_recipe(ROOT / "recipes" / "mtfn_f30k.toml")
+    loss = build_model(recipe, DataPorts(2048, 64, 36)).loss
+    scores = torch.rand(9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    positives = torch.eye(9, dtype=torch.bool)
+    torch.testing.assert_close(loss(scores, positives=positives, epoch=0), official.calcul_loss(scores), rtol=0,
+                               atol=1e-12)
