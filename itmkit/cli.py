@@ -186,12 +186,15 @@ def eval_(
                                                       " describe image i")] = None,
     rerank: Annotated[Optional[str], typer.Option(help="re-rank before the metrics: mtfn-rr (MTFN's cross-modal"
                                                   " re-ranking; its t2i step reads the test set's caption grouping)")] = None,
-    rerank_k_i2t: Annotated[int, typer.Option("--rerank-k-i2t", help="mtfn-rr: re-sort each image's top K captions")] = 15,
-    rerank_k_t2i: Annotated[int, typer.Option("--rerank-k-t2i", help="mtfn-rr: re-sort each caption's top K images")] = 20,
+    rerank_k_i2t: Annotated[Optional[int], typer.Option("--rerank-k-i2t", help="mtfn-rr: re-sort each image's top K"
+                                                        " captions (default 15, the official value)")] = None,
+    rerank_k_t2i: Annotated[Optional[int], typer.Option("--rerank-k-t2i", help="mtfn-rr: re-sort each caption's top K"
+                                                        " images (default 20, the official value)")] = None,
     save_sims: Annotated[Optional[Path], typer.Option("--save-sims", help="write the (images x captions) matrix as .npy")] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object of metrics (with --rerank:"
                                           " the re-ranked ones, the plain ones under before_rerank)")] = False,
-    device: DeviceOption = "auto",
+    device: Annotated[Optional[str], typer.Option(help="'auto' (cuda if available; the default), 'cpu', 'cuda',"
+                                                  " 'cuda:1', ...")] = None,
 ) -> None:
     """Evaluate checkpoint(s), several as an ensemble (similarities averaged), or a saved matrix (--sims)."""
     from itmkit.evaluation import PROTOCOLS
@@ -203,11 +206,14 @@ def eval_(
     if rerank is not None and rerank not in RERANKERS:
         raise ItmkitError(f"--rerank {rerank!r} is not known" + did_you_mean(rerank, RERANKERS))
     for flag, k in (("--rerank-k-i2t", rerank_k_i2t), ("--rerank-k-t2i", rerank_k_t2i)):
-        if k < 1:
+        if k is not None and k < 1:
             raise ItmkitError(f"{flag} must be at least 1, got {k}")
+        if k is not None and rerank is None:
+            raise ItmkitError(f"{flag} sets the depth of a re-ranking: give --rerank mtfn-rr with it")
+    k_i2t, k_t2i = rerank_k_i2t or 15, rerank_k_t2i or 20
     if sims_file is not None:
         given = [flag for flag, value in (("checkpoints", checkpoints), ("--data", data), ("--split", split),
-                                          ("--save-sims", save_sims)) if value]
+                                          ("--save-sims", save_sims), ("--device", device)) if value]
         if given:
             raise ItmkitError(f"--sims evaluates a saved matrix on its own; {', '.join(given)} cannot go with it")
         from itmkit.evaluate import read_similarity_matrix
@@ -218,14 +224,19 @@ def eval_(
     elif not checkpoints:
         raise ItmkitError("nothing to evaluate: give checkpoint(s), or a saved matrix with --sims SIMS.npy")
     else:
-        sims, caption_images, protocol, title = _score_checkpoints(checkpoints, data, split, protocol, save_sims, device)
-    metrics = _metrics(sims, protocol, caption_images, rerank, rerank_k_i2t, rerank_k_t2i)
+        for path in checkpoints:
+            if path.suffix == ".npy":
+                raise ItmkitError(f"{path} is a .npy file, not a checkpoint; to evaluate a saved similarity matrix"
+                                  f" use --sims {path}")
+        sims, caption_images, protocol, title = _score_checkpoints(checkpoints, data, split, protocol, save_sims,
+                                                                   device or "auto")
+    metrics = _metrics(sims, protocol, caption_images, rerank, k_i2t, k_t2i)
     if as_json:
         print(json.dumps(metrics))
     elif rerank:
         out.print(metrics_table(metrics["before_rerank"], f"{title}, {protocol}"))
         out.print(metrics_table(metrics, f"{title}, {protocol}, re-ranked by {rerank}"
-                                         f" (k {rerank_k_i2t} i2t, {rerank_k_t2i} t2i)"))
+                                         f" (k {min(k_i2t, sims.shape[1])} i2t, {min(k_t2i, sims.shape[0])} t2i)"))
     else:
         out.print(metrics_table(metrics, f"{title}, {protocol}"))
 
@@ -279,17 +290,25 @@ def _metrics(sims: np.ndarray, protocol: str, layout: int | np.ndarray, rerank: 
     if not rerank:
         return before
     err.print(f"note: {GROUPING_NOTICE}")
+    tied = []
     with make_progress() as progress, task(progress, f"re-rank ({rerank})", None) as update:
-        ranks = reranked_ranks(rerank, k_i2t=k_i2t, k_t2i=k_t2i, progress=lambda d, t: update(d, t))
-        return {**protocol_metrics(sims, protocol, layout, ranks=ranks), "before_rerank": before}
+        ranks = reranked_ranks(rerank, k_i2t=k_i2t, k_t2i=k_t2i, progress=lambda d, t: update(d, t),
+                               seen=lambda r: tied.append(r.tied_lists))
+        after = protocol_metrics(sims, protocol, layout, ranks=ranks)
+    if sum(tied):
+        err.print(f"note: {sum(tied)} ranked lists hold tied scores near their top; re-ranking orders ties as the"
+                  " official rerank.py does (argsort of -sims), the plain metrics as VSE++ does (the reverse), so"
+                  " part of the difference between the two tables is tie order")
+    return {**after, "before_rerank": before}
 
 
 def _captions_per_image(shape: tuple[int, ...], path: Path) -> int:
     """k of a saved matrix, which carries no caption images: the official layout, k consecutive captions per image."""
     n_images, n_captions = shape
     if n_captions % n_images:
+        flipped = " (captions x images? save its transpose)" if n_images > n_captions else ""
         raise ItmkitError(f"similarity matrix {path}: shape {shape} has no whole number of captions per image;"
-                          " expected (images, k x images), the captions of image i at columns k*i .. k*i+k-1")
+                          f" expected (images, k x images), the captions of image i at columns k*i .. k*i+k-1{flipped}")
     return n_captions // n_images
 
 

@@ -116,15 +116,20 @@ def read_similarity_matrix(path: str | Path) -> np.ndarray:
     """A saved (images x captions) matrix (``.npy``, any real dtype), memory-mapped, checked to be
     2-D, non-empty and finite. Read without pickle: an object array or a pickle is refused."""
     path = input_file(path, "similarity matrix", error=ItmkitError)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:4] == b"PK\x03\x04":  # a zip: numpy.savez
+        raise ItmkitError(f"similarity matrix {path}: an .npz archive; expected one .npy array (numpy.save)")
+    if magic != b"\x93NUMPY":
+        raise ItmkitError(f"similarity matrix {path}: not a .npy file (it does not start with numpy's magic"
+                          " string); save the matrix with numpy.save(path, matrix)")
     try:
         sims = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:  # a pickle, an object array, a damaged header
-        raise ItmkitError(f"similarity matrix {path}: not a plain .npy array ({exc}); save it with"
-                          " numpy.save(path, matrix) from a float array") from None
+    except ValueError as exc:  # an object array, a damaged header
+        raise ItmkitError(f"similarity matrix {path}: not a plain numeric .npy array ({str(exc).split('.')[0]});"
+                          " save it with numpy.save(path, matrix) from a float array") from None
     except (OSError, EOFError) as exc:
         raise ItmkitError(f"similarity matrix {path}: cannot be read as .npy ({exc})") from None
-    if not isinstance(sims, np.ndarray):  # an .npz archive opens as a mapping of arrays
-        raise ItmkitError(f"similarity matrix {path}: an .npz archive; expected one .npy array (numpy.save)")
     if sims.dtype.kind not in "fiu":
         raise ItmkitError(f"similarity matrix {path}: dtype {sims.dtype}; expected real numbers (float32 or float64)")
     if sims.ndim != 2 or 0 in sims.shape:

@@ -14,9 +14,10 @@ Only the top k of each list move, so ranks past k are the matrix's own. Ties: th
 ``np.argsort(-sims)`` in float64 and the re-sort is ``np.argsort`` of float64 ranks, the official
 calls made row by row on the same values, so the result equals the official one ties included
 (the plain metrics of ``itmkit.evaluation`` follow VSE++'s ``argsort(sims)[::-1]`` instead, which
-orders tied scores the other way round). Memory: the matrix is sorted a block of rows or columns
-at a time, never whole, so it stays flat whatever the gallery (the official code holds three
-int64 copies of the matrix).
+orders tied scores the other way round: on a matrix with tied scores part of a difference
+between the two is tie order; ``Reranked.tied_lists`` counts the lists concerned). Memory: the
+matrix is sorted a block of rows or columns at a time, never whole, so it stays flat whatever the
+gallery and the captions per image (the official code holds three int64 copies of the matrix).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import attrs
 import numpy as np
 
 from itmkit.errors import ItmkitError
+from itmkit.evaluate import check_finite_matrix
 from itmkit.evaluation import _layout_problem, _owners
 
 K_I2T = 15  # the official rerank.py: i2t_rerank(d, 15, ...)
@@ -49,22 +51,45 @@ class Reranked:
     t2i_top: np.ndarray
     i2t_ranks: np.ndarray
     t2i_ranks: np.ndarray
+    tied_lists: int = 0  # lists (rows and columns) with equal scores among their first max(k, 10) + 1
 
 
-def _descending(block: np.ndarray, axis: int) -> np.ndarray:
-    """``np.argsort(-block, axis)`` in float64: the official call (its matrix is a float64 array)."""
-    return np.argsort(-np.asarray(block, dtype=np.float64), axis=axis)
+def _tied(values: np.ndarray, order: np.ndarray, depth: int, axis: int) -> int:
+    """How many of the lists ``order`` sorts (along ``axis``) hold equal scores among their first ``depth``."""
+    head = np.take_along_axis(values, order[:depth] if axis == 0 else order[:, :depth], axis=axis)
+    return int(np.count_nonzero((np.diff(head, axis=axis) == 0).any(axis=axis)))
 
 
-def _caption_table(caption_images: np.ndarray, n_images: int) -> np.ndarray:
-    """(Ni, most captions of one image): each image's caption indices, padded with -1."""
-    counts = np.bincount(caption_images, minlength=n_images)
-    table = np.full((n_images, max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
-    by_image = np.argsort(caption_images, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    slot = np.arange(len(caption_images)) - np.repeat(starts, counts)
-    table[caption_images[by_image], slot] = by_image
-    return table
+def _descending(values: np.ndarray, axis: int) -> np.ndarray:
+    """``np.argsort(-values, axis)`` of float64 values: the official call (its matrix is a float64 array)."""
+    return np.argsort(-values, axis=axis)
+
+
+def _best_per_image(position: np.ndarray, by_image: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(rows, Ni): for each row's caption ranks ``position`` (rows, Nt), the best rank of each image's captions.
+
+    ``by_image``: the caption indices grouped by image; ``starts``: where each image's group begins.
+    """
+    return np.minimum.reduceat(position[:, by_image], starts, axis=1)
+
+
+def _check(sims: np.ndarray, captions_per_image: int | np.ndarray, k_i2t: int, k_t2i: int) -> int | np.ndarray:
+    """The caption layout (``evaluation._owners``) once the matrix and the depths are known to be usable."""
+    if sims.dtype.kind not in "fiu":
+        raise ItmkitError(f"a similarity matrix holds real numbers; this one's dtype is {sims.dtype}")
+    for name, k in (("k_i2t", k_i2t), ("k_t2i", k_t2i)):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ItmkitError(f"re-ranking depth {name} must be a whole number of at least 1, got {k!r}")
+    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, (int, np.integer, np.ndarray,
+                                                                                        list, tuple)):
+        raise ItmkitError(f"captions_per_image must be a whole number or the image of each caption,"
+                          f" got {captions_per_image!r}")
+    owners = _owners(captions_per_image)
+    problem = _layout_problem(sims.shape, owners)
+    if problem or 0 in sims.shape:
+        raise ItmkitError(problem or f"an empty similarity matrix {sims.shape} has nothing to re-rank")
+    check_finite_matrix(sims, "the similarity matrix to re-rank")
+    return owners
 
 
 def mtfn_rerank(sims: np.ndarray, captions_per_image: int | np.ndarray = 5, *, k_i2t: int = K_I2T,
@@ -77,12 +102,7 @@ def mtfn_rerank(sims: np.ndarray, captions_per_image: int | np.ndarray = 5, *, k
     rows and columns are sorted. Raises ItmkitError on a matrix that does not fit the layout.
     """
     sims = np.asarray(sims)
-    owners = _owners(captions_per_image)
-    problem = _layout_problem(sims.shape, owners)
-    if problem:
-        raise ItmkitError(problem)
-    if k_i2t < 1 or k_t2i < 1:
-        raise ItmkitError(f"re-ranking depths must be at least 1, got k_i2t={k_i2t}, k_t2i={k_t2i}")
+    owners = _check(sims, captions_per_image, k_i2t, k_t2i)
     n_images, n_captions = sims.shape
     image_of = np.arange(n_captions) // owners if isinstance(owners, int) else owners
     k1, k2 = min(k_i2t, n_captions), min(k_t2i, n_images)
@@ -92,9 +112,12 @@ def mtfn_rerank(sims: np.ndarray, captions_per_image: int | np.ndarray = 5, *, k
     # 1. Rows: each image's caption list, its head and the rank of its best caption in the whole list.
     top_i2t = np.empty((n_images, k1), dtype=np.int64)
     rank_i2t = np.empty(n_images, dtype=np.int64)
+    tied = 0
     for r0 in range(0, n_images, _BLOCK):
         r1 = min(r0 + _BLOCK, n_images)
-        order = _descending(sims[r0:r1], axis=1)
+        values = np.asarray(sims[r0:r1], dtype=np.float64)
+        order = _descending(values, axis=1)
+        tied += _tied(values, order, max(k1, 10) + 1, axis=1)
         top_i2t[r0:r1] = order[:, :k1]
         rank_i2t[r0:r1] = (image_of[order] == np.arange(r0, r1)[:, None]).argmax(axis=1)
         done += r1 - r0
@@ -106,7 +129,9 @@ def mtfn_rerank(sims: np.ndarray, captions_per_image: int | np.ndarray = 5, *, k
     i2t_keys = np.empty((n_images, k1), dtype=np.float64)
     for c0 in range(0, n_captions, _BLOCK):
         c1 = min(c0 + _BLOCK, n_captions)
-        order = _descending(sims[:, c0:c1], axis=0)  # (Ni, w): column j is caption c0 + j's image list
+        values = np.asarray(sims[:, c0:c1], dtype=np.float64)
+        order = _descending(values, axis=0)  # (Ni, w): column j is caption c0 + j's image list
+        tied += _tied(values, order, max(k2, 10) + 1, axis=0)
         top_t2i[c0:c1] = order[:k2].T
         rank_t2i[c0:c1] = (order == image_of[c0:c1]).argmax(axis=0)
         position = np.empty_like(order)
@@ -117,17 +142,18 @@ def mtfn_rerank(sims: np.ndarray, captions_per_image: int | np.ndarray = 5, *, k
         report(done, total)
 
     # 3. Rows again: for each caption's head images, the best rank of the caption's image-mates there.
-    mates = _caption_table(image_of, n_images)[image_of]  # (Nt, m): the captions of each caption's image
+    # That rank depends on the caption only through its image, so it is taken per image (reduceat).
+    by_image = np.argsort(image_of, kind="stable")
+    starts = np.searchsorted(image_of[by_image], np.arange(n_images))  # every image has a caption (_check)
     t2i_keys = np.empty((n_captions, k2), dtype=np.float64)
     for r0 in range(0, n_images, _BLOCK):
         r1 = min(r0 + _BLOCK, n_images)
-        order = _descending(sims[r0:r1], axis=1)
+        order = _descending(np.asarray(sims[r0:r1], dtype=np.float64), axis=1)
         position = np.empty_like(order)
         position[np.arange(r1 - r0)[:, None], order] = np.arange(n_captions)  # position[i, c]: caption c's rank
+        best = _best_per_image(position, by_image, starts)  # (h, Ni)
         captions, slots = np.nonzero((top_t2i >= r0) & (top_t2i < r1))
-        group = mates[captions]
-        ranks = position[(top_t2i[captions, slots] - r0)[:, None], np.maximum(group, 0)]
-        t2i_keys[captions, slots] = np.where(group >= 0, ranks, n_captions).min(axis=1)
+        t2i_keys[captions, slots] = best[top_t2i[captions, slots] - r0, image_of[captions]]
         done += r1 - r0
         report(done, total)
 
@@ -138,16 +164,18 @@ def mtfn_rerank(sims: np.ndarray, captions_per_image: int | np.ndarray = 5, *, k
     # A true item in the head moved within it; one past the head kept the matrix's rank.
     return Reranked(i2t_top, t2i_top,
                     np.where(hit_i2t.any(axis=1), hit_i2t.argmax(axis=1), rank_i2t),
-                    np.where(hit_t2i.any(axis=1), hit_t2i.argmax(axis=1), rank_t2i))
+                    np.where(hit_t2i.any(axis=1), hit_t2i.argmax(axis=1), rank_t2i), tied)
 
 
 RERANKERS = ("mtfn-rr",)
 
 
 def reranked_ranks(method: str, *, k_i2t: int = K_I2T, k_t2i: int = K_T2I,
-                   progress: Callable[[int, int], None] | None = None
+                   progress: Callable[[int, int], None] | None = None,
+                   seen: Callable[[Reranked], None] | None = None,
                    ) -> Callable[[np.ndarray, int | np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The (i2t ranks, t2i ranks) function of a re-ranking method, for ``evaluation.protocol_metrics``."""
+    """The (i2t ranks, t2i ranks) function of a re-ranking method, for ``evaluation.protocol_metrics``;
+    ``seen`` gets each whole result (a COCO 1K run re-ranks five folds)."""
     if method not in RERANKERS:
         from itmkit.errors import did_you_mean
 
@@ -155,6 +183,8 @@ def reranked_ranks(method: str, *, k_i2t: int = K_I2T, k_t2i: int = K_T2I,
 
     def ranks(sims: np.ndarray, captions_per_image: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = mtfn_rerank(sims, captions_per_image, k_i2t=k_i2t, k_t2i=k_t2i, progress=progress)
+        if seen:
+            seen(out)
         return out.i2t_ranks, out.t2i_ranks
 
     return ranks

@@ -52,6 +52,17 @@ def test_rerank_reports_both_and_says_it_reads_the_grouping(tmp_path):
     assert flat(table.stdout).count("rSum") == 2
 
 
+def test_ties_near_the_top_are_pointed_out(tmp_path):
+    """Re-ranking orders ties as the official rerank.py, the plain metrics as VSE++: a one-deep
+    re-ranking changes nothing but tie order, and the output says so."""
+    tied = np.repeat(np.arange(10, dtype=np.float32)[:, None], 50, axis=1)  # every row one score
+    result = invoke("eval", "--sims", str(saved(tmp_path, tied)), "--rerank", "mtfn-rr", "--rerank-k-i2t", "1",
+                    "--rerank-k-t2i", "1", "--json")
+    assert result.returncode == 0 and "lists hold tied scores" in flat(result.stderr)
+    untied = invoke("eval", "--sims", str(saved(tmp_path, matrix(seed=3), "u.npy")), "--rerank", "mtfn-rr", "--json")
+    assert untied.returncode == 0 and "tied" not in untied.stderr
+
+
 def test_a_checkpoint_evaluates_with_rerank_beside_its_plain_metrics(tmp_path):
     data = write_tiny(tmp_path / "data")
     recipe = write_recipe(tmp_path / "tiny.toml", str(data))
@@ -72,8 +83,11 @@ def test_a_checkpoint_evaluates_with_rerank_beside_its_plain_metrics(tmp_path):
     (lambda p: np.save(p, np.zeros(15, np.float32)), r"shape \(15,\); expected \(images, captions\)"),
     (lambda p: np.save(p, np.array([[1, np.nan, 0, 0, 0]], np.float32)), r"1 similarity score\(s\) are NaN or inf"),
     (lambda p: np.save(p, np.zeros((1, 5), bool)), "dtype bool; expected real numbers"),
-    (lambda p: np.save(p, np.array([[object()] * 5], dtype=object), allow_pickle=True), r"not a plain \.npy array"),
-    (lambda p: p.write_bytes(pickle.dumps([[0.0] * 5])), r"not a plain \.npy array"),
+    (lambda p: np.save(p, np.array([[object()] * 5], dtype=object), allow_pickle=True),
+     r"not a plain numeric \.npy array \(Array can.t be memory-mapped: Python objects in dtype\)"),
+    (lambda p: p.write_bytes(pickle.dumps([[0.0] * 5])), r"not a \.npy file \(it does not start with numpy's magic"),
+    (lambda p: p.write_text("0.1 0.2 0.3 0.4 0.5\n"), r"not a \.npy file"),
+    (lambda p: np.save(p, np.zeros((50, 10), np.float32)), r"captions x images\? save its transpose"),
     (lambda p: np.savez(open(p, "wb"), a=np.zeros((1, 5))), r"an \.npz archive"),
     (lambda p: p.write_bytes(b"\x93NUMPY\x01\x00garbage"), "sims.npy"),
 ])
@@ -95,4 +109,7 @@ def test_a_wrong_protocol_or_reranker_or_combination_is_one_clear_error(tmp_path
     assert "checkpoints, --split cannot go with it" in assert_clean_failure(
         invoke("eval", "some.safetensors", "--sims", path, "--split", "dev"))
     assert "nothing to evaluate" in assert_clean_failure(invoke("eval"))
+    assert "give --rerank mtfn-rr with it" in assert_clean_failure(invoke("eval", "--sims", path, "--rerank-k-i2t", "5"))
+    assert "--device cannot go with it" in assert_clean_failure(invoke("eval", "--sims", path, "--device", "cpu"))
+    assert f"use --sims {path}" in assert_clean_failure(invoke("eval", path))
     assert "does not exist" in assert_clean_failure(invoke("eval", "--sims", str(tmp_path / "none.npy")))

@@ -114,3 +114,44 @@ def test_a_matrix_that_does_not_fit_the_layout_is_refused():
         mtfn_rerank(np.zeros((3, 14)))
     with pytest.raises(ItmkitError, match="at least 1"):
         mtfn_rerank(np.zeros((3, 15)), k_i2t=0)
+
+
+def test_memory_does_not_grow_with_the_captions_per_image():
+    """Two images of 4000 captions each: the image-mates' best rank is taken per image, never as a
+    captions x captions-per-image table (that one alone would be 8000 x 4000 int64, 256 MB)."""
+    import tracemalloc
+
+    sims = np.random.default_rng(0).random((2, 8000)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        out = mtfn_rerank(sims, 4000, k_t2i=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, peak
+    assert out.t2i_ranks.shape == (8000,)
+    few = sims[:, :200]  # the same layout, small enough for the literal reference's loops
+    _, _, i2t_rank, t2i_rank = reference(few, np.arange(200) // 100, 15, 2)
+    out = mtfn_rerank(few, 100, k_t2i=2)
+    assert np.array_equal(out.i2t_ranks, i2t_rank) and np.array_equal(out.t2i_ranks, t2i_rank)
+
+
+@pytest.mark.parametrize("sims, layout, kwargs, message", [
+    (np.array([[np.nan, 1.0], [0.0, 0.5]]), 1, {}, "NaN or inf"),
+    (np.zeros((2, 2)).astype(str), 1, {}, "real numbers"),
+    (np.zeros((2, 2), complex), 1, {}, "real numbers"),
+    (np.zeros((0, 0)), 5, {}, "empty"),
+    (np.zeros((2, 10)), 2.5, {}, "whole number"),
+    (np.zeros((2, 10)), True, {}, "whole number"),
+    (np.zeros((2, 10)), 5, {"k_i2t": 2.5}, "k_i2t must be a whole number"),
+    (np.zeros((2, 10)), 5, {"k_t2i": True}, "k_t2i must be a whole number"),
+    (np.zeros((2, 10)), 0, {}, r"\(images, 0 x images\)"),
+])
+def test_the_python_function_refuses_what_the_command_refuses(sims, layout, kwargs, message):
+    with pytest.raises(ItmkitError, match=message):
+        mtfn_rerank(sims, layout, **kwargs)
+
+
+def test_tied_lists_are_counted():
+    assert mtfn_rerank(np.random.default_rng(2).standard_normal((4, 20))).tied_lists == 0
+    assert mtfn_rerank(np.zeros((4, 20))).tied_lists == 24  # every row and every column
