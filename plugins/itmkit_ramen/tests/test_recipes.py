@@ -65,3 +65,12 @@ def test_a_trained_model_scores_a_split_as_each_caption_alone(tmp_path, name):
     recipe = load_recipe(ROOT / "recipes" / f"{name}.toml", [f"data.path={data}", *TINY])
     train(recipe, out_dir=tmp_path / "run", log=lambda *a: None)
     check_scores_match_captions_alone(tmp_path / "run" / "model_best.safetensors", data)
+
+
+def test_any_pooled_text_vector_can_be_q():
+    """The fusion reads a text Global: SCAN's averaged bi-GRU words, mean-pooled, will do."""
+    recipe = load_recipe(ROOT / "recipes" / "ramen_shapes.toml", ["text.encoder.stage=core.bigru",
+                                                                   "text.pool.stage=core.mean"])
+    model = build_model(recipe, DataPorts(256, 64, 36))
+    assert recipe.text.encoder.spec.name == "core.bigru" and recipe.text.pool.spec.name == "core.mean"
+    assert model.branches[0].stages[0].batch_norm_fusion.num_features == 256 + 64
