@@ -160,7 +160,7 @@ def test_an_aligned_block_fuses_each_query_with_its_attended_context(query_side)
     ni, nt, lq, lc = 3, 4, 5, 6
     regions = torch.randn(ni, lq if query_side == "image" else lc, Q, generator=g, dtype=torch.float64)
     words = torch.randn(nt, lc if query_side == "image" else lq, Q, generator=g, dtype=torch.float64)
-    q_len, c_len = torch.tensor([5, 2, 4, 3][:ni if query_side == "image" else nt]), None
+    q_len = torch.tensor([5, 2, 4, 3][:ni if query_side == "image" else nt])
     if query_side == "image":
         query, context, query_mask = regions[:, None], words[None], lengths_to_mask(q_len, lq)[:, None]
     else:
@@ -178,7 +178,6 @@ def test_an_aligned_block_fuses_each_query_with_its_attended_context(query_side)
                 attended = torch.stack([sum(weights[i, t, k, j] * ctx[j] for j in range(lc)) for k in range(n)])
                 expected = head(ours, clf, core(own[None], attended[None]))
                 torch.testing.assert_close(scores[i, t], expected[0], **TOL)
-    del c_len
 
 
 def test_evaluation_scores_do_not_depend_on_the_block():
