@@ -17,7 +17,7 @@ from itmkit.stage import Stage, param
 from itmkit.types import GlobalPort, LocalPort
 
 CORE = ["core.bigru", "core.cosine", "core.dot", "core.infonce", "core.last", "core.max", "core.mean", "core.order",
-        "core.precomp", "core.triplet"]
+        "core.precomp", "core.raw", "core.triplet"]
 
 
 def make_stage(stage_name: str) -> type[Stage]:
