@@ -312,6 +312,13 @@ def _captions_per_image(shape: tuple[int, ...], path: Path) -> int:
     return n_captions // n_images
 
 
+# -------------------------------------------------------------------------- index / search
+
+from itmkit.retrieval_cli import register as _register_retrieval  # noqa: E402  (its own module: issue 14)
+
+_register_retrieval(app)
+
+
 # ----------------------------------------------------------------------------------- import
 
 
