@@ -179,8 +179,10 @@ def eval_(
     checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="one checkpoint, or several for an ensemble")] = None,
     data: Annotated[Optional[str], typer.Option(help="dataset folder (default: the recipe's \\[data].path)")] = None,
     split: Annotated[Optional[str], typer.Option(help="split to score (default: the recipe's test split)")] = None,
-    protocol: Annotated[Optional[str], typer.Option(help="f30k-1k | coco-1k-5fold | coco-5k (default: the recipe's;"
-                                                    " with --sims, f30k-1k: the whole matrix)")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help="f30k-1k | coco-1k-5fold | coco-5k | eccv-caption (default:"
+                                                    " the recipe's; with --sims, f30k-1k: the whole matrix)."
+                                                    " eccv-caption: ECCV Caption mAP@R, R-Precision, R@1 and CxC R@K"
+                                                    " on the COCO 5K test split, from its COCO ids")] = None,
     sims_file: Annotated[Optional[Path], typer.Option("--sims", help="evaluate a saved (images x captions) .npy matrix"
                                                       " from any source instead of checkpoints; captions k*i..k*i+k-1"
                                                       " describe image i")] = None,
@@ -191,13 +193,20 @@ def eval_(
     rerank_k_t2i: Annotated[Optional[int], typer.Option("--rerank-k-t2i", help="mtfn-rr: re-sort each caption's top K"
                                                         " images (default 20, the official value)")] = None,
     save_sims: Annotated[Optional[Path], typer.Option("--save-sims", help="write the (images x captions) matrix as .npy")] = None,
+    ids_file: Annotated[Optional[Path], typer.Option("--ids", help="eccv-caption: the COCO image id of each image row,"
+                                                     " one per line (5000 lines, or 25000: one per caption); default"
+                                                     " with checkpoints: the split's {split}_ids.txt")] = None,
+    caption_ids_file: Annotated[Optional[Path], typer.Option("--caption-ids", help="eccv-caption: the COCO caption id"
+                                                             " of each caption column, one per line (default: the"
+                                                             " split's {split}_capids.txt if present, else the"
+                                                             " eccv-caption package's order)")] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object of metrics (with --rerank:"
                                           " the re-ranked ones, the plain ones under before_rerank)")] = False,
     device: Annotated[Optional[str], typer.Option(help="'auto' (cuda if available; the default), 'cpu', 'cuda',"
                                                   " 'cuda:1', ...")] = None,
 ) -> None:
     """Evaluate checkpoint(s), several as an ensemble (similarities averaged), or a saved matrix (--sims)."""
-    from itmkit.evaluation import PROTOCOLS
+    from itmkit.evaluation import ID_PROTOCOLS, PROTOCOLS
     from itmkit.errors import did_you_mean
     from itmkit.rerank import RERANKERS
 
@@ -211,6 +220,18 @@ def eval_(
         if k is not None and rerank is None:
             raise ItmkitError(f"{flag} sets the depth of a re-ranking: give --rerank mtfn-rr with it")
     k_i2t, k_t2i = rerank_k_i2t or 15, rerank_k_t2i or 20
+    eccv = protocol in ID_PROTOCOLS
+    for flag, value in (("--ids", ids_file), ("--caption-ids", caption_ids_file)):
+        if value is not None and not eccv:
+            raise ItmkitError(f"{flag} gives the COCO ids of the eccv-caption protocol: give --protocol eccv-caption"
+                              " with it")
+    if eccv and rerank:
+        raise ItmkitError("--rerank cannot go with --protocol eccv-caption: re-ranking yields ranks of the true"
+                          " matches, the ECCV Caption metrics read ranked lists")
+    if eccv and sims_file is not None and ids_file is None:
+        raise ItmkitError("--protocol eccv-caption with --sims needs --ids FILE: a saved matrix carries no ids; give"
+                          " the COCO image id of each row, one per line (SCAN's COCO testall_ids.txt)")
+    coco_ids = None
     if sims_file is not None:
         given = [flag for flag, value in (("checkpoints", checkpoints), ("--data", data), ("--split", split),
                                           ("--save-sims", save_sims), ("--device", device)) if value]
@@ -220,6 +241,13 @@ def eval_(
 
         sims = read_similarity_matrix(sims_file)
         caption_images = _captions_per_image(sims.shape, sims_file)  # a saved matrix: the official layout
+        if eccv:
+            from itmkit.eccv import layout_problem, read_caption_ids, read_image_ids
+
+            problem = layout_problem(sims.shape, caption_images)
+            if problem:
+                raise ItmkitError(f"similarity matrix {sims_file}: {problem}")
+            coco_ids = (read_image_ids(ids_file), caption_ids_file and read_caption_ids(caption_ids_file), str(ids_file))
         protocol, title = protocol or "f30k-1k", f"{sims_file}: {sims.shape[0]} images x {sims.shape[1]} captions"
     elif not checkpoints:
         raise ItmkitError("nothing to evaluate: give checkpoint(s), or a saved matrix with --sims SIMS.npy")
@@ -228,11 +256,19 @@ def eval_(
             if path.suffix == ".npy":
                 raise ItmkitError(f"{path} is a .npy file, not a checkpoint; to evaluate a saved similarity matrix"
                                   f" use --sims {path}")
-        sims, caption_images, protocol, title = _score_checkpoints(checkpoints, data, split, protocol, save_sims,
-                                                                   device or "auto")
-    metrics = _metrics(sims, protocol, caption_images, rerank, k_i2t, k_t2i)
+        sims, caption_images, protocol, title, coco_ids = _score_checkpoints(
+            checkpoints, data, split, protocol, save_sims, device or "auto", (ids_file, caption_ids_file))
+    if eccv:
+        from itmkit.eccv import eccv_caption_metrics
+
+        image_ids, caption_ids, where = coco_ids
+        metrics = eccv_caption_metrics(sims, image_ids, caption_ids, caption_images, where=where)
+    else:
+        metrics = _metrics(sims, protocol, caption_images, rerank, k_i2t, k_t2i)
     if as_json:
         print(json.dumps(metrics))
+    elif eccv:
+        out.print(eccv_table(metrics, f"{title}, {protocol}"))
     elif rerank:
         out.print(metrics_table(metrics["before_rerank"], f"{title}, {protocol}"))
         out.print(metrics_table(metrics, f"{title}, {protocol}, re-ranked by {rerank}"
@@ -242,10 +278,13 @@ def eval_(
 
 
 def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | None, protocol: str | None,
-                       save_sims: Path | None, device: str) -> tuple[np.ndarray, np.ndarray, str, str]:
-    """Score the split with the checkpoint(s): the matrix, its caption images, the protocol, a title."""
+                       save_sims: Path | None, device: str, id_files: tuple[Path | None, Path | None] = (None, None),
+                       ) -> tuple[np.ndarray, np.ndarray, str, str, tuple | None]:
+    """Score the split with the checkpoint(s): the matrix, its caption images, the protocol, a title, and for
+    the eccv-caption protocol the split's COCO ids (image ids, caption ids or None, where they came from)."""
     from itmkit.checkpoint import atomic_write_bytes, load_checkpoint
     from itmkit.datasets import recorded_data_dir
+    from itmkit.evaluation import ID_PROTOCOLS
     from itmkit.evaluate import ensemble_similarity
     from itmkit.outputs import check_output_file
     from itmkit.preflight import check_eval_data
@@ -263,6 +302,15 @@ def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | N
         check_output_file(save_sims, "--save-sims", inputs=(*checkpoints, folder), example="sims.npy")
     # The split against the protocol and every checkpoint's input width, before anything is scored.
     the_split = check_eval_data(folder, split_name, protocol, [(str(p), x.model) for p, x in zip(checkpoints, loaded)])
+    coco_ids = None
+    if protocol in ID_PROTOCOLS:  # the ids and the layout, checked before the long part
+        from itmkit.eccv import data_ids, layout_problem, split_ids
+
+        problem = layout_problem((the_split.num_images, the_split.num_captions), the_split.caption_images)
+        if problem:
+            raise ItmkitError(f"{problem} (split {split_name!r} of {folder})")
+        coco_ids = data_ids(folder, split_name, *id_files)
+        split_ids(coco_ids[0], coco_ids[1], coco_ids[2])
     with make_progress() as progress:
         sims, stats = ensemble_similarity([(x.model, x.vocab) for x in loaded], the_split, device=dev,
                                           batch_size=first.train.eval_batch_size, progress=progress)
@@ -276,7 +324,20 @@ def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | N
     err.print(f"scored {the_split.num_images} images x {the_split.num_captions} captions"
               f" x {len(loaded)} model(s): {pairs:,.0f} pairs/s")
     names = " + ".join(str(p) for p in checkpoints)
-    return sims, the_split.caption_images, protocol, f"{names}: {split_name} split"
+    return sims, the_split.caption_images, protocol, f"{names}: {split_name} split", coco_ids
+
+
+def eccv_table(metrics: dict[str, float], title: str) -> Table:
+    """The eccv-caption protocol's metrics (percent), one row per direction."""
+    table = Table(title=title)
+    columns = {"ECCV mAP@R": "eccv_map_at_r", "ECCV R-P": "eccv_rprecision", "ECCV R@1": "eccv_r1",
+               "CxC R@1": "cxc_r1", "CxC R@5": "cxc_r5", "CxC R@10": "cxc_r10"}
+    table.add_column("direction", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for direction, name in (("i2t", "image→text"), ("t2i", "text→image")):
+        table.add_row(name, *(f"{metrics[f'{direction}_{key}']:.1f}" for key in columns.values()))
+    return table
 
 
 def _metrics(sims: np.ndarray, protocol: str, layout: int | np.ndarray, rerank: str | None,

@@ -18,7 +18,10 @@ METRIC_KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
     "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum",
 )
-PROTOCOLS = ("f30k-1k", "coco-1k-5fold", "coco-5k")
+PROTOCOLS = ("f30k-1k", "coco-1k-5fold", "coco-5k", "eccv-caption")
+# Protocols whose metrics are read off ranked lists of COCO ids, not ranks: `itmkit eval` only (not a recipe's
+# data.protocol), scored by itmkit.eccv with the split's ids.
+ID_PROTOCOLS = ("eccv-caption",)
 _ROWS_PER_CHUNK = 256  # argsort this many rows at a time: memory stays flat whatever the gallery
 
 
@@ -150,7 +153,7 @@ def _rsum(m: dict[str, float]) -> float:
 
 
 # Images a protocol's test split must have (the COCO 5K test set, scored whole or as five 1K folds).
-PROTOCOL_IMAGES = {"coco-1k-5fold": 5000, "coco-5k": 5000}
+PROTOCOL_IMAGES = {"coco-1k-5fold": 5000, "coco-5k": 5000, "eccv-caption": 5000}
 COCO_FOLD_IMAGES = 1000  # coco-1k-5fold: five folds of this many images
 
 
@@ -176,6 +179,9 @@ def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int | 
     problem = protocol_problem(protocol, sims.shape[0], "the similarity matrix")
     if problem:
         raise ItmkitError(problem)
+    if protocol in ID_PROTOCOLS:
+        raise ItmkitError(f"protocol {protocol} reads COCO ids, not ranks: score it with"
+                          " itmkit.eccv.eccv_caption_metrics(sims, image_ids) (itmkit eval --protocol eccv-caption)")
     if protocol != "coco-1k-5fold":
         return retrieval_metrics(sims, captions_per_image, ranks)
     fold = COCO_FOLD_IMAGES
