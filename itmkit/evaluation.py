@@ -128,7 +128,12 @@ def retrieval_metrics(sims: np.ndarray, captions_per_image: int | np.ndarray = 5
     problem = _layout_problem(sims.shape, captions_per_image)
     if problem:
         raise ItmkitError(problem)
-    i2t, t2i = ranks(sims, captions_per_image)
+    return ranks_metrics(*ranks(sims, captions_per_image))
+
+
+def ranks_metrics(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
+    """R@1/5/10, medr, meanr of both directions and rsum from 0-based ranks (each image's best caption rank,
+    each caption's image rank)."""
     out = {**_summary(i2t, "i2t"), **_summary(t2i, "t2i")}
     out["rsum"] = _rsum(out)
     return out
@@ -185,7 +190,27 @@ def protocol_metrics(sims: np.ndarray, protocol: str, captions_per_image: int | 
     if protocol != "coco-1k-5fold":
         return retrieval_metrics(sims, captions_per_image, ranks)
     fold = COCO_FOLD_IMAGES
-    folds = [_fold_metrics(sims, captions_per_image, f * fold, (f + 1) * fold, ranks) for f in range(5)]
+    return average_folds([_fold_metrics(sims, captions_per_image, f * fold, (f + 1) * fold, ranks) for f in range(5)])
+
+
+def average_folds(folds: list[dict[str, float]]) -> dict[str, float]:
+    """coco-1k-5fold's reading of its folds: each metric's mean over the folds, rsum recomputed from the means."""
     out = {k: float(np.mean([m[k] for m in folds])) for k in METRIC_KEYS if k != "rsum"}
     out["rsum"] = _rsum(out)
     return out
+
+
+def protocol_galleries(protocol: str, captions_per_image: int | np.ndarray, num_images: int
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The galleries a protocol ranks within, as (image indices, caption indices) of the split: the whole
+    split, or coco-1k-5fold's five folds of 1000 images with their own captions."""
+    problem = protocol_problem(protocol, num_images)
+    if problem:
+        raise ItmkitError(problem)
+    owners = _owners(captions_per_image)
+    image_of = (np.arange(num_images * owners) // owners) if isinstance(owners, int) else owners
+    if protocol != "coco-1k-5fold":
+        return [(np.arange(num_images), np.arange(len(image_of)))]
+    fold = COCO_FOLD_IMAGES
+    return [(np.arange(f * fold, (f + 1) * fold), np.flatnonzero((image_of >= f * fold) & (image_of < (f + 1) * fold)))
+            for f in range(num_images // fold)]
