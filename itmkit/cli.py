@@ -200,6 +200,18 @@ def eval_(
                                                              " of each caption column, one per line (default: the"
                                                              " split's {split}_capids.txt if present, else the"
                                                              " eccv-caption package's order)")] = None,
+    shortlist: Annotated[Optional[int], typer.Option(help="two-stage retrieval: a first stage shortlists K items per"
+                                                     " query, the checkpoint re-scores only those (docs/retrieval.md)")] = None,
+    first_stage: Annotated[Optional[Path], typer.Option("--first-stage", help="--shortlist: the checkpoint whose pooled"
+                                                        " vectors shortlist (VSE++, GPO; default: the evaluated"
+                                                        " checkpoint's own pools)")] = None,
+    compare_full: Annotated[bool, typer.Option("--compare-full", metavar="", help="--shortlist: also score every pair"
+                                               " with the checkpoint, and show both results and times")] = False,
+    index_type: Annotated[Optional[str], typer.Option("--index-type", help="--shortlist: the first stage's faiss index"
+                                                      " (factory string; default Flat = exact; HNSW32, IVF1024,Flat,"
+                                                      " ...)")] = None,
+    search_params: Annotated[Optional[str], typer.Option("--search-params", help="--shortlist: faiss search parameters,"
+                                                         " e.g. nprobe=16 or efSearch=128")] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object of metrics (with --rerank:"
                                           " the re-ranked ones, the plain ones under before_rerank)")] = False,
     device: Annotated[Optional[str], typer.Option(help="'auto' (cuda if available; the default), 'cpu', 'cuda',"
@@ -221,6 +233,26 @@ def eval_(
             raise ItmkitError(f"{flag} sets the depth of a re-ranking: give --rerank mtfn-rr with it")
     k_i2t, k_t2i = rerank_k_i2t or 15, rerank_k_t2i or 20
     eccv = protocol in ID_PROTOCOLS
+    two_stage = {"--first-stage": first_stage, "--compare-full": compare_full, "--index-type": index_type,
+                 "--search-params": search_params}
+    if shortlist is None:
+        given = [flag for flag, value in two_stage.items() if value]
+        if given:
+            raise ItmkitError(f"{', '.join(given)} set(s) two-stage retrieval: give --shortlist K with it")
+    else:
+        clashes = [flag for flag, value in (("--sims", sims_file), ("--rerank", rerank), ("--save-sims", save_sims),
+                                            ("--protocol eccv-caption", eccv)) if value]
+        if clashes:
+            raise ItmkitError(f"--shortlist evaluates a checkpoint by two-stage retrieval; {', '.join(clashes)} cannot"
+                              " go with it")
+        if not checkpoints or len(checkpoints) != 1:
+            raise ItmkitError("--shortlist re-scores with one checkpoint: give exactly one (the first stage is"
+                              " --first-stage)")
+        if shortlist < 1:
+            raise ItmkitError(f"--shortlist must be at least 1, got {shortlist}")
+        _eval_two_stage(checkpoints[0], first_stage, shortlist, data, split, protocol, index_type, search_params,
+                        compare_full, as_json, device or "auto")
+        return
     for flag, value in (("--ids", ids_file), ("--caption-ids", caption_ids_file)):
         if value is not None and not eccv:
             raise ItmkitError(f"{flag} gives the COCO ids of the eccv-caption protocol: give --protocol eccv-caption"
@@ -325,6 +357,65 @@ def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | N
               f" x {len(loaded)} model(s): {pairs:,.0f} pairs/s")
     names = " + ".join(str(p) for p in checkpoints)
     return sims, the_split.caption_images, protocol, f"{names}: {split_name} split", coco_ids
+
+
+def _eval_two_stage(checkpoint: Path, first_stage: Path | None, k: int, data: str | None, split: str | None,
+                    protocol: str | None, index_type: str | None, search_params: str | None, compare_full: bool,
+                    as_json: bool, device: str) -> None:
+    """``eval --shortlist``: two-stage metrics, the shortlist's recall, each stage's time, and full scoring's."""
+    import time
+
+    from itmkit.checkpoint import load_checkpoint
+    from itmkit.datasets import recorded_data_dir
+    from itmkit.evaluate import similarity_matrix
+    from itmkit.evaluation import protocol_metrics
+    from itmkit.preflight import check_eval_data
+    from itmkit.progress import make_progress
+    from itmkit.twostage import DEFAULT_INDEX, evaluate_two_stage, first_stage_problem
+
+    dev = _device(device)
+    second = load_checkpoint(checkpoint, dev)
+    first = load_checkpoint(first_stage, dev) if first_stage else second
+    problem = first_stage_problem(first.model, str(first_stage or checkpoint))
+    if problem:
+        raise ItmkitError(problem)
+    recipe = second.model.recipe
+    protocol = protocol or recipe.data.protocol
+    folder = recorded_data_dir(data, recipe.data.path, checkpoint, log=err.print)
+    split_name = split or recipe.data.test_split
+    models = [(str(checkpoint), second.model)] + ([(str(first_stage), first.model)] if first_stage else [])
+    the_split = check_eval_data(folder, split_name, protocol, models)
+    index_type = index_type or DEFAULT_INDEX
+    batch = recipe.train.eval_batch_size
+    with make_progress() as progress:
+        result = evaluate_two_stage((second.model, second.vocab), (first.model, first.vocab), the_split, protocol, k,
+                                    index_spec=index_type, search_params=search_params, device=dev,
+                                    batch_size=batch, progress=progress)
+        full = None
+        if compare_full:
+            start = time.perf_counter()
+            sims, _ = similarity_matrix(second.model, second.vocab, the_split, device=dev, batch_size=batch,
+                                        progress=progress)
+            full = {**protocol_metrics(sims, protocol, the_split.caption_images),
+                    "seconds": time.perf_counter() - start}
+            del sims
+    metrics = {**result.metrics, "seconds": result.seconds, **({"full": full} if full else {})}
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    first_name = first_stage or f"{checkpoint}'s pools"
+    title = f"{checkpoint}: {split_name} split, {protocol}"
+    out.print(metrics_table(result.metrics, f"{title}, two-stage: top {k} of {first_name} ({index_type}) re-scored"))
+    out.print(f"first stage recall@{k} (a true match in the shortlist): image→text"
+              f" {result.metrics['i2t_shortlist_recall']:.2f}%, text→image {result.metrics['t2i_shortlist_recall']:.2f}%")
+    seconds = result.seconds
+    out.print(f"time: {seconds['total']:.1f} s (encode {seconds['encode']:.1f} s, shortlist {seconds['shortlist']:.1f} s,"
+              f" re-score {seconds['rescore']:.1f} s)")
+    if full:
+        out.print(metrics_table(full, f"{title}, full scoring"))
+        gaps = ", ".join(f"{d} R@1 {result.metrics[f'{d}_r1'] - full[f'{d}_r1']:+.2f}" for d in ("i2t", "t2i"))
+        out.print(f"full scoring {full['seconds']:.1f} s: two-stage is {full['seconds'] / seconds['total']:.1f}x"
+                  f" faster; two-stage minus full: {gaps}")
 
 
 def eccv_table(metrics: dict[str, float], title: str) -> Table:
