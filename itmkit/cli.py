@@ -410,7 +410,7 @@ def _eval_two_stage(checkpoint: Path, first_stage: Path | None, k: int, data: st
               f" {result.metrics['i2t_shortlist_recall']:.2f}%, text→image {result.metrics['t2i_shortlist_recall']:.2f}%")
     seconds = result.seconds
     out.print(f"time: {seconds['total']:.1f} s (encode {seconds['encode']:.1f} s, shortlist {seconds['shortlist']:.1f} s,"
-              f" re-score {seconds['rescore']:.1f} s)")
+              f" re-score {seconds['rescore']:.1f} s, ranks {seconds['rank']:.1f} s)")
     if full:
         out.print(metrics_table(full, f"{title}, full scoring"))
         gaps = ", ".join(f"{d} R@1 {result.metrics[f'{d}_r1'] - full[f'{d}_r1']:+.2f}" for d in ("i2t", "t2i"))

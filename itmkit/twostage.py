@@ -215,52 +215,72 @@ def encode_side(side: str, split: Split, first: tuple[ITMModel, Vocabulary], sec
     return Side(np.concatenate(vectors), FragmentStore(folder))
 
 
-def two_stage_ranks(queries: Side, gallery: Side, query_ids: np.ndarray, gallery_ids: np.ndarray,
-                    truth: Callable[[np.ndarray, np.ndarray], np.ndarray], model: ITMModel, query_side: str, k: int,
-                    *, index_spec: str = DEFAULT_INDEX, search_params: str | None = None,
-                    device: torch.device | str = "cpu", timer: dict[str, float] | None = None,
-                    update: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rank of each query's first true match in its two-stage list, and whether one reached the shortlist.
-
-    ``query_ids`` / ``gallery_ids``: split positions of the queries and of the gallery (a protocol fold);
-    ``truth(query_ids, gallery_ids)`` gives the (Q, N) bool matrix of true matches. The list is the K
-    shortlisted items by second-stage score, then the others by first-stage score; ranks are 0-based
-    and read as the standard evaluation reads a matrix row (ties: the later item first).
-    """
-    timer = {} if timer is None else timer
-    start = time.perf_counter()
-    builder = IndexBuilder(gallery.vectors.shape[1], index_spec, train_size=len(gallery_ids))
-    builder.add(gallery.vectors[gallery_ids])
+def shortlists(queries: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray, k: int, *,
+               index_spec: str = DEFAULT_INDEX, search_params: str | None = None) -> np.ndarray:
+    """Each query vector's top ``k`` among ``gallery[gallery_ids]`` by inner product, as split positions
+    (Q, k), best first; -1 where an approximate index found fewer."""
+    builder = IndexBuilder(gallery.shape[1], index_spec, train_size=len(gallery_ids))
+    builder.add(gallery[gallery_ids])
     index = builder.finish()
     set_search_parameters(index, search_params)
-    timer["shortlist"] = timer.get("shortlist", 0.0) + time.perf_counter() - start
-    k = min(k, len(gallery_ids))
-    ranks = np.empty(len(query_ids), dtype=np.int64)
-    reached = np.empty(len(query_ids), dtype=bool)
-    query_store = queries.store
-    for c0 in range(0, len(query_ids), _QUERIES_PER_CHUNK):
-        chunk = query_ids[c0:c0 + _QUERIES_PER_CHUNK]
-        vectors = np.ascontiguousarray(queries.vectors[chunk])
-        t0 = time.perf_counter()
-        _, local = index.search(vectors, k)  # (Q, k) gallery-local positions, -1 past what was found
-        t1 = time.perf_counter()
-        candidates = np.where(local >= 0, gallery_ids[np.maximum(local, 0)], -1)
-        rescored = rescore(model, query_store.take(chunk), query_side, candidates, gallery.store, device)
-        t2 = time.perf_counter()
-        timer["shortlist"] += t1 - t0
-        timer["rescore"] = timer.get("rescore", 0.0) + t2 - t1
-        # The whole list as one key row: shortlisted items above every other, by their second-stage score.
-        key = (vectors @ gallery.vectors[gallery_ids].T).astype(np.float64)
-        found = local >= 0
-        lift = key.max() - rescored[found].min() + 1.0 if found.any() else 0.0
-        rows = np.broadcast_to(np.arange(len(chunk))[:, None], local.shape)
-        key[rows[found], local[found]] = rescored[found] + lift
-        hits = truth(chunk, gallery_ids)  # (Q, N)
-        order = _descending_order(key)
-        ranks[c0:c0 + len(chunk)] = np.take_along_axis(hits, order, axis=1).argmax(axis=1)
-        reached[c0:c0 + len(chunk)] = (np.take_along_axis(hits, np.maximum(local, 0), axis=1) & found).any(axis=1)
+    _, local = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(gallery_ids)))
+    return np.where(local >= 0, gallery_ids[np.maximum(local, 0)], -1)
+
+
+MAX_BLOCK_PAIRS = 4096  # captions scored against one image in one call; more are cut into several blocks
+
+
+@torch.no_grad()
+def score_pairs(model: ITMModel, images: FragmentStore, texts: FragmentStore, image_pos: np.ndarray,
+                caption_pos: np.ndarray, *, device: torch.device | str = "cpu",
+                update: Callable[[int], None] | None = None) -> np.ndarray:
+    """Second-stage scores of a set of (image, caption) pairs, in their order.
+
+    Pairs are grouped by image and each image is scored against all its captions in one block (1 x n):
+    a two-stage evaluation's shortlists, both directions together, become about one block per image,
+    which runs near the full-block rate, where one block per query would be several times slower.
+    """
+    scores = np.empty(len(image_pos), dtype=np.float32)
+    order = np.lexsort((caption_pos, image_pos))
+    bounds = np.flatnonzero(np.diff(image_pos[order])) + 1
+    done = 0
+    for group in np.split(order, bounds) if len(order) else []:
+        image = images.take(image_pos[group[:1]]).to(device)
+        for s in range(0, len(group), MAX_BLOCK_PAIRS):
+            part = group[s:s + MAX_BLOCK_PAIRS]
+            scores[part] = model.score(image, texts.take(caption_pos[part]).to(device))[0].float().cpu().numpy()
+        done += len(group)
         if update:
-            update(c0 + len(chunk))
+            update(done)
+    return scores
+
+
+def list_ranks(candidates: np.ndarray, rescored: np.ndarray, queries: np.ndarray, gallery: np.ndarray,
+               gallery_ids: np.ndarray, truth: Callable[[slice], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of each query's first true match in its two-stage list, and whether one reached the shortlist.
+
+    ``candidates`` (Q, K): split positions of the shortlist (-1: none), ``rescored`` their second-stage
+    scores; ``queries`` (Q, D) and ``gallery`` (N, D) the first stage's vectors, ``gallery_ids`` the
+    gallery's split positions, ``truth(rows)`` the (rows, N) bool matrix of true matches among them. The list is the shortlist by
+    second-stage score, then every other gallery item by first-stage score; ranks are 0-based and read as
+    the standard evaluation reads a matrix row (ties: the later item first).
+    """
+    ranks = np.empty(len(candidates), dtype=np.int64)
+    reached = np.empty(len(candidates), dtype=bool)
+    where = np.full(int(gallery_ids.max()) + 1, -1, dtype=np.int64)
+    where[gallery_ids] = np.arange(len(gallery_ids))  # split position -> column of the gallery
+    for c0 in range(0, len(candidates), _QUERIES_PER_CHUNK):
+        rows = slice(c0, c0 + _QUERIES_PER_CHUNK)
+        found = candidates[rows] >= 0
+        columns = where[np.maximum(candidates[rows], 0)]
+        # The whole list as one key row: shortlisted items above every other, by their second-stage score.
+        key = (queries[rows] @ gallery[gallery_ids].T).astype(np.float64)
+        lift = key.max() - rescored[rows][found].min() + 1.0 if found.any() else 0.0
+        r = np.broadcast_to(np.arange(len(found))[:, None], found.shape)
+        key[r[found], columns[found]] = rescored[rows][found] + lift
+        hits = truth(rows)
+        ranks[rows] = np.take_along_axis(hits, _descending_order(key), axis=1).argmax(axis=1)
+        reached[rows] = (np.take_along_axis(hits, columns, axis=1) & found).any(axis=1)
     return ranks, reached
 
 
@@ -269,7 +289,7 @@ class TwoStageResult:
     """Two-stage evaluation by a protocol: its metrics plus ``i2t_shortlist_recall`` / ``t2i_shortlist_recall``
     (% of queries with a true match in the shortlist, averaged over folds like the metrics), and the
     seconds of each stage (``encode``: both models on both sides; ``shortlist``: index and search;
-    ``rescore``: the second stage on the shortlists)."""
+    ``rescore``: the second stage on the shortlisted pairs; ``rank``: reading the ranks off the lists)."""
 
     metrics: dict[str, float]
     seconds: dict[str, float]
@@ -306,16 +326,35 @@ def evaluate_two_stage(second: tuple[ITMModel, Vocabulary], first: tuple[ITMMode
                                               batch_size=batch_size, update=update)
             timer["encode"] = time.perf_counter() - start
             for images, captions in galleries:
-                with task(progress, "image queries", len(images)) as update:
-                    i2t, i2t_reached = two_stage_ranks(
-                        sides["image"], sides["text"], images, captions,
-                        lambda q, g: image_of[g][None, :] == q[:, None], second[0], "image", k,
-                        index_spec=index_spec, search_params=search_params, device=device, timer=timer, update=update)
-                with task(progress, "caption queries", len(captions)) as update:
-                    t2i, t2i_reached = two_stage_ranks(
-                        sides["text"], sides["image"], captions, images,
-                        lambda q, g: g[None, :] == image_of[q][:, None], second[0], "text", k,
-                        index_spec=index_spec, search_params=search_params, device=device, timer=timer, update=update)
+                t0 = time.perf_counter()
+                i2t_lists = shortlists(sides["image"].vectors[images], sides["text"].vectors, captions, k,
+                                       index_spec=index_spec, search_params=search_params)
+                t2i_lists = shortlists(sides["text"].vectors[captions], sides["image"].vectors, images, k,
+                                       index_spec=index_spec, search_params=search_params)
+                t1 = time.perf_counter()
+                # Both directions' shortlists as one set of (image, caption) pairs, each scored once.
+                i2t_pairs = (np.repeat(images, i2t_lists.shape[1]), i2t_lists.ravel())
+                t2i_pairs = (t2i_lists.ravel(), np.repeat(captions, t2i_lists.shape[1]))
+                image_pos = np.concatenate([i2t_pairs[0], t2i_pairs[0]])
+                caption_pos = np.concatenate([i2t_pairs[1], t2i_pairs[1]])
+                valid = (image_pos >= 0) & (caption_pos >= 0)
+                pair_keys, inverse = np.unique(image_pos[valid] * split.num_captions + caption_pos[valid],
+                                               return_inverse=True)
+                with task(progress, "re-score shortlisted pairs", len(pair_keys)) as update:
+                    unique_scores = score_pairs(second[0], sides["image"].store, sides["text"].store,
+                                                pair_keys // split.num_captions, pair_keys % split.num_captions,
+                                                device=device, update=update)
+                scores = np.full(len(image_pos), -np.inf, dtype=np.float32)
+                scores[valid] = unique_scores[inverse]
+                t2 = time.perf_counter()
+                i2t, i2t_reached = list_ranks(i2t_lists, scores[:i2t_lists.size].reshape(i2t_lists.shape),
+                                              sides["image"].vectors[images], sides["text"].vectors, captions,
+                                              lambda rows: image_of[captions][None, :] == images[rows, None])
+                t2i, t2i_reached = list_ranks(t2i_lists, scores[i2t_lists.size:].reshape(t2i_lists.shape),
+                                              sides["text"].vectors[captions], sides["image"].vectors, images,
+                                              lambda rows: images[None, :] == image_of[captions[rows], None])
+                for stage, seconds in (("shortlist", t1 - t0), ("rescore", t2 - t1), ("rank", time.perf_counter() - t2)):
+                    timer[stage] = timer.get(stage, 0.0) + seconds
                 folds.append(ranks_metrics(i2t, t2i))
                 recalls.append((100.0 * i2t_reached.mean(), 100.0 * t2i_reached.mean()))
     finally:

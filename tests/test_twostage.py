@@ -151,7 +151,7 @@ def test_cli_json_holds_both_stages_and_full_scoring(setup, checkpoints):
     expected = reference_metrics(first_sims, second_sims, setup[1].caption_images, 4)
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
-    assert set(metrics["seconds"]) == {"encode", "shortlist", "rescore", "total"}
+    assert set(metrics["seconds"]) == {"encode", "shortlist", "rescore", "rank", "total"}
     assert metrics["full"]["rsum"] == pytest.approx(protocol_metrics(second_sims, "f30k-1k", 5)["rsum"], abs=1e-9)
     assert metrics["full"]["seconds"] > 0
 
