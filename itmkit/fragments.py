@@ -108,6 +108,7 @@ class FragmentStore:
             raise ItmkitError(f"fragment store {self.folder}: {STORE_FILE} is missing or damaged ({exc});"
                               " rebuild the index") from None
         self._open: dict[int, dict[str, np.ndarray]] = {}
+        self._lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.items
@@ -120,6 +121,15 @@ class FragmentStore:
             except (OSError, ValueError) as exc:
                 raise ItmkitError(f"fragment store {folder}: a shard cannot be read ({exc}); rebuild the index") from None
         return self._open[k]
+
+    def lengths(self) -> np.ndarray:
+        """Fragments of each item (N,), read from the masks once; 1 for a store of pooled vectors only."""
+        if self._lengths is None:
+            if "mask" in self._shard(0):
+                self._lengths = np.concatenate([self._shard(k)["mask"].sum(axis=1) for k in range(self.num_shards)])
+            else:
+                self._lengths = np.ones(self.items, dtype=np.int64)
+        return self._lengths
 
     def take(self, positions: np.ndarray) -> Encoded:
         """Items ``positions`` (any order, repeats allowed) as one Encoded, fragments cut to the longest."""

@@ -227,7 +227,7 @@ def shortlists(queries: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray
     return np.where(local >= 0, gallery_ids[np.maximum(local, 0)], -1)
 
 
-MAX_BLOCK_PAIRS = 4096  # captions scored against one image in one call; more are cut into several blocks
+MAX_BLOCK_PAIRS = 256  # captions scored against one image in one call (cut in length order: little padding)
 
 
 @torch.no_grad()
@@ -236,12 +236,14 @@ def score_pairs(model: ITMModel, images: FragmentStore, texts: FragmentStore, im
                 update: Callable[[int], None] | None = None) -> np.ndarray:
     """Second-stage scores of a set of (image, caption) pairs, in their order.
 
-    Pairs are grouped by image and each image is scored against all its captions in one block (1 x n):
-    a two-stage evaluation's shortlists, both directions together, become about one block per image,
-    which runs near the full-block rate, where one block per query would be several times slower.
+    Pairs are grouped by image, and each image is scored against its captions in blocks of up to
+    ``MAX_BLOCK_PAIRS`` (1 x n), the captions taken shortest first so that each block is padded only
+    to its own longest caption (on the built-in data that alone doubles the rate). A two-stage
+    evaluation's shortlists, both directions together, so become a few blocks per image, where one
+    block per query would be several times slower.
     """
     scores = np.empty(len(image_pos), dtype=np.float32)
-    order = np.lexsort((caption_pos, image_pos))
+    order = np.lexsort((texts.lengths()[caption_pos], image_pos))
     bounds = np.flatnonzero(np.diff(image_pos[order])) + 1
     done = 0
     for group in np.split(order, bounds) if len(order) else []:
