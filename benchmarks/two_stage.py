@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--second", required=True, help="the re-scoring checkpoint (SCAN t-i, SGRAF)")
     parser.add_argument("--first", required=True, help="the first stage's checkpoint (GPO, VSE++)")
     parser.add_argument("--data", default="/tmp/itmkit-bench-coco5k", help="where the 5K test set is written once")
-    parser.add_argument("--ks", default="10,20,50,100,200")
+    parser.add_argument("--ks", default="5,10,20,50,100")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full-repeats", type=int, default=1)
     parser.add_argument("--name", default="coco5k_scan")
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"k": k, "seconds": round(seconds, 2), "stages": {s: round(v, 2) for s, v in result.seconds.items()},
                      "metrics": {m: round(v, 3) for m, v in result.metrics.items()}})
         print(f"K={k}: {seconds:.1f} s, R@1 i2t {result.metrics['i2t_r1']:.2f} t2i {result.metrics['t2i_r1']:.2f},"
-              f" recall@K {result.metrics['i2t_shortlist_recall']:.2f} / {result.metrics['t2i_shortlist_recall']:.2f}",
+              f" recall@K {result.metrics['i2t_shortlist_recall']:.2f} / {result.metrics['t2i_shortlist_recall']:.2f},"
+              f" stages {row['stages']}",
               flush=True)
 
     def full():
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         "test_set": f"built-in generator, test split at {split.num_images} images x {split.num_captions} captions",
         "protocol": protocol,
         "second_stage": args.second,
-        "second_stage_recipe": second.model.recipe.name,
+        "second_stage_recipe": second.model.recipe.info.name,
         "first_stage": args.first,
-        "first_stage_recipe": first.model.recipe.name,
+        "first_stage_recipe": first.model.recipe.info.name,
         "full_seconds": round(full_seconds, 2),
         "full_metrics": {m: round(v, 3) for m, v in full_metrics.items()},
         "first_stage_alone_metrics": {m: round(v, 3) for m, v in first_alone.items()},
