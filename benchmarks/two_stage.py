@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full-repeats", type=int, default=1)
     parser.add_argument("--name", default="coco5k_scan")
+    parser.add_argument("--protocol", default="coco-5k", help="f30k-1k for a quick trial on a smaller --data")
     parser.add_argument("--plot", action="store_true", help="also draw docs/images/two_stage_k.png")
     args = parser.parse_args(argv)
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     second, first = load_checkpoint(args.second), load_checkpoint(args.first)
     second.model.eval()
     first.model.eval()
-    protocol = "coco-5k"
+    protocol = args.protocol
     load_before = load_average()
 
     def two_stage(k: int):
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                      "metrics": {m: round(v, 3) for m, v in result.metrics.items()}})
         print(f"K={k}: {seconds:.1f} s, R@1 i2t {result.metrics['i2t_r1']:.2f} t2i {result.metrics['t2i_r1']:.2f},"
               f" recall@K {result.metrics['i2t_shortlist_recall']:.2f} / {result.metrics['t2i_shortlist_recall']:.2f},"
-              f" stages {row['stages']}",
+              f" stages {rows[-1]['stages']}",
               flush=True)
 
     def full():
