@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="coco5k_scan")
     parser.add_argument("--protocol", default="coco-5k", help="f30k-1k for a quick trial on a smaller --data")
     parser.add_argument("--plot", action="store_true", help="also draw docs/images/two_stage_k.png")
+    parser.add_argument("--replot", action="store_true", help="only draw the figure of --name's recorded results")
     args = parser.parse_args(argv)
+    if args.replot:
+        import json
+
+        plot(json.loads(RESULTS.read_text())[args.name], FIGURE)
+        return 0
 
     torch.set_grad_enabled(False)
     folder = test_set(Path(args.data))
@@ -149,7 +155,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ks = [row["k"] for row in result["two_stage"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6))
     for d, colour, name in (("i2t", "tab:blue", "image→text"), ("t2i", "tab:orange", "text→image")):
         left.plot(ks, [row["metrics"][f"{d}_r1"] for row in result["two_stage"]], "o-", color=colour,
                   label=f"{name}, two-stage")
@@ -157,7 +163,7 @@ def plot(result: dict, path: Path) -> None:
         left.axhline(result["first_stage_alone_metrics"][f"{d}_r1"], color=colour, linestyle=":",
                      label=f"{name}, first stage alone")
     left.set(xscale="log", xlabel="shortlist K", ylabel="R@1 (%)", title="R@1 against K")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=2)
     right.plot(ks, [row["seconds"] for row in result["two_stage"]], "o-", color="tab:green", label="two-stage")
     right.axhline(result["full_seconds"], color="tab:red", linestyle="--", label="full scoring")
     right.set(xscale="log", yscale="log", xlabel="shortlist K", ylabel="seconds, end to end",
