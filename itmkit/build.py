@@ -15,6 +15,7 @@ import attrs
 import torch
 from torch import nn
 
+from itmkit import distributed
 from itmkit.errors import ItmkitError
 from itmkit.recipe import Recipe, RecipeError, Slot
 from itmkit.stage import PortError, stage_inputs, wired_pair_bytes
@@ -339,9 +340,15 @@ class ITMModel(nn.Module):
 
         ``image_ids`` names each image row's image, ``caption_image_ids`` each caption row's (default: the
         same, one caption per image row). With extra negatives the first B rows and columns are the pairs.
+
+        Under a process group (``itmkit.distributed``) the batch is this rank's slice of the global batch:
+        the loss is computed on the global batch's scores, every image of every rank against every caption,
+        as one process with the whole batch would (branch terms summed over ranks, objectives averaged).
         """
         image, text = self.encode_images(images), self.encode_texts(texts)
         caption_image_ids = image_ids if caption_image_ids is None else caption_image_ids
+        if distributed.current().distributed:
+            return self._global_step(images, texts, image, text, image_ids, caption_image_ids, epoch)
         positives = image_ids[:, None] == caption_image_ids[None, :]
         contexts = [BlockContext(positives, epoch) for _ in self.branches]
         scores = self.score(image, text, contexts)
@@ -351,20 +358,62 @@ class ITMModel(nn.Module):
             for name, value in context.terms.items():
                 terms[f"match[{k}].{name}"] = value
                 loss = loss + value
-        if self.objectives:
-            values = {"[image] fragments": image.local, "[image] pool": image.global_,
-                      "[text] fragments": text.local, "[text] pool": text.global_,
-                      SCORES: scores, REGIONS: images, TOKENS: texts, PARAMETERS: self.trained_parameters()}
-            for k, (objective, sources, weight) in enumerate(zip(self.objectives, self.objective_sources,
-                                                                 self.objective_weights)):
-                value = objective(**{name: values[src] for name, src in sources.items()}, positives=positives,
-                                  epoch=epoch)
-                if not isinstance(value, torch.Tensor) or value.dim() != 0:
-                    got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ItmkitError(f"objective[{k}] ({self.wiring.objectives[k].slot.spec.name}) returned {got};"
-                                      " expected a scalar tensor (a bug in that stage's module)")
-                terms[f"objective[{k}]"] = value
-                loss = loss + weight * value
+        return self._add_objectives(loss, terms, scores, positives, image, text, images, texts, epoch)
+
+    def _global_step(self, images: Regions, texts: Tokens, image: Encoded, text: Encoded, image_ids: torch.Tensor,
+                     caption_image_ids: torch.Tensor, epoch: int) -> Step:
+        """The step of one rank: its captions against every rank's images, then the global batch's loss.
+
+        The block's rows are this rank's images first, then the other ranks' (the layout of a block with
+        extra images: its first rows and columns are its pairs, what stages reading the block's diagonal
+        expect), and are put back in rank order before the columns of all ranks are gathered. Every rank
+        then computes the loss, and each objective, from the global batch, identically.
+        """
+        if images.feats.shape[0] != texts.ids.shape[0]:
+            raise ItmkitError("extra negatives ([train] extra_captions / extra_images) are not supported when"
+                              " training on several processes: train this recipe in one process")
+        rank, mine = distributed.current().rank, image_ids.shape[0]
+        every_image = _gather_encoded(image)
+        every_id = distributed.gather_rows(image_ids)
+        first = rank * mine
+        order = torch.cat([torch.arange(first, first + mine), torch.arange(0, first),
+                           torch.arange(first + mine, every_id.shape[0])]).to(every_id.device)
+        contexts = [BlockContext(every_id[order][:, None] == caption_image_ids[None, :], epoch) for _ in self.branches]
+        block = self.score(every_image.select(order), text, contexts)
+        for k, context in enumerate(contexts):
+            if context.terms:
+                raise ItmkitError(
+                    f"match[{k}] adds the training term(s) {', '.join(sorted(context.terms))} from its block of"
+                    " scores; on several processes each rank's block holds only its own captions, so the term would"
+                    " not be the one a single process computes: train this recipe in one process")
+        scores = distributed.gather_columns(block[torch.argsort(order)])
+        positives = every_id[:, None] == distributed.gather_rows(caption_image_ids)[None, :]
+        loss = self.loss(scores, positives=positives, epoch=epoch)
+        if not self.objectives:
+            return Step(loss, scores, {"loss": loss})
+        every_region = Regions(*(None if t is None else distributed.gather_rows(t) for t in
+                                 (images.feats, images.lengths, images.boxes, images.image_sizes)))
+        every_token = Tokens(distributed.gather_rows(texts.ids), distributed.gather_rows(texts.lengths))
+        return self._add_objectives(loss, {"loss": loss}, scores, positives, every_image, _gather_encoded(text),
+                                    every_region, every_token, epoch)
+
+    def _add_objectives(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], scores: torch.Tensor,
+                        positives: torch.Tensor, image: Encoded, text: Encoded, images: Regions, texts: Tokens,
+                        epoch: int) -> Step:
+        """Each objective's value on the (global) batch, weighted into the loss."""
+        values = {"[image] fragments": image.local, "[image] pool": image.global_,
+                  "[text] fragments": text.local, "[text] pool": text.global_,
+                  SCORES: scores, REGIONS: images, TOKENS: texts, PARAMETERS: self.trained_parameters()}
+        for k, (objective, sources, weight) in enumerate(zip(self.objectives, self.objective_sources,
+                                                             self.objective_weights)):
+            value = objective(**{name: values[src] for name, src in sources.items()}, positives=positives,
+                              epoch=epoch)
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ItmkitError(f"objective[{k}] ({self.wiring.objectives[k].slot.spec.name}) returned {got};"
+                                  " expected a scalar tensor (a bug in that stage's module)")
+            terms[f"objective[{k}]"] = value
+            loss = loss + weight * value
         return Step(loss, scores, terms)
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
@@ -383,6 +432,15 @@ class ITMModel(nn.Module):
             wired_pair_bytes(w.slot.spec, text_len=text_len, image_len=image_len, ports=w.inputs)
             for b in self.wiring.branches for w in b
         )
+
+
+def _gather_encoded(x: Encoded) -> Encoded:
+    """Every rank's encodings of one side in rank order (fragments padded to the longest), with gradients."""
+    local = None
+    if x.local is not None:
+        extras = {k: distributed.gather_rows(v) if torch.is_tensor(v) else v for k, v in x.local.extras.items()}
+        local = Local(distributed.gather_rows(x.local.feats), distributed.gather_rows(x.local.mask), extras)
+    return Encoded(local, None if x.global_ is None else distributed.gather_rows(x.global_))
 
 
 def build_model(recipe: Recipe, data: DataPorts, seed: int | None = None) -> ITMModel:

@@ -266,6 +266,9 @@ class TrainerState:
     optimizer_blob: str  # param_groups and scalars, JSON (optimizer_to_tensors)
     optimizer_tensors: dict[str, torch.Tensor]
     rng: torch.Tensor
+    rank_rngs: torch.Tensor | None = None  # (ranks, state) of a run on several processes, row r rank r's
+    partial: str | None = None  # written within an epoch (--save-every): train.EpochProgress as JSON
+    extras_rng: torch.Tensor | None = None  # the extra negatives' generator within that epoch
 
 
 def trainer_state(loaded: Loaded, path: str | Path) -> TrainerState:
@@ -281,7 +284,7 @@ def trainer_state(loaded: Loaded, path: str | Path) -> TrainerState:
                                   " (the file was edited or damaged)")
     if "rng.torch" not in tensors:
         raise CheckpointError(f"{path}: lacks the tensor 'rng.torch' (the RNG state --resume needs)")
-    epoch = _meta_int(meta, "epoch", path, 0, 2**31)
+    epoch = _meta_int(meta, "epoch", path, -1, 2**31)  # the last finished epoch: -1 within the first
     best_epoch = _meta_int(meta, "best_epoch", path, -1, epoch)
     best_rsum = _meta_float(meta, "best_rsum", path)
     blob = _meta_json(meta, "optimizer", path, dict, "the optimizer's param_groups and scalars as a JSON object")
@@ -298,7 +301,17 @@ def trainer_state(loaded: Loaded, path: str | Path) -> TrainerState:
     if rng.dtype != expected.dtype or rng.shape != expected.shape:
         raise CheckpointError(f"{path}: 'rng.torch' is {rng.dtype} {tuple(rng.shape)}, torch's RNG state is"
                               f" {expected.dtype} {tuple(expected.shape)}")
-    return TrainerState(epoch, best_rsum, best_epoch, meta["optimizer"], optimizer_tensors, rng.cpu())
+    rank_rngs = tensors.get("rng.torch.ranks")
+    if rank_rngs is not None and (rank_rngs.dtype != expected.dtype or rank_rngs.dim() != 2
+                                  or rank_rngs.shape[1] != expected.shape[0]):
+        raise CheckpointError(f"{path}: 'rng.torch.ranks' is {rank_rngs.dtype} {tuple(rank_rngs.shape)}, expected"
+                              f" {expected.dtype} (ranks, {expected.shape[0]})")
+    extras = tensors.get("rng.extras")
+    if extras is not None and (extras.dtype != torch.uint8 or extras.dim() != 1):
+        raise CheckpointError(f"{path}: 'rng.extras' is {extras.dtype} {tuple(extras.shape)}, not a generator state")
+    return TrainerState(epoch, best_rsum, best_epoch, meta["optimizer"], optimizer_tensors, rng.cpu(),
+                        None if rank_rngs is None else rank_rngs.cpu(), meta.get("partial"),
+                        None if extras is None else extras.cpu())
 
 
 def _param_group(group: Any) -> bool:

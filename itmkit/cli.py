@@ -145,9 +145,16 @@ def train(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="run folder (default: runs/<recipe name>)")] = None,
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", metavar="", help="continue from OUT/last.safetensors")] = False,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="also write OUT/last.safetensors every N"
+                                            " steps, so a run killed mid-epoch resumes there (0: after each epoch"
+                                            " only)")] = 0,
     device: DeviceOption = "auto",
 ) -> None:
-    """Train a recipe, validate each epoch, keep the best checkpoint, print the test R@K table."""
+    """Train a recipe, validate each epoch, keep the best checkpoint, print the test R@K table.
+
+    Under torchrun (`torchrun --nproc_per_node N -m itmkit train ...`) the N processes share every batch
+    of train.batch_size; rank 0 writes and prints.
+    """
     from itmkit.progress import make_progress
     from itmkit.recipe import load_recipe
     from itmkit.outputs import check_output_folder
@@ -162,9 +169,14 @@ def train(
     if out_dir:
         check_output_folder(out_dir, "--out", create_parents=True)
     dev = _device(device)
-    err.print(f"training {r.info.name} on {r.data.path} ({dev}), run folder {folder}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    if main_rank:
+        err.print(f"training {r.info.name} on {r.data.path} ({dev}), run folder {folder}")
     with make_progress() as progress:
-        result = run_training(r, out_dir=folder, device=dev, resume=resume, progress=progress, log=err.print)
+        result = run_training(r, out_dir=folder, device=dev, resume=resume, save_every=save_every,
+                              progress=progress, log=err.print)
+    if not main_rank:
+        return
     out.print(metrics_table(result.test, f"{r.info.name}: {r.data.test_split} split, {r.data.protocol}"
                                         f" (best dev epoch {result.best_epoch + 1})"))
     out.print(f"checkpoint: {folder / 'model_best.safetensors'}   metrics: {folder / 'metrics.jsonl'}"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from itmkit import distributed
 from itmkit.allocator import reuse_freed_memory
 from itmkit.build import Encoded, ITMModel
 from itmkit.gallery import DEFAULT_GALLERY_BUDGET, Gallery
@@ -120,7 +121,8 @@ def score_all(
     n_images, n_texts = len(images), len(texts)
     budget = default_budget(device) if budget is None else budget
     plan = BlockPlan.for_model(model, n_images, n_texts, texts.max_length, images.max_length, budget)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    ranks = distributed.current()
+    rank, world = ranks.rank, ranks.world
     sims = np.zeros((n_images, n_texts), dtype=np.float32)
     image_ids, text_ids = np.asarray(images.ids), np.asarray(texts.ids)
     blocks = [(i, t) for i in range(0, n_images, plan.images) for t in range(0, n_texts, plan.captions)]
@@ -138,6 +140,26 @@ def score_all(
         if progress:
             progress(done, n_images * n_texts // world)
     if world > 1:
-        total = torch.from_numpy(sims)
-        dist.all_reduce(total)  # each block was filled by exactly one rank
+        sum_over_ranks(sims)  # each block was filled by exactly one rank
     return sims, ScoreStats(n_images * n_texts, time.perf_counter() - start)
+
+
+REDUCE_ROWS_BYTES = 64 * 2**20
+
+
+def sum_over_ranks(sims: np.ndarray) -> None:
+    """Sum a float32 matrix over the ranks, in place, in row chunks of at most 64 MiB.
+
+    The chunks go through the device the process group's backend reduces on: the CPU for gloo, this
+    rank's GPU for NCCL, which refuses CPU tensors; chunking keeps that copy small whatever the gallery.
+    """
+    device = distributed.reduction_device()
+    rows = max(1, REDUCE_ROWS_BYTES // max(sims.shape[1] * sims.itemsize, 1))
+    for r0 in range(0, sims.shape[0], rows):
+        chunk = torch.from_numpy(sims[r0:r0 + rows])
+        if device.type == "cpu":
+            dist.all_reduce(chunk)  # a view of sims: reduced in place
+        else:
+            on_device = chunk.to(device)
+            dist.all_reduce(on_device)
+            chunk.copy_(on_device.cpu())

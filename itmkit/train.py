@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import torch
 
+from itmkit import distributed
 from itmkit.allocator import reuse_freed_memory
 from itmkit.build import build_model
 from itmkit.checkpoint import (
@@ -29,7 +30,7 @@ from itmkit.checkpoint import (
 )
 from itmkit.data.loader import add_extra_negatives, extra_negatives_generator, train_loader
 from itmkit.datasets import data_ports, resolve_data_dir, text_vocabulary
-from itmkit.errors import DataError, ItmkitError
+from itmkit.errors import CheckpointError, DataError, ItmkitError
 from itmkit.evaluate import evaluate
 from itmkit.phases import resolve_schedule
 from itmkit.preflight import check_model_fits, check_training_data
@@ -128,11 +129,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _keep_epochs_up_to(path: Path, last_epoch: int) -> None:
-    """On resume, drop metric lines of epochs that will be run again (and a torn last line)."""
+def _keep_metrics_before(path: Path, epoch: int, iteration: int | None) -> None:
+    """On resume, drop the metric lines that will be written again (and a torn last line): those of epochs
+    from ``epoch`` on, or, resuming within ``epoch`` after step ``iteration``, its lines after that step."""
     if not path.exists():
         return
-    kept = [r for r in read_metrics(path) if r.get("epoch", -1) <= last_epoch]
+    kept = [r for r in read_metrics(path) if r.get("epoch", -1) < epoch or (
+        iteration is not None and r.get("epoch") == epoch and "split" not in r and r.get("iteration", 0) <= iteration)]
     atomic_write_text(path, "".join(strict_json(r) + "\n" for r in kept))
 
 
@@ -152,12 +155,94 @@ def _stop(message: str, out: Path, data_dir: Path) -> TrainingStopped:
     )
 
 
+@attrs.define
+class EpochProgress:
+    """How far an epoch has got: what its dev record and a step checkpoint within it need."""
+
+    batches: int = 0  # batches done (global batches)
+    iteration: int = 0  # the run's step count after the last of them
+    loss_sum: float = 0.0
+    term_sums: dict[str, float] = attrs.field(factory=dict)
+    captions: int = 0
+    seconds: float = 0.0  # training time only (no evaluation, no saving)
+
+    def add(self, loss: float, terms: dict[str, float], iteration: int, *, captions: int, seconds: float) -> None:
+        self.batches += 1
+        self.iteration = iteration
+        self.loss_sum += loss
+        for name, value in terms.items():
+            self.term_sums[name] = self.term_sums.get(name, 0.0) + value
+        self.captions += captions
+        self.seconds += seconds
+
+    def captions_per_s(self) -> float:
+        return self.captions / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self))  # floats as repr: read back exactly
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> EpochProgress:
+        try:
+            fields = json.loads(text)
+            progress = cls(**fields)
+            numbers = [progress.batches, progress.iteration, progress.captions]
+            if not all(type(n) is int and n >= 0 for n in numbers) or not isinstance(progress.term_sums, dict):
+                raise ValueError("counts must be whole numbers >= 0")
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{source}: metadata 'partial' is not the progress of an epoch ({exc}); the file was"
+                            " edited or damaged: resume from an intact last.safetensors or start afresh") from None
+        return progress
+
+
+class _Stepper(torch.nn.Module):
+    """The model's training step as a module's forward, which DistributedDataParallel needs to wrap."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        step = self.model.training_step(*args, **kwargs)
+        return step.loss, step.scores, step.terms
+
+
+def _training_stepper(model: torch.nn.Module, ranks: distributed.Ranks, device: torch.device) -> torch.nn.Module:
+    """The step, wrapped in DistributedDataParallel under torchrun (gradients averaged over the ranks).
+
+    Built each epoch, after the phase has set what trains: DDP synchronises the parameters that require
+    gradients when it is built. ``find_unused_parameters``: a pool no branch reads gets no gradient.
+    """
+    stepper = _Stepper(model)
+    if not ranks.distributed:
+        return stepper
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(stepper, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _restore_rank_rng(state, ranks: distributed.Ranks, seed: int, log) -> None:
+    """Each rank's RNG as the stopped run left it (rank 0's is restored with the checkpoint)."""
+    if not ranks.distributed or ranks.main:
+        return
+    saved = state.rank_rngs
+    if saved is not None and saved.shape[0] == ranks.world:
+        torch.set_rng_state(saved[ranks.rank])
+        return
+    torch.manual_seed(seed + ranks.rank + 7919 * (state.epoch + 2))
+    if ranks.rank == 1:
+        print(f"rank 1: the checkpoint holds no RNG state for a run of {ranks.world} processes (it was written by"
+              " another number of them): ranks other than 0 draw new dropout masks from here", flush=True)
+
+
 def train(
     recipe: Recipe,
     *,
     out_dir: str | Path,
     device: str | torch.device = "cpu",
     resume: bool = False,
+    save_every: int = 0,
     progress=None,
     log=print,
 ) -> TrainResult:
@@ -166,18 +251,38 @@ def train(
     The run folder is held for the whole run (a second run into it is refused); temporaries that
     a killed run left there are removed first (``itmkit.runs``). A folder of other files than a
     run's is refused, and ``resume`` continues only with the recipe the run was started with.
+    ``save_every`` N > 0 also writes ``last.safetensors`` every N steps, so that a run killed mid-epoch
+    resumes at its last such step and ends as an uninterrupted run would.
+
+    Started by torchrun (``WORLD_SIZE`` > 1), each process trains on its share of every global batch
+    of ``train.batch_size`` (``itmkit.distributed``); rank 0 alone holds the folder, writes checkpoints
+    and metrics, logs and shows progress.
     """
-    earlier = check_run_folder(out_dir, resume=resume)  # refuses a folder of the user's files
-    with own_run_folder(out_dir) as out:
-        if resume and (out / LAST).exists():
-            check_resumed_recipe(out / LAST, recipe)  # before any data is read: only train.epochs may change
-        elif earlier and not resume:
-            log(f"{out} holds an earlier run ({', '.join(earlier)}): starting afresh replaces its checkpoints and"
-                " metrics; --resume continues that run instead")
-        return _train(recipe, out, device=device, resume=resume, progress=progress, log=log)
+    with distributed.process_group(torch.device(device)) as (ranks, device):
+        if not ranks.main:
+            progress, log = None, _quiet
+            return _train(recipe, Path(out_dir), device=device, resume=resume, save_every=save_every, progress=progress,
+                          log=log, ranks=ranks)
+        earlier = check_run_folder(out_dir, resume=resume)  # refuses a folder of the user's files
+        with own_run_folder(out_dir) as out:
+            if resume and (out / LAST).exists():
+                check_resumed_recipe(out / LAST, recipe)  # before any data is read: only train.epochs may change
+            elif earlier and not resume:
+                log(f"{out} holds an earlier run ({', '.join(earlier)}): starting afresh replaces its checkpoints"
+                    " and metrics; --resume continues that run instead")
+            if ranks.distributed:
+                log(f"{ranks.world} processes, {recipe.train.batch_size // ranks.world} pairs each of every global"
+                    f" batch of {recipe.train.batch_size}, on {device} ({torch.distributed.get_backend()})")
+            return _train(recipe, out, device=device, resume=resume, save_every=save_every, progress=progress,
+                          log=log, ranks=ranks)
 
 
-def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: bool, progress, log) -> TrainResult:
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of a rank other than 0: rank 0 says it once."""
+
+
+def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: bool, save_every: int, progress, log,
+           ranks: distributed.Ranks) -> TrainResult:
     start_time = time.perf_counter()
     reuse_freed_memory()
     t = recipe.train
@@ -200,20 +305,48 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     optimizer = make_optimizer(recipe, model)
     metrics_path = out / "metrics.jsonl"
     first_epoch, best_rsum, best_epoch = 0, -math.inf, -1
+    partial = EpochProgress()  # of the epoch a step checkpoint stopped in
+    extras_state = None
 
     if resume and (out / LAST).exists():
         state = resume_training(out / LAST, model, optimizer, device)  # checks the trainer state first
         first_epoch = state.epoch + 1
         best_rsum, best_epoch = state.best_rsum, state.best_epoch
-        _keep_epochs_up_to(metrics_path, first_epoch - 1)
-        log(f"resuming {out / LAST} after epoch {first_epoch - 1} (best dev rsum {best_rsum:.2f})")
+        partial = EpochProgress.from_json(state.partial, out / LAST) if state.partial else partial
+        extras_state = state.extras_rng
+        _restore_rank_rng(state, ranks, t.seed, log)
+        if ranks.main:
+            _keep_metrics_before(metrics_path, first_epoch, partial.iteration if partial.batches else None)
+        where = (f"at batch {partial.batches} of epoch {first_epoch + 1}" if partial.batches
+                 else f"after epoch {first_epoch}")
+        log(f"resuming {out / LAST} {where} (best dev rsum {best_rsum:.2f})")
     else:
-        metrics_path.unlink(missing_ok=True)
-        torch.manual_seed(t.seed)
-    atomic_write_text(out / "recipe.toml", recipe.to_toml())
+        if ranks.main:
+            metrics_path.unlink(missing_ok=True)
+        torch.manual_seed(t.seed + ranks.rank)  # rank 0 draws what one process draws; the others their own
+    if ranks.main:
+        atomic_write_text(out / "recipe.toml", recipe.to_toml())
 
     meta = {"seed": t.seed, "protocol": recipe.data.protocol, "data": str(data_dir)}
-    iteration = first_epoch * (train_split.num_captions // t.batch_size)
+    batches_per_epoch = train_split.num_captions // t.batch_size
+    iteration = first_epoch * batches_per_epoch + partial.batches
+
+    def save_last(epoch_done: int, rsum: float, progress_: EpochProgress | None = None, extras=None) -> None:
+        """last.safetensors: after an epoch (``progress_`` None) or within one; a collective under torchrun."""
+        rngs = distributed.gather_rows(torch.get_rng_state()[None]) if ranks.distributed else None
+        if not ranks.main:
+            return
+        optimizer_tensors, optimizer_blob = optimizer_to_tensors(optimizer)
+        trainer = {**optimizer_tensors, "rng.torch": torch.get_rng_state()}
+        if rngs is not None:
+            trainer["rng.torch.ranks"] = rngs
+        if extras is not None:
+            trainer["rng.extras"] = extras.get_state()
+        step = {"partial": progress_.to_json()} if progress_ is not None else {}
+        save_checkpoint(out / LAST, model, vocab, trainer=trainer, epoch=str(epoch_done), rsum=str(rsum),
+                        best_rsum=str(best_rsum), best_epoch=str(best_epoch), optimizer=optimizer_blob,
+                        world_size=str(ranks.world), **step, **meta)
+
     for epoch in range(first_epoch, t.epochs):
         lr = schedule.lr(recipe, epoch)
         for group in optimizer.param_groups:
@@ -224,19 +357,24 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
             log(f"{phase.label()} (epochs {phase.epochs(t.epochs)}): trains"
                 f" {', '.join(phase.spec.train) if phase.spec.train is not None else 'everything'}"
                 + (f"; off: {', '.join(phase.spec.off)}" if phase.spec.off else ""))
-        loader = train_loader(train_split, vocab, batch_size=t.batch_size, seed=t.seed, epoch=epoch)
+        run = partial if epoch == first_epoch else EpochProgress(iteration=iteration)
+        loader = train_loader(train_split, vocab, batch_size=t.batch_size, seed=t.seed, epoch=epoch,
+                              rank=ranks.rank, world=ranks.world, start=run.batches)
         extras = extra_negatives_generator(t.seed, epoch)
-        loss_sum, batches, term_sums = 0.0, 0, {}
-        with task(progress, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as update:
+        if run.batches and extras_state is not None:
+            extras.set_state(extras_state)  # where the stopped run's draws of this epoch had got to
+        stepper = _training_stepper(model, ranks, device)  # after schedule.apply: DDP syncs what trains now
+        started = time.perf_counter()
+        with task(progress, f"epoch {epoch + 1}/{t.epochs}", batches_per_epoch) as update:
+            update(run.batches)
             for batch in loader:
                 if t.extra_captions or t.extra_images:
                     batch = add_extra_negatives(batch, loader.dataset, extras, captions=t.extra_captions,
                                                 images=t.extra_images)
                 batch = batch.to(device)
                 regions = Regions(batch.images, batch.image_lengths, batch.boxes, batch.image_sizes)
-                step = model.training_step(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids, epoch=epoch,
-                                           caption_image_ids=batch.caption_image_ids)
-                loss = step.loss
+                loss, scores, terms = stepper(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids,
+                                              epoch=epoch, caption_image_ids=batch.caption_image_ids)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # The gradient norm is wanted even unclipped (max_norm inf scales by exactly 1): a finite loss
@@ -248,42 +386,44 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
                 if not (math.isfinite(value) and math.isfinite(norm)):
                     what = (f"the loss is {value}" if not math.isfinite(value)
                             else f"the gradient norm is {norm} (loss {value:.4g})")
-                    raise _stop(f"training stopped at epoch {epoch + 1}, batch {batches + 1} of {len(loader)}:"
-                                f" {what} (images {batch.image_ids[:8].tolist()}, captions"
+                    raise _stop(f"training stopped at epoch {epoch + 1}, batch {run.batches + 1} of"
+                                f" {batches_per_epoch}: {what} (images {batch.image_ids[:8].tolist()}, captions"
                                 f" {batch.caption_ids[:8].tolist()} of split {train_split.name!r})", out, data_dir)
-                loss_sum += value
-                if len(step.terms) > 1:  # with objectives, each term's sum too (unweighted)
-                    for name, term in step.terms.items():
-                        term_sums[name] = term_sums.get(name, 0.0) + term.item()
-                batches += 1
                 iteration += 1
-                update(batches, info=f"loss {loss_sum / batches:.3f}")
-                if iteration % t.log_every == 0:
+                run.add(value, {name: term.item() for name, term in terms.items()} if len(terms) > 1 else {},
+                        iteration, captions=t.batch_size, seconds=time.perf_counter() - started)
+                started = time.perf_counter()
+                update(run.batches, info=f"loss {run.loss_sum / run.batches:.3f}  {run.captions_per_s():,.0f} captions/s")
+                if ranks.main and iteration % t.log_every == 0:
                     _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": value, "lr": lr})
+                if save_every and iteration % save_every == 0 and run.batches < batches_per_epoch:
+                    save_last(epoch - 1, best_rsum, run, extras)
 
         bad = _nonfinite_parameter(model)
         if bad:
             raise _stop(f"training stopped after epoch {epoch + 1}: parameter {bad} holds NaN or inf", out, data_dir)
         dev = evaluate(model, vocab, dev_split, "f30k-1k", device=device, batch_size=t.eval_batch_size, progress=progress)
-        record = {"epoch": epoch, "iteration": iteration, "split": "dev", "train_loss": loss_sum / max(batches, 1),
-                  "lr": lr, **dev}
-        if term_sums:  # the [loss] stage's and each objective's mean, unweighted
-            record["train_terms"] = {name: total / max(batches, 1) for name, total in term_sums.items()}
-        _append_jsonl(metrics_path, record)
+        record = {"epoch": epoch, "iteration": iteration, "split": "dev", "train_loss": run.loss_sum / max(run.batches, 1),
+                  "lr": lr, "captions_per_s": round(run.captions_per_s(), 1), **dev}
+        if run.term_sums:  # the [loss] stage's and each objective's mean, unweighted
+            record["train_terms"] = {name: total / max(run.batches, 1) for name, total in run.term_sums.items()}
+        if ranks.main:
+            _append_jsonl(metrics_path, record)
         log(f"epoch {epoch + 1}/{t.epochs}: loss {record['train_loss']:.3f}  dev rsum {dev['rsum']:.2f}"
-            f"  (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})")
+            f"  (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})  {run.captions_per_s():,.0f} captions/s")
         if dev["rsum"] > best_rsum:
             best_rsum, best_epoch = dev["rsum"], epoch
-            save_checkpoint(out / BEST, model, vocab, epoch=str(epoch), rsum=str(dev["rsum"]), **meta)
-        optimizer_tensors, optimizer_blob = optimizer_to_tensors(optimizer)
-        trainer = {**optimizer_tensors, "rng.torch": torch.get_rng_state()}
-        save_checkpoint(out / LAST, model, vocab, trainer=trainer, epoch=str(epoch), rsum=str(dev["rsum"]),
-                        best_rsum=str(best_rsum), best_epoch=str(best_epoch), optimizer=optimizer_blob, **meta)
+            if ranks.main:
+                save_checkpoint(out / BEST, model, vocab, epoch=str(epoch), rsum=str(dev["rsum"]), **meta)
+        save_last(epoch, dev["rsum"])
 
+    if ranks.distributed:
+        torch.distributed.barrier()  # rank 0 has written the best checkpoint the others read next
     best = load_checkpoint(out / BEST, device)
     test = evaluate(best.model, vocab, test_split, recipe.data.protocol, device=device,
                     batch_size=t.eval_batch_size, progress=progress)
     summary = {"split": recipe.data.test_split, "protocol": recipe.data.protocol, "best_epoch": best_epoch,
                "best_dev_rsum": best_rsum, **test}
-    atomic_write_text(out / "test_metrics.json", strict_json(summary, indent=2) + "\n")
+    if ranks.main:
+        atomic_write_text(out / "test_metrics.json", strict_json(summary, indent=2) + "\n")
     return TrainResult(out, best_epoch, best_rsum, test, time.perf_counter() - start_time)

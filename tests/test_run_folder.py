@@ -24,7 +24,7 @@ from itmkit import datasets
 from itmkit.errors import DataError, ItmkitError
 from itmkit.recipe import load_recipe
 from itmkit.runs import LOCK_NAME, RunFolderBusy, own_run_folder, remove_dead_temp_dirs, remove_stale_temporaries
-from itmkit.train import _keep_epochs_up_to, read_metrics, train
+from itmkit.train import _keep_metrics_before, read_metrics, train
 from tinydata import write_recipe, write_tiny
 
 ITMKIT = [sys.executable, "-m", "itmkit"]
@@ -227,7 +227,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_only_the_last(tmp_path):
     lines = [json.dumps({"epoch": e, "split": "dev", "rsum": 10.0 * e}) for e in range(3)]
     torn = _metrics(tmp_path, "\n".join(lines) + '\n{"epoch": 3, "iter')
     assert [r["epoch"] for r in read_metrics(torn)] == [0, 1, 2]
-    _keep_epochs_up_to(torn, 1)
+    _keep_metrics_before(torn, 2, None)
     assert [json.loads(x)["epoch"] for x in torn.read_text().splitlines()] == [0, 1]
     middle = _metrics(tmp_path, lines[0] + '\n{"epoch": 1, "sp\n' + lines[2] + "\n")
     with pytest.raises(DataError, match=rf"{middle}, line 2: not a metrics record .*only a torn last line is dropped"):

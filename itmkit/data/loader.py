@@ -9,9 +9,10 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from itmkit.data.split import Split, open_split
+from itmkit.errors import DataError
 from itmkit.data.vocab import Vocabulary
 
 
@@ -208,6 +209,39 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     )
 
 
+class EpochBatches(Sampler[list[int]]):
+    """One epoch's caption batches: a permutation fixed by (seed, epoch), cut into global batches of
+    ``batch_size``; under ``world`` ranks each rank takes its slice of every global batch (rank order),
+    so N ranks together see exactly the batches of one process. ``start`` skips the first batches (a
+    resumed run continues where it stopped) without reading them.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = True, start: int = 0):
+        if batch_size % world:
+            raise DataError(f"train.batch_size = {batch_size} is the global batch of all {world} processes and must be"
+                            f" a multiple of their number: use {batch_size - batch_size % world or world}"
+                            f" or {batch_size + world - batch_size % world}")
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.seed, self.drop_last, self.start = seed * 1000 + epoch, drop_last, start
+
+    def __len__(self) -> int:
+        full = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return max(full - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # The permutation DataLoader(shuffle=True, generator) draws: its iterator takes one int64 for the
+        # workers' base seed from the generator first, then the sampler its permutation (runs made before
+        # this sampler existed keep their batches).
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        for b in range(self.start, self.start + len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            share = -(-len(batch) // self.world)  # a short last batch (drop_last=False) is split as evenly
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+
 def train_loader(
     split: Split,
     vocab: Vocabulary,
@@ -217,18 +251,20 @@ def train_loader(
     epoch: int,
     num_workers: int = 0,
     drop_last: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    start: int = 0,
 ) -> DataLoader:
-    """Shuffled caption batches; the order depends only on (seed, epoch), so a resumed run matches."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return DataLoader(
-        PairDataset(split, vocab),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collate,
-        num_workers=num_workers,
-        drop_last=drop_last,
-    )
+    """Shuffled caption batches; the order depends only on (seed, epoch), so a resumed run matches.
+
+    ``batch_size`` is the global batch: under ``world`` ranks each gets its slice of every batch.
+    ``start``: the first batch of the epoch to yield.
+    """
+    sampler = EpochBatches(split.num_captions, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank,
+                           world=world, drop_last=drop_last, start=start)
+    # A generator of its own, so that the loader's draw of its workers' seed leaves the global RNG (dropout's) alone.
+    return DataLoader(PairDataset(split, vocab), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(sampler.seed))
 
 
 def _rows_or_none(array: np.ndarray | None, start: int, stop: int) -> torch.Tensor | None:
