@@ -97,3 +97,14 @@ def write_result(result: dict, out) -> None:
     if "max_abs_difference" in result:
         assert result["max_abs_difference"] < 1e-5, f"scores differ from the reference by {result['max_abs_difference']}"
     out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), so a record says which machine it was made on."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

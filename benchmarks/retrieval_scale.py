@@ -11,10 +11,12 @@ is all timing and memory depend on. Per index type, in a fresh process each (pea
 process's own maximum resident set):
 
 - build: ``itmkit index build SECOND --first-stage FIRST --side images`` (the images only: text
-  queries search them), the wall time, the peak RSS and the index folder's size;
+  queries search them), the wall time, the index folder's size, and memory twice: the peak resident
+  set (which counts the pages of memory-mapped files read, reclaimable page cache) and the peak of
+  the anonymous memory the process allocated (RssAnon, sampled every 20 ms);
 - query: ``--queries`` captions, each encoded by the first stage and searched for its top 10 (as
   ``itmkit search`` runs it, the index loaded once, warm), and again with the top ``--shortlist``
-  re-scored by SECOND from the fragment store; the p50 / p95 latency of each, and the peak RSS.
+  re-scored by SECOND from the fragment store; the p50 / p95 latency of each, and memory as above.
 
 Writes benchmarks/retrieval_scale_results.json.
 """
@@ -32,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from common import cpu_model
 
 RESULTS = Path(__file__).with_name("retrieval_scale_results.json")
 CAPTIONS_PER_IMAGE = 5
@@ -70,14 +74,37 @@ def write_gallery(folder: Path, images: int, checkpoint: str, seed: int = 0) -> 
 
 def in_child(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON object last; add its peak RSS (MB)."""
-    wrapper = ("import json, resource, sys\nresult = {}\n" + code +
-               "\nresult['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    wrapper = ("import json, sys\nresult = {}\n" + ANON_SAMPLER + code +
+               "\nresult['peak_rss_mb'] = round(peak_rss_kb() / 1024)"
+               "\nresult['peak_anon_mb'] = round(peak_anon[0] / 1024)"
                "\nprint(json.dumps(result))\n")
     proc = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
+
+# The resident set (VmHWM) counts the pages of memory-mapped files (the features, the stores) that were read:
+# page cache the kernel takes back when memory is short. What the process itself allocates is its
+# anonymous memory (RssAnon), which /proc reports only as a current value: a thread samples it.
+ANON_SAMPLER = """
+import threading, time
+peak_anon = [0]
+def _sample():
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+        time.sleep(0.02)
+threading.Thread(target=_sample, daemon=True).start()
+
+def peak_rss_kb():
+    # VmHWM: this process's own peak. (getrusage's ru_maxrss is not: Linux carries it over exec from the
+    # forked copy of the parent, so a child started after the parent mapped the gallery reported its size.)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+"""
 
 BUILD = """
 import time
@@ -163,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         queried = in_child(QUERY, str(out), str(data), str(args.queries), str(args.shortlist))
         row = {"index_type": spec, "search_params": params or None,
                "build_seconds": round(built["seconds"], 1), "build_peak_rss_mb": built["peak_rss_mb"],
+               "build_peak_anon_mb": built["peak_anon_mb"],
                "index_mb": round(folder_mb(out)), "faiss_mb": round((out / "images.faiss").stat().st_size / 2**20),
                "load_seconds": round(queried["load_seconds"], 2), "query_peak_rss_mb": queried["peak_rss_mb"],
+               "query_peak_anon_mb": queried["peak_anon_mb"],
                "first_stage_ms": {k: round(v, 2) for k, v in queried["first_stage"].items()},
                "rescored_ms": {k: round(v, 2) for k, v in queried["rescored"].items()}}
         rows.append(row)
@@ -177,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "queries": args.queries, "k": 10, "shortlist": args.shortlist, "rows": rows,
         "torch_threads": torch.get_num_threads(), "load_average_before": round(load_before, 2),
         "load_average_after": round(os.getloadavg()[0], 2),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
