@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from itmkit.ops import EPS
+from itmkit.ops import EPS, float32
 from itmkit.types import Aligned, Local
 
 RAW_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm")
@@ -72,6 +72,7 @@ def raw_feature_norm(attn: torch.Tensor, query_valid: torch.Tensor, how: str, ep
     each caption to its length does; ``query_valid`` (broadcastable to ``attn``) masks them out
     of the softmax variant. Folding ``scale`` (lambda) into the per-column factor saves a pass.
     """
+    attn = float32(attn)
     if how == "softmax":
         normed = torch.softmax(attn.masked_fill(~query_valid, float("-inf")), dim=dim).masked_fill(~query_valid, 0.0)
         return normed * scale
@@ -89,7 +90,7 @@ def raw_feature_norm(attn: torch.Tensor, query_valid: torch.Tensor, how: str, ep
 
 def masked_softmax(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over ``dim`` where ``mask`` holds; 0 everywhere on rows with nothing valid."""
-    out = torch.softmax(x.masked_fill(~mask, float("-inf")), dim=dim)
+    out = torch.softmax(float32(x).masked_fill(~mask, float("-inf")), dim=dim)
     return torch.nan_to_num(out, nan=0.0)
 
 
@@ -100,6 +101,7 @@ def context_softmax(logits: torch.Tensor, context_valid: torch.Tensor, *, bounde
     subtracted; outside autograd the passes then run in place on ``logits``. Padded context
     fragments get weight 0; a query whose context has nothing valid gets all zeros.
     """
+    logits = float32(logits)
     all_valid = bool(context_valid.all())
     if not bounded:
         return torch.softmax(logits, dim=1) if all_valid else masked_softmax(logits, context_valid.expand_as(logits), dim=1)

@@ -17,6 +17,7 @@ from torch import nn
 
 from itmkit import distributed
 from itmkit.errors import ItmkitError
+from itmkit.ops import float32
 from itmkit.recipe import Recipe, RecipeError, Slot
 from itmkit.stage import PortError, stage_inputs, wired_pair_bytes
 from itmkit.structure import Problem
@@ -351,7 +352,7 @@ class ITMModel(nn.Module):
             return self._global_step(images, texts, image, text, image_ids, caption_image_ids, epoch)
         positives = image_ids[:, None] == caption_image_ids[None, :]
         contexts = [BlockContext(positives, epoch) for _ in self.branches]
-        scores = self.score(image, text, contexts)
+        scores = float32(self.score(image, text, contexts))  # the loss in float32 under mixed precision
         loss = self.loss(scores, positives=positives, epoch=epoch)
         terms = {"loss": loss}
         for k, context in enumerate(contexts):  # the terms branch stages added (already weighted)
@@ -379,7 +380,7 @@ class ITMModel(nn.Module):
         order = torch.cat([torch.arange(first, first + mine), torch.arange(0, first),
                            torch.arange(first + mine, every_id.shape[0])]).to(every_id.device)
         contexts = [BlockContext(every_id[order][:, None] == caption_image_ids[None, :], epoch) for _ in self.branches]
-        block = self.score(every_image.select(order), text, contexts)
+        block = float32(self.score(every_image.select(order), text, contexts))
         for k, context in enumerate(contexts):
             if context.terms:
                 raise ItmkitError(

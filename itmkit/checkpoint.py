@@ -269,6 +269,7 @@ class TrainerState:
     rank_rngs: torch.Tensor | None = None  # (ranks, state) of a run on several processes, row r rank r's
     partial: str | None = None  # written within an epoch (--save-every): train.EpochProgress as JSON
     extras_rng: torch.Tensor | None = None  # the extra negatives' generator within that epoch
+    scaler: str | None = None  # fp16's loss scaler (torch.amp.GradScaler.state_dict) as JSON
 
 
 def trainer_state(loaded: Loaded, path: str | Path) -> TrainerState:
@@ -311,7 +312,7 @@ def trainer_state(loaded: Loaded, path: str | Path) -> TrainerState:
         raise CheckpointError(f"{path}: 'rng.extras' is {extras.dtype} {tuple(extras.shape)}, not a generator state")
     return TrainerState(epoch, best_rsum, best_epoch, meta["optimizer"], optimizer_tensors, rng.cpu(),
                         None if rank_rngs is None else rank_rngs.cpu(), meta.get("partial"),
-                        None if extras is None else extras.cpu())
+                        None if extras is None else extras.cpu(), meta.get("scaler"))
 
 
 def _param_group(group: Any) -> bool:

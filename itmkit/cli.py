@@ -148,6 +148,9 @@ def train(
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="also write OUT/last.safetensors every N"
                                             " steps, so a run killed mid-epoch resumes there (0: after each epoch"
                                             " only)")] = 0,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16: mixed precision for the matrix products"
+                                           " (norms, softmax, LogSumExp and the loss stay float32; fp16 scales"
+                                           " the loss); docs/training.md")] = "fp32",
     device: DeviceOption = "auto",
 ) -> None:
     """Train a recipe, validate each epoch, keep the best checkpoint, print the test R@K table.
@@ -174,7 +177,7 @@ def train(
         err.print(f"training {r.info.name} on {r.data.path} ({dev}), run folder {folder}")
     with make_progress() as progress:
         result = run_training(r, out_dir=folder, device=dev, resume=resume, save_every=save_every,
-                              progress=progress, log=err.print)
+                              precision=precision, progress=progress, log=err.print)
     if not main_rank:
         return
     out.print(metrics_table(result.test, f"{r.info.name}: {r.data.test_split} split, {r.data.protocol}"
@@ -228,6 +231,8 @@ def eval_(
                                           " the re-ranked ones, the plain ones under before_rerank)")] = False,
     device: Annotated[Optional[str], typer.Option(help="'auto' (cuda if available; the default), 'cpu', 'cuda',"
                                                   " 'cuda:1', ...")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16: score checkpoints with mixed-precision"
+                                           " matrix products (docs/training.md)")] = "fp32",
 ) -> None:
     """Evaluate checkpoint(s), several as an ensemble (similarities averaged), or a saved matrix (--sims)."""
     from itmkit.evaluation import ID_PROTOCOLS, PROTOCOLS
@@ -253,7 +258,8 @@ def eval_(
             raise ItmkitError(f"{', '.join(given)} set(s) two-stage retrieval: give --shortlist K with it")
     else:
         clashes = [flag for flag, value in (("--sims", sims_file), ("--rerank", rerank), ("--save-sims", save_sims),
-                                            ("--protocol eccv-caption", eccv)) if value]
+                                            ("--protocol eccv-caption", eccv), ("--precision", precision != "fp32"))
+                   if value]
         if clashes:
             raise ItmkitError(f"--shortlist evaluates a checkpoint by two-stage retrieval; {', '.join(clashes)} cannot"
                               " go with it")
@@ -279,6 +285,8 @@ def eval_(
     if sims_file is not None:
         given = [flag for flag, value in (("checkpoints", checkpoints), ("--data", data), ("--split", split),
                                           ("--save-sims", save_sims), ("--device", device)) if value]
+        if precision != "fp32":
+            given.append("--precision")
         if given:
             raise ItmkitError(f"--sims evaluates a saved matrix on its own; {', '.join(given)} cannot go with it")
         from itmkit.evaluate import read_similarity_matrix
@@ -301,7 +309,7 @@ def eval_(
                 raise ItmkitError(f"{path} is a .npy file, not a checkpoint; to evaluate a saved similarity matrix"
                                   f" use --sims {path}")
         sims, caption_images, protocol, title, coco_ids = _score_checkpoints(
-            checkpoints, data, split, protocol, save_sims, device or "auto", (ids_file, caption_ids_file))
+            checkpoints, data, split, protocol, save_sims, device or "auto", (ids_file, caption_ids_file), precision)
     if eccv:
         from itmkit.eccv import eccv_caption_metrics
 
@@ -323,7 +331,7 @@ def eval_(
 
 def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | None, protocol: str | None,
                        save_sims: Path | None, device: str, id_files: tuple[Path | None, Path | None] = (None, None),
-                       ) -> tuple[np.ndarray, np.ndarray, str, str, tuple | None]:
+                       precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, str, str, tuple | None]:
     """Score the split with the checkpoint(s): the matrix, its caption images, the protocol, a title, and for
     the eccv-caption protocol the split's COCO ids (image ids, caption ids or None, where they came from)."""
     from itmkit.checkpoint import atomic_write_bytes, load_checkpoint
@@ -334,9 +342,12 @@ def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | N
     from itmkit.preflight import check_eval_data
     from itmkit.progress import make_progress
 
+    from itmkit.precision import autocast, check_precision
+
     if save_sims:
         check_output_file(save_sims, "--save-sims", inputs=tuple(checkpoints), example="sims.npy")
     dev = _device(device)
+    check_precision(precision, dev)
     loaded = [load_checkpoint(path, dev) for path in checkpoints]
     first = loaded[0].model.recipe
     protocol = protocol or first.data.protocol
@@ -355,7 +366,7 @@ def _score_checkpoints(checkpoints: list[Path], data: str | None, split: str | N
             raise ItmkitError(f"{problem} (split {split_name!r} of {folder})")
         coco_ids = data_ids(folder, split_name, *id_files)
         split_ids(coco_ids[0], coco_ids[1], coco_ids[2])
-    with make_progress() as progress:
+    with make_progress() as progress, autocast(dev, precision):
         sims, stats = ensemble_similarity([(x.model, x.vocab) for x in loaded], the_split, device=dev,
                                           batch_size=first.train.eval_batch_size, progress=progress)
     if save_sims:

@@ -9,6 +9,13 @@ import torch
 EPS = 1e-8
 
 
+def float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` at least in float32: the numerically sensitive steps (norms, softmax, LogSumExp, the losses) run
+    in float32 under mixed precision (``itmkit.precision``), where a product left them bf16 or fp16. Any other
+    tensor (float32, float64, integers) is returned as it is, no copy: full-precision runs are unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     """x / (||x||_2 + eps) along ``dim`` (the SCAN form of l2 normalisation).
 
@@ -17,11 +24,13 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     whose derivative at exactly 0 is infinite (0 x inf = NaN would poison every weight through the
     masked row). Any other vector's result is bit-identical to the unclamped form.
     """
+    x = float32(x)
     return x / (x.pow(2).sum(dim=dim, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt() + eps)
 
 
 def l1norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     """x / (sum |x| + eps) along ``dim``."""
+    x = float32(x)
     return x / (x.abs().sum(dim=dim, keepdim=True) + eps)
 
 
@@ -55,6 +64,7 @@ def masked_last(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
 
 def cosine(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     """Cosine similarity as SCAN computes it: <a,b> / max(||a|| ||b||, eps)."""
+    a, b = float32(a), float32(b)
     dot = (a * b).sum(dim=dim)
     norms = a.norm(dim=dim) * b.norm(dim=dim)
     return dot / norms.clamp(min=eps)

@@ -33,6 +33,7 @@ from itmkit.datasets import data_ports, resolve_data_dir, text_vocabulary
 from itmkit.errors import CheckpointError, DataError, ItmkitError
 from itmkit.evaluate import evaluate
 from itmkit.phases import resolve_schedule
+from itmkit.precision import autocast, check_precision, grad_scaler
 from itmkit.preflight import check_model_fits, check_training_data
 from itmkit.progress import task
 from itmkit.recipe import Recipe
@@ -243,6 +244,7 @@ def train(
     device: str | torch.device = "cpu",
     resume: bool = False,
     save_every: int = 0,
+    precision: str = "fp32",
     progress=None,
     log=print,
 ) -> TrainResult:
@@ -251,6 +253,7 @@ def train(
     The run folder is held for the whole run (a second run into it is refused); temporaries that
     a killed run left there are removed first (``itmkit.runs``). A folder of other files than a
     run's is refused, and ``resume`` continues only with the recipe the run was started with.
+    ``precision`` bf16 or fp16 trains and evaluates under autocast (``itmkit.precision``).
     ``save_every`` N > 0 also writes ``last.safetensors`` every N steps, so that a run killed mid-epoch
     resumes at its last such step and ends as an uninterrupted run would.
 
@@ -261,8 +264,8 @@ def train(
     with distributed.process_group(torch.device(device)) as (ranks, device):
         if not ranks.main:
             progress, log = None, _quiet
-            return _train(recipe, Path(out_dir), device=device, resume=resume, save_every=save_every, progress=progress,
-                          log=log, ranks=ranks)
+            return _train(recipe, Path(out_dir), device=device, resume=resume, save_every=save_every, precision=precision,
+                          progress=progress, log=log, ranks=ranks)
         earlier = check_run_folder(out_dir, resume=resume)  # refuses a folder of the user's files
         with own_run_folder(out_dir) as out:
             if resume and (out / LAST).exists():
@@ -273,20 +276,21 @@ def train(
             if ranks.distributed:
                 log(f"{ranks.world} processes, {recipe.train.batch_size // ranks.world} pairs each of every global"
                     f" batch of {recipe.train.batch_size}, on {device} ({torch.distributed.get_backend()})")
-            return _train(recipe, out, device=device, resume=resume, save_every=save_every, progress=progress,
-                          log=log, ranks=ranks)
+            return _train(recipe, out, device=device, resume=resume, save_every=save_every, precision=precision,
+                          progress=progress, log=log, ranks=ranks)
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """The log of a rank other than 0: rank 0 says it once."""
 
 
-def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: bool, save_every: int, progress, log,
-           ranks: distributed.Ranks) -> TrainResult:
+def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: bool, save_every: int, precision: str,
+           progress, log, ranks: distributed.Ranks) -> TrainResult:
     start_time = time.perf_counter()
     reuse_freed_memory()
     t = recipe.train
     device = torch.device(device)
+    check_precision(precision, device)
 
     with task(progress, "generate built-in data", None) as update:
         data_dir = resolve_data_dir(recipe.data.path, progress=lambda name, done, total: update(done, total, info=name),
@@ -303,6 +307,7 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     check_model_fits(model, {"train": train_split, "dev": dev_split, "test": test_split}, f"the model of {recipe.info.name}")
     schedule = resolve_schedule(model)  # before the optimizer: it holds every part that trains in some phase
     optimizer = make_optimizer(recipe, model)
+    scaler = grad_scaler(device, precision)  # fp16 only; passes through otherwise
     metrics_path = out / "metrics.jsonl"
     first_epoch, best_rsum, best_epoch = 0, -math.inf, -1
     partial = EpochProgress()  # of the epoch a step checkpoint stopped in
@@ -314,6 +319,8 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
         best_rsum, best_epoch = state.best_rsum, state.best_epoch
         partial = EpochProgress.from_json(state.partial, out / LAST) if state.partial else partial
         extras_state = state.extras_rng
+        if scaler.is_enabled() and state.scaler:
+            scaler.load_state_dict(json.loads(state.scaler))
         _restore_rank_rng(state, ranks, t.seed, log)
         if ranks.main:
             _keep_metrics_before(metrics_path, first_epoch, partial.iteration if partial.batches else None)
@@ -327,7 +334,7 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     if ranks.main:
         atomic_write_text(out / "recipe.toml", recipe.to_toml())
 
-    meta = {"seed": t.seed, "protocol": recipe.data.protocol, "data": str(data_dir)}
+    meta = {"seed": t.seed, "protocol": recipe.data.protocol, "data": str(data_dir), "precision": precision}
     batches_per_epoch = train_split.num_captions // t.batch_size
     iteration = first_epoch * batches_per_epoch + partial.batches
 
@@ -343,6 +350,8 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
         if extras is not None:
             trainer["rng.extras"] = extras.get_state()
         step = {"partial": progress_.to_json()} if progress_ is not None else {}
+        if scaler.is_enabled():
+            step["scaler"] = json.dumps(scaler.state_dict())
         save_checkpoint(out / LAST, model, vocab, trainer=trainer, epoch=str(epoch_done), rsum=str(rsum),
                         best_rsum=str(best_rsum), best_epoch=str(best_epoch), optimizer=optimizer_blob,
                         world_size=str(ranks.world), **step, **meta)
@@ -373,16 +382,21 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
                                                 images=t.extra_images)
                 batch = batch.to(device)
                 regions = Regions(batch.images, batch.image_lengths, batch.boxes, batch.image_sizes)
-                loss, scores, terms = stepper(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids,
-                                              epoch=epoch, caption_image_ids=batch.caption_image_ids)
+                with autocast(device, precision):
+                    loss, scores, terms = stepper(regions, Tokens(batch.tokens, batch.lengths), batch.image_ids,
+                                                  epoch=epoch, caption_image_ids=batch.caption_image_ids)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clipping sees the true gradients
                 # The gradient norm is wanted even unclipped (max_norm inf scales by exactly 1): a finite loss
                 # with a NaN gradient is a backward through 0 x inf, and it would turn every weight to NaN.
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                            t.grad_clip if t.grad_clip > 0 else math.inf)
-                optimizer.step()
+                scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+                scaler.update()
                 value, norm = loss.item(), float(grad_norm)  # after the step: no extra sync on a GPU
+                if scaler.is_enabled():
+                    norm = 0.0  # an overflow is the scaler's to handle: it skipped the step and lowered the scale
                 if not (math.isfinite(value) and math.isfinite(norm)):
                     what = (f"the loss is {value}" if not math.isfinite(value)
                             else f"the gradient norm is {norm} (loss {value:.4g})")
@@ -402,7 +416,9 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
         bad = _nonfinite_parameter(model)
         if bad:
             raise _stop(f"training stopped after epoch {epoch + 1}: parameter {bad} holds NaN or inf", out, data_dir)
-        dev = evaluate(model, vocab, dev_split, "f30k-1k", device=device, batch_size=t.eval_batch_size, progress=progress)
+        with autocast(device, precision):
+            dev = evaluate(model, vocab, dev_split, "f30k-1k", device=device, batch_size=t.eval_batch_size,
+                           progress=progress)
         record = {"epoch": epoch, "iteration": iteration, "split": "dev", "train_loss": run.loss_sum / max(run.batches, 1),
                   "lr": lr, "captions_per_s": round(run.captions_per_s(), 1), **dev}
         if run.term_sums:  # the [loss] stage's and each objective's mean, unweighted
@@ -420,8 +436,9 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     if ranks.distributed:
         torch.distributed.barrier()  # rank 0 has written the best checkpoint the others read next
     best = load_checkpoint(out / BEST, device)
-    test = evaluate(best.model, vocab, test_split, recipe.data.protocol, device=device,
-                    batch_size=t.eval_batch_size, progress=progress)
+    with autocast(device, precision):
+        test = evaluate(best.model, vocab, test_split, recipe.data.protocol, device=device,
+                        batch_size=t.eval_batch_size, progress=progress)
     summary = {"split": recipe.data.test_split, "protocol": recipe.data.protocol, "best_epoch": best_epoch,
                "best_dev_rsum": best_rsum, **test}
     if ranks.main:

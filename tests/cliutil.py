@@ -56,3 +56,23 @@ def assert_clean_failure(result: Result, code: int = 1) -> str:
     if code == 1:
         assert "internal error" not in result.stderr, result.stderr
     return flat(result.stderr[result.stderr.index("error:"):])
+
+
+def paused_itmkit(args: list[str], marker, *, file: str = "last", skip: int = 0, timeout: float = 240):
+    """``itmkit ARGS`` in a fresh interpreter, paused inside the (skip+1)-th atomic write of a file whose name
+    starts with ``file`` (temporary written, not yet renamed: ``checkpoint.atomic_write_bytes``'s test hook);
+    returns the process once it is there, for the test to SIGKILL. Fails if it ends or never gets there."""
+    import subprocess
+    import time
+
+    env = {**os.environ, "ITMKIT_TEST_PAUSE_BEFORE_RENAME": str(marker), "ITMKIT_TEST_PAUSE_FILE": file,
+           "ITMKIT_TEST_PAUSE_SKIP": str(skip)}
+    proc = subprocess.Popen([sys.executable, "-m", "itmkit", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not os.path.exists(marker) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    if not os.path.exists(marker):
+        proc.kill()
+        raise AssertionError(f"itmkit {' '.join(args)} never reached write {skip + 1} of {file}*")
+    return proc

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -23,6 +22,8 @@ from itmkit.phases import resolve_schedule, schedule_rows
 from itmkit.plugins import load_registry
 from itmkit.recipe import RecipeError, load_recipe, parse_recipe
 from itmkit.types import BlockContext, Regions, Tokens
+
+from cliutil import paused_itmkit
 
 ITMKIT = [sys.executable, "-m", "itmkit"]
 
@@ -307,14 +308,7 @@ def test_kill_in_the_middle_of_a_phase_then_resume_matches_an_uninterrupted_run(
     # SIGKILL inside the third write of last.safetensors (after epoch 3): epoch 2's survives, and the
     # resumed run starts at epoch 3, in the middle of phase "head alone" (epochs 2-3).
     marker, run = tmp_path / "paused", tmp_path / "killed"
-    env = {"ITMKIT_TEST_PAUSE_BEFORE_RENAME": str(marker), "ITMKIT_TEST_PAUSE_FILE": "last",
-           "ITMKIT_TEST_PAUSE_SKIP": "2"}
-    proc = subprocess.Popen(ITMKIT + args + ["--out", str(run)], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert marker.exists(), "training never reached the third checkpoint write"
+    proc = paused_itmkit(args + ["--out", str(run)], marker, skip=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_file(str(run / "last.safetensors"))["branches.0.stages.0.head_on"].item()  # epoch 2's, in phase 2

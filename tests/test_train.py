@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,8 @@ from itmkit.errors import CheckpointError
 from itmkit.evaluation import retrieval_metrics
 from itmkit.recipe import load_recipe
 from itmkit.train import train
+
+from cliutil import paused_itmkit
 
 ITMKIT = [sys.executable, "-m", "itmkit"]
 
@@ -70,14 +71,7 @@ def test_sigkill_during_checkpoint_write_then_resume_matches(tiny_recipe, tmp_pa
     # written and before the rename, then SIGKILL the process there.
     marker = tmp_path / "paused"
     run_dir = tmp_path / "killed"
-    env = {"ITMKIT_TEST_PAUSE_BEFORE_RENAME": str(marker), "ITMKIT_TEST_PAUSE_FILE": "last",
-           "ITMKIT_TEST_PAUSE_SKIP": "1"}
-    proc = subprocess.Popen(ITMKIT + args + ["--out", str(run_dir)], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert marker.exists(), "training never reached the second checkpoint write"
+    proc = paused_itmkit(args + ["--out", str(run_dir)], marker, skip=1)
     assert list(run_dir.glob(".last.safetensors.*.tmp")), "the interrupted temp file should exist"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -129,3 +123,34 @@ def test_resuming_an_optimizer_of_other_trainable_parameters_says_so():
                                               r" parameters per group, this model has \[1\]"):
         optimizer_from_tensors(one, tensors, blob, "runs/x/last.safetensors")
     optimizer_from_tensors(two, tensors, blob)  # the same parameters restore
+
+
+def _untimed(run_dir) -> list[dict]:
+    """The run's metric lines without their captions/s (a timing)."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "captions_per_s"} for line in lines]
+
+
+def test_killed_mid_epoch_resumes_at_the_last_saved_step(tiny_recipe, tmp_path):
+    # 1500 captions / 32 = 46 steps an epoch; --save-every 5 writes last.safetensors at steps 5, 10, ..., 45,
+    # after epoch 1 (46), then 50, 55: the run is killed inside the write at step 60, within epoch 2.
+    args = ["train", str(tiny_recipe), "--set", "train.epochs=3", "--set", "train.log_every=4"]
+    plain = _run(args + ["--out", str(tmp_path / "plain")])
+    saving = _run(args + ["--out", str(tmp_path / "saving"), "--save-every", "5"])
+    assert plain.returncode == 0 and saving.returncode == 0, plain.stderr + saving.stderr
+    expected = json.loads((tmp_path / "plain" / "test_metrics.json").read_text())
+    assert json.loads((tmp_path / "saving" / "test_metrics.json").read_text()) == expected  # saving changes nothing
+
+    marker, run = tmp_path / "paused", tmp_path / "killed"
+    proc = paused_itmkit(args + ["--out", str(run), "--save-every", "5"], marker, skip=12)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_checkpoint(run / "last.safetensors")
+    assert json.loads(saved.meta["partial"])["iteration"] == 55 and saved.meta["epoch"] == "0"
+    assert max(line["iteration"] for line in _untimed(run)) > 55  # lines past the saved step, to be dropped
+
+    resumed = _run(args + ["--out", str(run), "--save-every", "5", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at batch 9 of epoch 2" in resumed.stderr
+    assert json.loads((run / "test_metrics.json").read_text()) == expected
+    assert _untimed(run) == _untimed(tmp_path / "plain")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from itmkit.attention import RAW_NORMS, pair_query_attention, scan_attention
+from itmkit.ops import float32
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import (Aligned, AlignedPort, Local, LocalPort, PairLocal, PairLocalPort, PairSims, PairSimsPort,
                           ScorePort)
@@ -139,7 +140,7 @@ class LogSumExpPool(nn.Module):
         self.lambda_lse = lambda_lse
 
     def forward(self, x: PairSims) -> torch.Tensor:
-        relevance = torch.where(x.mask, x.sims.squeeze(-1), 0.0)  # padding replaced before exp: no inf, no NaN grad
+        relevance = torch.where(x.mask, float32(x.sims.squeeze(-1)), 0.0)  # padding replaced before exp: no inf, no NaN grad
         # The official form, exp -> sum -> log with no max subtracted. It equals the stable
         # logsumexp up to rounding, and the published numbers come from this form. R is a cosine
         # in [-1, 1], so exp(lambda R) <= exp(lambda) cannot overflow float32 for lambda < 88.

@@ -1,0 +1,202 @@
+"""Training-step speed: itmkit's SCAN t-i LSE against the official SCAN training step, same batch, same weights.
+
+    python benchmarks/training.py --official /path/to/SCAN [--batch 128] [--repeats 3] [--threads 0]
+
+One step is what a training iteration costs: encode B images (36 x 2048 random region features) and B
+real Flickr30K captions (the 250 of ``shared/reference/pfan_sample``, tokenised with the F30K vocabulary
+and sorted longest first as SCAN's loader sorts them), score the B x B block, the hinge loss with the
+hardest negatives, backward, gradient clipping (2.0) and an Adam step.
+
+``--official PATH`` is a local clone of https://github.com/kuanghuei/SCAN: its ``model.py`` is imported
+from there at run time, with the fixes current PyTorch needs applied to its text in memory (nothing of
+it is copied into this project): torchvision, which it imports and never uses for precomputed features,
+is stubbed; ``cap_emb.size(2)/2`` (a float slice index in Python 3) becomes ``//2``; ``loss.data[0]``
+(0-d tensors cannot be indexed) becomes ``loss.item()``. The official model is built with its train.py
+defaults for t-i LSE (lambda_softmax 9, lambda_lse 6, clipped_l2norm, bi-GRU, embed 1024, word_dim 300,
+margin 0.2, max_violation, grad_clip 2, lr 2e-4), and its random initial weights are converted into
+itmkit's model by ``itmkit import scan``'s own converter, so both start from the same weights.
+Without ``--official`` the script stops and says so: there is no re-implemented stand-in here.
+
+Both sides run in this process with the same torch threads: one warm-up step each, then the best of
+``--repeats`` steps (every step an optimizer step, so the weights move on; the time does not depend on
+them). The first-step losses must agree to 1e-5 (relative) or the record is refused.
+Writes benchmarks/training_results.json under ``scan_t2i_lse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from common import cpu_model
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "training_results.json"
+SAMPLE = Path(os.environ.get("ITMKIT_SHARED", HERE.parents[1] / "shared")) / "reference"
+REGIONS, FEATURES = 36, 2048
+
+# SCAN's train.py options for the t-i LSE model (Lee et al. 2018; README's Flickr30K command).
+SCAN_T2I_LSE = dict(data_name="f30k_precomp", img_dim=FEATURES, embed_size=1024, word_dim=300, num_layers=1,
+                    bi_gru=True, no_imgnorm=False, no_txtnorm=False, precomp_enc_type="basic", margin=0.2,
+                    max_violation=True, grad_clip=2.0, learning_rate=2e-4, cross_attn="t2i",
+                    raw_feature_norm="clipped_l2norm", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0,
+                    num_epochs=30, lr_update=15, batch_size=128)
+
+# The in-memory fixes of model.py for current PyTorch and Python 3, each (old text, new text, why).
+FIXES = (
+    ("cap_emb[:,:,:cap_emb.size(2)/2] + cap_emb[:,:,cap_emb.size(2)/2:]",
+     "cap_emb[:,:,:cap_emb.size(2)//2] + cap_emb[:,:,cap_emb.size(2)//2:]", "a float slice index in Python 3"),
+    ("loss.data[0]", "loss.item()", "a 0-d tensor cannot be indexed"),
+)
+
+
+def official_scan(clone: Path) -> types.ModuleType:
+    """kuanghuei/SCAN's model.py from ``clone``, imported with FIXES applied to its text."""
+    source_path = clone / "model.py"
+    if not source_path.is_file():
+        raise SystemExit(f"--official {clone}: no model.py there; give a clone of https://github.com/kuanghuei/SCAN")
+    source = source_path.read_text()
+    for old, new, why in FIXES:
+        if old not in source:
+            raise SystemExit(f"{source_path}: expected {old!r} ({why}); is this kuanghuei/SCAN's model.py?")
+        source = source.replace(old, new)
+    # model.py imports torchvision.models at the top and uses it only for raw-image encoders.
+    for name in ("torchvision", "torchvision.models"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["torchvision"].models = sys.modules["torchvision.models"]
+    module = types.ModuleType("scan_official_model")
+    module.__file__ = str(source_path)
+    exec(compile(source, str(source_path), "exec"), module.__dict__)
+    return module
+
+
+class _NoLog:
+    """The official model logs through train.py's LogCollector; the benchmark keeps nothing."""
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+def real_batch(batch: int, seed: int = 0):
+    """(images (B, 36, 2048), token ids (B, L) zero-padded, lengths list) with SCAN's order: longest first."""
+    from itmkit.data.vocab import Vocabulary
+
+    vocab = Vocabulary.from_json(json.loads((SAMPLE / "f30k_precomp_vocab.json").read_text()))
+    captions = (SAMPLE / "pfan_sample" / "train_caps.txt").read_text().splitlines()
+    if batch > len(captions):
+        raise SystemExit(f"--batch {batch}: the sample has {len(captions)} real captions")
+    encoded = sorted((vocab.encode(c) for c in captions[:batch]), key=len, reverse=True)
+    lengths = [len(e) for e in encoded]
+    tokens = torch.zeros(batch, lengths[0], dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        tokens[row, :len(ids)] = torch.tensor(ids)
+    images = torch.rand(batch, REGIONS, FEATURES, generator=torch.Generator().manual_seed(seed))
+    return vocab, images, tokens, lengths
+
+
+def build_both(clone: Path, vocab, seed: int = 0):
+    """The official SCAN model (its own random init) and itmkit's, converted from the official weights."""
+    from itmkit.build import build_model
+    from itmkit.importing import OfficialCheckpoint
+    from itmkit.recipe import parse_recipe
+    from itmkit_scan.importer import convert
+
+    official_module = official_scan(clone)
+    torch.manual_seed(seed)
+    opt = types.SimpleNamespace(vocab_size=len(vocab), **SCAN_T2I_LSE)
+    official = official_module.SCAN(opt)
+    official.logger = _NoLog()
+    official.train_start()
+    modules = [{k: v.clone() for k, v in m.state_dict().items()} for m in (official.img_enc, official.txt_enc)]
+    converted = convert(OfficialCheckpoint("official SCAN (random init)", modules, vars(opt), None, None), vocab)
+    ours = build_model(parse_recipe(converted.recipe), converted.data)
+    missing, unexpected = ours.load_state_dict(converted.state, strict=False)
+    if unexpected or [k for k in missing if k.startswith(("image.", "text."))]:
+        raise SystemExit(f"the converted weights do not fit: missing {missing}, unexpected {unexpected}")
+    ours.train()
+    return official, ours
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", type=Path, help="a local clone of https://github.com/kuanghuei/SCAN")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.official is None:
+        raise SystemExit("give --official PATH, a clone of https://github.com/kuanghuei/SCAN: this benchmark times"
+                         " the official training step itself and has no stand-in for it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from itmkit.types import Regions, Tokens
+
+    vocab, images, tokens, lengths = real_batch(args.batch)
+    official, ours = build_both(args.official, vocab)
+    ids = torch.arange(args.batch)
+    regions, texts = Regions(images, torch.full((args.batch,), REGIONS)), Tokens(tokens, torch.tensor(lengths))
+    optimizer = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=SCAN_T2I_LSE["learning_rate"])
+
+    # The first step's loss, both sides from the same weights (before any update).
+    with torch.no_grad():
+        theirs = official.criterion(*official.forward_emb(images, tokens, lengths)).item()
+        mine = ours.training_step(regions, texts, ids, epoch=100).loss.item()
+    difference = abs(mine - theirs) / max(abs(theirs), 1e-12)
+
+    def our_step() -> None:
+        loss = ours.training_step(regions, texts, ids, epoch=100).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), SCAN_T2I_LSE["grad_clip"])
+        optimizer.step()
+
+    def official_step() -> None:
+        official.train_emb(images, tokens, lengths)
+
+    load_before = os.getloadavg()[0]
+    timings = {}
+    for name, step in (("official", official_step), ("itmkit", our_step)):
+        step()  # warm
+        best = float("inf")
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - start)
+        timings[name] = best
+    result = {
+        "model": "SCAN t-i LSE (Flickr30K options: embed 1024, bi-GRU, lambda 9 / 6, clipped_l2norm, max violation)",
+        "official": f"{args.official} (kuanghuei/SCAN model.py; fixes: " + "; ".join(w for _, _, w in FIXES) + ")",
+        "batch": args.batch,
+        "caption_lengths": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+        "official_step_s": round(timings["official"], 3),
+        "itmkit_step_s": round(timings["itmkit"], 3),
+        "official_captions_per_s": round(args.batch / timings["official"], 1),
+        "itmkit_captions_per_s": round(args.batch / timings["itmkit"], 1),
+        "speedup": round(timings["official"] / timings["itmkit"], 2),
+        "first_step_loss": {"official": theirs, "itmkit": mine, "relative_difference": difference},
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(result, indent=2))
+    if difference >= 1e-5:
+        raise SystemExit(f"first-step losses differ by {difference:.2e} (relative): not recorded")
+    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    records["scan_t2i_lse"] = result
+    RESULTS.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"recorded {RESULTS} [scan_t2i_lse]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
