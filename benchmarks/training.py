@@ -1,26 +1,30 @@
-"""Training-step speed: itmkit's SCAN t-i LSE against the official SCAN training step, same batch, same weights.
+"""Training-step speed: itmkit's SCAN t-i LSE and SGRAF-SGR against their official training steps, same batch,
+same weights.
 
-    python benchmarks/training.py --official /path/to/SCAN [--batch 128] [--repeats 3] [--threads 0]
+    python benchmarks/training.py --model scan --official /path/to/SCAN [--batch 128] [--repeats 3] [--threads 0]
+    python benchmarks/training.py --model sgraf --official /path/to/SGRAF
 
 One step is what a training iteration costs: encode B images (36 x 2048 random region features) and B
 real Flickr30K captions (the 250 of ``shared/reference/pfan_sample``, tokenised with the F30K vocabulary
 and sorted longest first as SCAN's loader sorts them), score the B x B block, the hinge loss with the
 hardest negatives, backward, gradient clipping (2.0) and an Adam step.
 
-``--official PATH`` is a local clone of https://github.com/kuanghuei/SCAN: its ``model.py`` is imported
-from there at run time, with the fixes current PyTorch needs applied to its text in memory (nothing of
-it is copied into this project): torchvision, which it imports and never uses for precomputed features,
-is stubbed; ``cap_emb.size(2)/2`` (a float slice index in Python 3) becomes ``//2``; ``loss.data[0]``
-(0-d tensors cannot be indexed) becomes ``loss.item()``. The official model is built with its train.py
-defaults for t-i LSE (lambda_softmax 9, lambda_lse 6, clipped_l2norm, bi-GRU, embed 1024, word_dim 300,
-margin 0.2, max_violation, grad_clip 2, lr 2e-4), and its random initial weights are converted into
-itmkit's model by ``itmkit import scan``'s own converter, so both start from the same weights.
-Without ``--official`` the script stops and says so: there is no re-implemented stand-in here.
+``--official PATH`` is a local clone of the paper's repository (https://github.com/kuanghuei/SCAN,
+https://github.com/Paranioar/SGRAF): its ``model.py`` is imported from there at run time, with the fixes
+current PyTorch needs applied to its text in memory (nothing of it is copied into this project; each
+Model's ``fixes`` say which and why): ``cap_emb.size(2)/2`` (a float slice index in Python 3) becomes
+``//2``; SCAN's ``loss.data[0]`` (0-d tensors cannot be indexed) becomes ``loss.item()``; SGRAF's loss
+defines its diagonal mask only when CUDA is there, so it is defined for the CPU too; torchvision, which
+SCAN imports and never uses for precomputed features, is stubbed. The official model is built
+with its train.py / opts.py defaults for the Flickr30K model (OPTIONS below), and its random initial
+weights are converted into itmkit's model by ``itmkit import``'s own converter, so both start from the
+same weights. Without ``--official`` the script stops and says so: there is no re-implemented stand-in.
 
 Both sides run in this process with the same torch threads: one warm-up step each, then the best of
 ``--repeats`` steps (every step an optimizer step, so the weights move on; the time does not depend on
-them). The first-step losses must agree to 1e-5 (relative) or the record is refused.
-Writes benchmarks/training_results.json under ``scan_t2i_lse``.
+them). The first-step losses, both models in eval mode (SGRAF's dropout draws differ between two
+implementations), must agree to 1e-5 (relative) or the record is refused. Writes
+benchmarks/training_results.json under the model's key.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 import types
 from pathlib import Path
 
+import attrs
 import torch
 
 from common import cpu_model
@@ -43,36 +48,63 @@ RESULTS = HERE / "training_results.json"
 SAMPLE = Path(os.environ.get("ITMKIT_SHARED", HERE.parents[1] / "shared")) / "reference"
 REGIONS, FEATURES = 36, 2048
 
-# SCAN's train.py options for the t-i LSE model (Lee et al. 2018; README's Flickr30K command).
-SCAN_T2I_LSE = dict(data_name="f30k_precomp", img_dim=FEATURES, embed_size=1024, word_dim=300, num_layers=1,
-                    bi_gru=True, no_imgnorm=False, no_txtnorm=False, precomp_enc_type="basic", margin=0.2,
-                    max_violation=True, grad_clip=2.0, learning_rate=2e-4, cross_attn="t2i",
-                    raw_feature_norm="clipped_l2norm", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0,
-                    num_epochs=30, lr_update=15, batch_size=128)
-
-# The in-memory fixes of model.py for current PyTorch and Python 3, each (old text, new text, why).
-FIXES = (
-    ("cap_emb[:,:,:cap_emb.size(2)/2] + cap_emb[:,:,cap_emb.size(2)/2:]",
-     "cap_emb[:,:,:cap_emb.size(2)//2] + cap_emb[:,:,cap_emb.size(2)//2:]", "a float slice index in Python 3"),
-    ("loss.data[0]", "loss.item()", "a 0-d tensor cannot be indexed"),
-)
+COMMON = dict(data_name="f30k_precomp", img_dim=FEATURES, embed_size=1024, word_dim=300, num_layers=1, bi_gru=True,
+              no_imgnorm=False, no_txtnorm=False, margin=0.2, max_violation=True, grad_clip=2.0, learning_rate=2e-4,
+              batch_size=128)
+SLICE_FIX = "a float slice index in Python 3"
 
 
-def official_scan(clone: Path) -> types.ModuleType:
-    """kuanghuei/SCAN's model.py from ``clone``, imported with FIXES applied to its text."""
+@attrs.frozen
+class Model:
+    """One paper's official training step and ours."""
+
+    key: str  # the record's key
+    title: str
+    repository: str
+    plugin: str  # the itmkit plugin whose importer converts the official weights
+    official_class: str  # the model class of the official model.py
+    options: dict  # the official opt: train.py / opts.py defaults of the Flickr30K model
+    fixes: tuple[tuple[str, str, str], ...]  # (old text, new text, why) applied to model.py in memory
+    stub_torchvision: bool = False
+
+
+MODELS = {
+    "scan": Model(
+        "scan_t2i_lse", "SCAN t-i LSE (Flickr30K options: embed 1024, bi-GRU, lambda 9 / 6, clipped_l2norm, max"
+        " violation)", "https://github.com/kuanghuei/SCAN", "itmkit_scan", "SCAN",
+        dict(COMMON, precomp_enc_type="basic", cross_attn="t2i", raw_feature_norm="clipped_l2norm",
+             agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0, num_epochs=30, lr_update=15),
+        (("cap_emb[:,:,:cap_emb.size(2)/2] + cap_emb[:,:,cap_emb.size(2)/2:]",
+          "cap_emb[:,:,:cap_emb.size(2)//2] + cap_emb[:,:,cap_emb.size(2)//2:]", SLICE_FIX),
+         ("loss.data[0]", "loss.item()", "a 0-d tensor cannot be indexed")),
+        stub_torchvision=True),
+    "sgraf": Model(
+        "sgraf_sgr", "SGRAF-SGR (Flickr30K options: embed 1024, sim_dim 256, 3 reasoning steps, bi-GRU, max"
+        " violation)", "https://github.com/Paranioar/SGRAF", "itmkit_sgraf", "SGRAF",
+        dict(COMMON, sim_dim=256, module_name="SGR", sgr_step=3, num_epochs=40, lr_update=30),
+        (("cap_emb[:, :, :cap_emb.size(2)/2] + cap_emb[:, :, cap_emb.size(2)/2:]",
+          "cap_emb[:, :, :cap_emb.size(2)//2] + cap_emb[:, :, cap_emb.size(2)//2:]", SLICE_FIX),
+         ("        if torch.cuda.is_available():\n            I = mask.cuda()\n",
+          "        I = mask.cuda() if torch.cuda.is_available() else mask\n",
+          "the loss's diagonal mask is defined only on CUDA"))),
+}
+
+
+def official_module(model: Model, clone: Path) -> types.ModuleType:
+    """The official model.py from ``clone``, imported with the model's fixes applied to its text."""
     source_path = clone / "model.py"
     if not source_path.is_file():
-        raise SystemExit(f"--official {clone}: no model.py there; give a clone of https://github.com/kuanghuei/SCAN")
+        raise SystemExit(f"--official {clone}: no model.py there; give a clone of {model.repository}")
     source = source_path.read_text()
-    for old, new, why in FIXES:
+    for old, new, why in model.fixes:
         if old not in source:
-            raise SystemExit(f"{source_path}: expected {old!r} ({why}); is this kuanghuei/SCAN's model.py?")
+            raise SystemExit(f"{source_path}: expected {old!r} ({why}); is this {model.repository}'s model.py?")
         source = source.replace(old, new)
-    # model.py imports torchvision.models at the top and uses it only for raw-image encoders.
-    for name in ("torchvision", "torchvision.models"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["torchvision"].models = sys.modules["torchvision.models"]
-    module = types.ModuleType("scan_official_model")
+    if model.stub_torchvision:  # imported at the top, used only by raw-image encoders
+        for name in ("torchvision", "torchvision.models"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["torchvision"].models = sys.modules["torchvision.models"]
+    module = types.ModuleType(f"{model.key}_official_model")
     module.__file__ = str(source_path)
     exec(compile(source, str(source_path), "exec"), module.__dict__)
     return module
@@ -102,60 +134,79 @@ def real_batch(batch: int, seed: int = 0):
     return vocab, images, tokens, lengths
 
 
-def build_both(clone: Path, vocab, seed: int = 0):
-    """The official SCAN model (its own random init) and itmkit's, converted from the official weights."""
+def build_both(model: Model, clone: Path, vocab, seed: int = 0):
+    """The official model (its own random init) and itmkit's, converted from the official weights."""
+    import importlib
+
     from itmkit.build import build_model
     from itmkit.importing import OfficialCheckpoint
     from itmkit.recipe import parse_recipe
-    from itmkit_scan.importer import convert
 
-    official_module = official_scan(clone)
+    convert = importlib.import_module(f"{model.plugin}.importer").convert
     torch.manual_seed(seed)
-    opt = types.SimpleNamespace(vocab_size=len(vocab), **SCAN_T2I_LSE)
-    official = official_module.SCAN(opt)
+    opt = types.SimpleNamespace(vocab_size=len(vocab), **model.options)
+    official = getattr(official_module(model, clone), model.official_class)(opt)
     official.logger = _NoLog()
-    official.train_start()
-    modules = [{k: v.clone() for k, v in m.state_dict().items()} for m in (official.img_enc, official.txt_enc)]
-    converted = convert(OfficialCheckpoint("official SCAN (random init)", modules, vars(opt), None, None), vocab)
+    modules = [{k: v.clone() for k, v in m.state_dict().items()} for m in official_modules(official)]
+    checkpoint = OfficialCheckpoint(f"official {model.official_class} (random init)", modules, vars(opt), None, None)
+    converted = convert(checkpoint, vocab)
     ours = build_model(parse_recipe(converted.recipe), converted.data)
     missing, unexpected = ours.load_state_dict(converted.state, strict=False)
-    if unexpected or [k for k in missing if k.startswith(("image.", "text."))]:
+    if unexpected or missing:
         raise SystemExit(f"the converted weights do not fit: missing {missing}, unexpected {unexpected}")
-    ours.train()
     return official, ours
+
+
+def official_modules(official) -> list[torch.nn.Module]:
+    """The official model's modules in its state_dict order: [img_enc, txt_enc, (sim_enc)]."""
+    return [m for m in (official.img_enc, official.txt_enc, getattr(official, "sim_enc", None)) if m is not None]
+
+
+def official_loss(official, images, tokens, lengths) -> torch.Tensor:
+    """The official loss of the batch, as its train_emb computes it before the backward pass."""
+    embedded = official.forward_emb(images, tokens, lengths)
+    if hasattr(official, "forward_sim"):  # SGRAF: a similarity network, then the loss of its matrix
+        return official.criterion(official.forward_sim(*embedded))
+    return official.criterion(*embedded)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", type=Path, help="a local clone of https://github.com/kuanghuei/SCAN")
+    parser.add_argument("--model", choices=sorted(MODELS), default="scan")
+    parser.add_argument("--official", type=Path, help="a local clone of the model's official repository")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    model = MODELS[args.model]
     if args.official is None:
-        raise SystemExit("give --official PATH, a clone of https://github.com/kuanghuei/SCAN: this benchmark times"
-                         " the official training step itself and has no stand-in for it")
+        raise SystemExit(f"give --official PATH, a clone of {model.repository}: this benchmark times the official"
+                         " training step itself and has no stand-in for it")
     if args.threads:
         torch.set_num_threads(args.threads)
     from itmkit.types import Regions, Tokens
 
     vocab, images, tokens, lengths = real_batch(args.batch)
-    official, ours = build_both(args.official, vocab)
+    official, ours = build_both(model, args.official, vocab)
     ids = torch.arange(args.batch)
     regions, texts = Regions(images, torch.full((args.batch,), REGIONS)), Tokens(tokens, torch.tensor(lengths))
-    optimizer = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=SCAN_T2I_LSE["learning_rate"])
+    optimizer = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=model.options["learning_rate"])
 
-    # The first step's loss, both sides from the same weights (before any update).
+    # The first step's loss, both sides from the same weights (before any update), without dropout.
+    official.val_start()
+    ours.eval()
     with torch.no_grad():
-        theirs = official.criterion(*official.forward_emb(images, tokens, lengths)).item()
+        theirs = official_loss(official, images, tokens, lengths).item()
         mine = ours.training_step(regions, texts, ids, epoch=100).loss.item()
     difference = abs(mine - theirs) / max(abs(theirs), 1e-12)
+    official.train_start()
+    ours.train()
 
     def our_step() -> None:
         loss = ours.training_step(regions, texts, ids, epoch=100).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), SCAN_T2I_LSE["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), model.options["grad_clip"])
         optimizer.step()
 
     def official_step() -> None:
@@ -172,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             best = min(best, time.perf_counter() - start)
         timings[name] = best
     result = {
-        "model": "SCAN t-i LSE (Flickr30K options: embed 1024, bi-GRU, lambda 9 / 6, clipped_l2norm, max violation)",
-        "official": f"{args.official} (kuanghuei/SCAN model.py; fixes: " + "; ".join(w for _, _, w in FIXES) + ")",
+        "model": model.title,
+        "official": f"{args.official} ({model.repository} model.py; fixes: " + "; ".join(w for _, _, w in model.fixes) + ")",
         "batch": args.batch,
         "caption_lengths": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
         "official_step_s": round(timings["official"], 3),
@@ -192,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if difference >= 1e-5:
         raise SystemExit(f"first-step losses differ by {difference:.2e} (relative): not recorded")
     records = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    records["scan_t2i_lse"] = result
+    records[model.key] = result
     RESULTS.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"recorded {RESULTS} [scan_t2i_lse]")
+    print(f"recorded {RESULTS} [{model.key}]")
     return 0
 
 
