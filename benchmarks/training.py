@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]  # before this process's own work
     model = MODELS[args.model]
     if args.official is None:
         raise SystemExit(f"give --official PATH, a clone of {model.repository}: this benchmark times the official"
@@ -212,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     def official_step() -> None:
         official.train_emb(images, tokens, lengths)
 
-    load_before = os.getloadavg()[0]
     timings = {}
     for name, step in (("official", official_step), ("itmkit", our_step)):
         step()  # warm
