@@ -108,3 +108,28 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown CPU"
+
+
+def run_context(load_before: float) -> dict:
+    """What a record says of the run beside its figures: threads, the load before and after, machine, date."""
+    import os
+    import platform
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def record(path, key: str, result: dict) -> None:
+    """Write ``result`` under ``key`` in the JSON record ``path``, keeping its other keys."""
+    from pathlib import Path
+
+    path = Path(path)
+    records = json.loads(path.read_text()) if path.exists() else {}
+    records[key] = result
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"recorded {path} [{key}]")

@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common import cpu_model
+from common import record, run_context
 
 RESULTS = Path(__file__).with_name("retrieval_scale_results.json")
 CAPTIONS_PER_IMAGE = 5
@@ -177,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="synthetic_100k")
     args = parser.parse_args(argv)
 
-    import torch
-
     data = write_gallery(Path(args.data), args.images, args.first)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -204,15 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                    " images indexed",
         "second_stage": args.second, "first_stage": args.first,
         "queries": args.queries, "k": 10, "shortlist": args.shortlist, "rows": rows,
-        "torch_threads": torch.get_num_threads(), "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2),
-        "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
+        **run_context(load_before),
     }
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[args.name] = result
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"recorded {RESULTS} [{args.name}]")
+    record(RESULTS, args.name, result)
     return 0
 
 

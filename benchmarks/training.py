@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import types
@@ -41,7 +40,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from common import cpu_model
+from common import record, run_context
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "training_results.json"
@@ -233,19 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         "itmkit_captions_per_s": round(args.batch / timings["itmkit"], 1),
         "speedup": round(timings["official"] / timings["itmkit"], 2),
         "first_step_loss": {"official": theirs, "itmkit": mine, "relative_difference": difference},
-        "torch_threads": torch.get_num_threads(),
-        "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2),
-        "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
+        **run_context(load_before),
     }
     print(json.dumps(result, indent=2))
     if difference >= 1e-5:
         raise SystemExit(f"first-step losses differ by {difference:.2e} (relative): not recorded")
-    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    records[model.key] = result
-    RESULTS.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"recorded {RESULTS} [{model.key}]")
+    record(RESULTS, model.key, result)
     return 0
 
 
