@@ -9,8 +9,15 @@ timed on a slice of the captions (it is slow; its pairs per second do not depend
 captions it sees) and its scores are checked against ours on that slice. Each measurement runs
 in its own process, so the peak resident memory reported is that run's own.
 
-    python benchmarks/scoring.py                # the full 1000 x 5000 block; writes results.json
+    python benchmarks/scoring.py --official ~/src/SCAN   # the full 1000 x 5000 block; writes results.json
     python benchmarks/scoring.py --images 200 --captions 1000 --reference-captions 100
+
+With ``--official PATH`` (a clone of https://github.com/kuanghuei/SCAN) the SCAN models' reference is the
+official code itself: evaluation.py's ``shard_xattn_t2i`` / ``shard_xattn_i2t`` calling model.py's
+``xattn_score_*``, imported from the clone with the in-memory fixes of ``benchmarks/official.py``, on the
+gallery laid out as its evaluation holds it (captions padded into one array, with their lengths). BFAN's
+official code is not among the clones this project uses: its reference is the re-implementation below,
+and every row says which reference it was timed against.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
+import os
 import resource
 import time
 from pathlib import Path
@@ -32,6 +39,8 @@ from itmkit.ops import l2norm
 from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
 from itmkit.types import Local
+
+from common import run_context
 
 HERE = Path(__file__).parent
 SHARD = 128  # the official evaluation's image shard
@@ -170,6 +179,40 @@ def run_ours(name: str, n_images: int, n_captions: int, dtype: torch.dtype, queu
                "sims": sims})  # numpy: a torch tensor would travel by shared memory and die with the child
 
 
+# The official SCAN evaluation's sharded loop and options for each model it has.
+OFFICIAL = {
+    "scan.t2i + LSE": ("shard_xattn_t2i", dict(raw_feature_norm="clipped_l2norm", lambda_softmax=9.0,
+                                               agg_func="LogSumExp", lambda_lse=6.0)),
+    "scan.i2t + AVG": ("shard_xattn_i2t", dict(raw_feature_norm="clipped_l2norm", lambda_softmax=4.0,
+                                               agg_func="Mean")),
+}
+
+
+def run_official(name: str, n_images: int, n_captions: int, n_ref: int, clone: str, queue) -> None:
+    """The official evaluation's loop from the clone on ``n_ref`` captions (float32, as it scores)."""
+    import contextlib
+    import io
+    import types
+
+    import numpy as np
+
+    import official
+
+    loop, options = OFFICIAL[name]
+    evaluation = official.scan_evaluation(Path(clone))
+    images = image_feats(n_images).numpy()
+    lengths = [int(n) for n in caption_lengths(n_captions)[:n_ref]]
+    captions = np.zeros((n_ref, max(lengths), DIM), dtype=np.float32)  # evaluation.encode_data's layout
+    for i, n in enumerate(lengths):
+        captions[i, :n] = caption(i, n).numpy()
+    with contextlib.redirect_stdout(io.StringIO()):  # its per-shard progress line
+        start = time.perf_counter()
+        sims = getattr(evaluation, loop)(images, captions, lengths, types.SimpleNamespace(**options), shard_size=SHARD)
+        seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "pairs_per_second": n_images * n_ref / seconds, "peak_mb": peak_mb(),
+               "sims": sims.astype(np.float32)})
+
+
 def run_reference(name: str, n_images: int, n_captions: int, n_ref: int, dtype: torch.dtype, queue) -> None:
     images = image_feats(n_images).to(dtype)
     lengths = caption_lengths(n_captions)[:n_ref]
@@ -192,10 +235,6 @@ def in_process(target, *args) -> dict:
     return result
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def comparison(ours: dict, ref: dict, n_ref: int, speedup_digits: int = 1) -> dict:
     """One model's row: both runs' speed and peak, the speed-up, and the largest gap on the reference's captions."""
     return {
@@ -216,15 +255,26 @@ def main() -> None:
     parser.add_argument("--reference-captions", type=int, default=250)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--official", help="a clone of https://github.com/kuanghuei/SCAN: time its own evaluation"
+                                           " loop for the SCAN models")
     args = parser.parse_args()
+    if args.official is None:
+        print("no --official clone: every model is timed against the re-implemented reference", flush=True)
 
-    results = {"machine": machine(), "images": args.images, "captions": args.captions,
+    load_before = os.getloadavg()[0]
+    results = {"images": args.images, "captions": args.captions,
                "reference_captions": args.reference_captions, "models": {}}
     for name in args.models:
         ours = in_process(run_ours, name, args.images, args.captions, torch.float32)
-        ref = in_process(run_reference, name, args.images, args.captions, args.reference_captions, torch.float32)
+        if args.official and name in OFFICIAL:
+            ref = in_process(run_official, name, args.images, args.captions, args.reference_captions, args.official)
+            source = f"official: kuanghuei/SCAN evaluation.{OFFICIAL[name][0]} from {args.official}"
+        else:
+            ref = in_process(run_reference, name, args.images, args.captions, args.reference_captions, torch.float32)
+            source = "re-implemented reference (benchmarks/scoring.py)"
         gap = abs(ours["sims"][:, : args.reference_captions] - ref["sims"])
-        row = {**comparison(ours, ref, args.reference_captions), "pairs_over_1e-5": int((gap > 1e-5).sum())}
+        row = {**comparison(ours, ref, args.reference_captions), "pairs_over_1e-5": int((gap > 1e-5).sum()),
+               "reference": source}
         if row["pairs_over_1e-5"]:
             # A threshold (BFAN keeps a fragment when its focal score is > 0) turns float32 rounding
             # into a different decision for the rare fragment within ~1e-7 of it. In float64 no
@@ -237,6 +287,7 @@ def main() -> None:
         checked = row.get("float64_max_abs_difference", row["max_abs_difference"])
         assert checked < 1e-5, f"{name}: scores differ from the reference by {checked}"
         assert row["pairs_over_1e-5"] <= gap.size * 1e-4, f"{name}: {row['pairs_over_1e-5']} pairs differ by > 1e-5"
+    results.update(run_context(load_before))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 

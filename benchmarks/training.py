@@ -32,14 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import torch
 
+import official as official_code
 from common import record, run_context
 
 HERE = Path(__file__).parent
@@ -50,7 +51,6 @@ REGIONS, FEATURES = 36, 2048
 COMMON = dict(data_name="f30k_precomp", img_dim=FEATURES, embed_size=1024, word_dim=300, num_layers=1, bi_gru=True,
               no_imgnorm=False, no_txtnorm=False, margin=0.2, max_violation=True, grad_clip=2.0, learning_rate=2e-4,
               batch_size=128)
-SLICE_FIX = "a float slice index in Python 3"
 
 
 @attrs.frozen
@@ -63,8 +63,8 @@ class Model:
     plugin: str  # the itmkit plugin whose importer converts the official weights
     official_class: str  # the model class of the official model.py
     options: dict  # the official opt: train.py / opts.py defaults of the Flickr30K model
-    fixes: tuple[tuple[str, str, str], ...]  # (old text, new text, why) applied to model.py in memory
-    stub_torchvision: bool = False
+    fixes: tuple[official_code.Fix, ...]  # what official_code (benchmarks/official.py) changes in the text of model.py, and why
+    load: Callable[[Path], types.ModuleType]  # the official model.py of a clone
 
 
 MODELS = {
@@ -73,40 +73,15 @@ MODELS = {
         " violation)", "https://github.com/kuanghuei/SCAN", "itmkit_scan", "SCAN",
         dict(COMMON, precomp_enc_type="basic", cross_attn="t2i", raw_feature_norm="clipped_l2norm",
              agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0, num_epochs=30, lr_update=15),
-        (("cap_emb[:,:,:cap_emb.size(2)/2] + cap_emb[:,:,cap_emb.size(2)/2:]",
-          "cap_emb[:,:,:cap_emb.size(2)//2] + cap_emb[:,:,cap_emb.size(2)//2:]", SLICE_FIX),
-         ("loss.data[0]", "loss.item()", "a 0-d tensor cannot be indexed")),
-        stub_torchvision=True),
+        official_code.SCAN_MODEL_FIXES, official_code.scan_model),
     "sgraf": Model(
         "sgraf_sgr", "SGRAF-SGR (Flickr30K options: embed 1024, sim_dim 256, 3 reasoning steps, bi-GRU, max"
         " violation)", "https://github.com/Paranioar/SGRAF", "itmkit_sgraf", "SGRAF",
         dict(COMMON, sim_dim=256, module_name="SGR", sgr_step=3, num_epochs=40, lr_update=30),
-        (("cap_emb[:, :, :cap_emb.size(2)/2] + cap_emb[:, :, cap_emb.size(2)/2:]",
-          "cap_emb[:, :, :cap_emb.size(2)//2] + cap_emb[:, :, cap_emb.size(2)//2:]", SLICE_FIX),
-         ("        if torch.cuda.is_available():\n            I = mask.cuda()\n",
-          "        I = mask.cuda() if torch.cuda.is_available() else mask\n",
-          "the loss's diagonal mask is defined only on CUDA"))),
+        official_code.SGRAF_MODEL_FIXES,
+        lambda clone: official_code.import_file(clone, "model.py", "sgraf_official_model", official_code.SGRAF_MODEL_FIXES,
+                                           "https://github.com/Paranioar/SGRAF")),
 }
-
-
-def official_module(model: Model, clone: Path) -> types.ModuleType:
-    """The official model.py from ``clone``, imported with the model's fixes applied to its text."""
-    source_path = clone / "model.py"
-    if not source_path.is_file():
-        raise SystemExit(f"--official {clone}: no model.py there; give a clone of {model.repository}")
-    source = source_path.read_text()
-    for old, new, why in model.fixes:
-        if old not in source:
-            raise SystemExit(f"{source_path}: expected {old!r} ({why}); is this {model.repository}'s model.py?")
-        source = source.replace(old, new)
-    if model.stub_torchvision:  # imported at the top, used only by raw-image encoders
-        for name in ("torchvision", "torchvision.models"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["torchvision"].models = sys.modules["torchvision.models"]
-    module = types.ModuleType(f"{model.key}_official_model")
-    module.__file__ = str(source_path)
-    exec(compile(source, str(source_path), "exec"), module.__dict__)
-    return module
 
 
 class _NoLog:
@@ -144,16 +119,16 @@ def build_both(model: Model, clone: Path, vocab, seed: int = 0):
     convert = importlib.import_module(f"{model.plugin}.importer").convert
     torch.manual_seed(seed)
     opt = types.SimpleNamespace(vocab_size=len(vocab), **model.options)
-    official = getattr(official_module(model, clone), model.official_class)(opt)
-    official.logger = _NoLog()
-    modules = [{k: v.clone() for k, v in m.state_dict().items()} for m in official_modules(official)]
+    official_model = getattr(model.load(clone), model.official_class)(opt)
+    official_model.logger = _NoLog()
+    modules = [{k: v.clone() for k, v in m.state_dict().items()} for m in official_modules(official_model)]
     checkpoint = OfficialCheckpoint(f"official {model.official_class} (random init)", modules, vars(opt), None, None)
     converted = convert(checkpoint, vocab)
     ours = build_model(parse_recipe(converted.recipe), converted.data)
     missing, unexpected = ours.load_state_dict(converted.state, strict=False)
     if unexpected or missing:
         raise SystemExit(f"the converted weights do not fit: missing {missing}, unexpected {unexpected}")
-    return official, ours
+    return official_model, ours
 
 
 def official_modules(official) -> list[torch.nn.Module]:
