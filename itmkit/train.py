@@ -191,8 +191,9 @@ class EpochProgress:
             if not all(type(n) is int and n >= 0 for n in numbers) or not isinstance(progress.term_sums, dict):
                 raise ValueError("counts must be whole numbers >= 0")
         except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{source}: metadata 'partial' is not the progress of an epoch ({exc}); the file was"
-                            " edited or damaged: resume from an intact last.safetensors or start afresh") from None
+            raise CheckpointError(f"{source}: metadata 'partial' is not the progress of an epoch ({exc}); the file"
+                                  " was edited or damaged: resume from an intact last.safetensors or start afresh"
+                                  ) from None
         return progress
 
 
@@ -406,12 +407,12 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
                 iteration += 1
                 run.add(value, {name: term.item() for name, term in terms.items()} if len(terms) > 1 else {},
                         iteration, captions=t.batch_size, seconds=time.perf_counter() - started)
-                started = time.perf_counter()
                 update(run.batches, info=f"loss {run.loss_sum / run.batches:.3f}  {run.captions_per_s():,.0f} captions/s")
                 if ranks.main and iteration % t.log_every == 0:
                     _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": value, "lr": lr})
                 if save_every and iteration % save_every == 0 and run.batches < batches_per_epoch:
                     save_last(epoch - 1, best_rsum, run, extras)
+                started = time.perf_counter()  # the next step's clock: logging and saving are not training time
 
         bad = _nonfinite_parameter(model)
         if bad:
