@@ -285,8 +285,9 @@ class Branch(nn.Module):
 TRAIN_BLOCK_BYTES = {"cpu": 32 * 2**20, "gpu": 1024 * 2**20}
 
 
-def _device_of(x: Encoded) -> torch.device:
-    return (x.local.feats if x.local is not None else x.global_).device
+def _rows(x: Encoded) -> torch.Tensor:
+    """The tensor that has one row per item of a side: its fragments, else its pooled vectors."""
+    return x.local.feats if x.local is not None else x.global_
 
 
 def _takes_context(module: nn.Module) -> bool:
@@ -349,13 +350,12 @@ class ITMModel(nn.Module):
         concatenated. A branch whose stages read the block's context (its positives, its diagonal) gets
         the whole block.
         """
-        n_images = (image.local.feats if image.local is not None else image.global_).shape[0]
-        n_captions = (text.local.feats if text.local is not None else text.global_).shape[0]
+        n_images, n_captions = _rows(image).shape[0], _rows(text).shape[0]
         if any(any(branch.takes_context) for branch in self.branches):
             return self.score(image, text, contexts)
         pair = self.pair_bytes(text_len=text.local.feats.shape[1] if text.local is not None else 1,
                                image_len=image.local.feats.shape[1] if image.local is not None else 1)
-        budget = TRAIN_BLOCK_BYTES["cpu" if _device_of(image).type == "cpu" else "gpu"]
+        budget = TRAIN_BLOCK_BYTES["cpu" if _rows(image).device.type == "cpu" else "gpu"]
         columns = max(1, budget // max(pair * n_images, 1))
         if columns >= n_captions:
             return self.score(image, text, contexts)
@@ -377,8 +377,8 @@ class ITMModel(nn.Module):
         same, one caption per image row). With extra negatives the first B rows and columns are the pairs.
 
         Under a process group (``itmkit.distributed``) the batch is this rank's slice of the global batch:
-        the loss is computed on the global batch's scores, every image of every rank against every caption,
-        as one process with the whole batch would (branch terms summed over ranks, objectives averaged).
+        the loss and the objectives are computed on the global batch, every image of every rank against
+        every caption, as one process with the whole batch would (``_global_step``).
         """
         image, text = self.encode_images(images), self.encode_texts(texts)
         caption_image_ids = image_ids if caption_image_ids is None else caption_image_ids

@@ -1,7 +1,7 @@
 """Training on several processes: torchrun's environment, the global batch, DistributedDataParallel.
 
 ``torchrun --nproc_per_node N -m itmkit train RECIPE`` starts N processes (ranks) with ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous address in their environment; ``start`` joins them
+``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous address in their environment; ``process_group`` joins them
 into one process group: NCCL when training on CUDA (each rank on its own GPU, ``cuda:LOCAL_RANK``),
 gloo on CPUs.
 
@@ -11,7 +11,7 @@ against every caption, B x B scores. The official code gets that on several GPUs
 each of N ranks holds B/N pairs of the global batch (its slice, in rank order), encodes them,
 gathers every rank's image encodings, scores all B images against its own B/N captions, and gathers
 the score columns: every rank then holds the B x B matrix of one process with batch B and computes
-the same loss from it (``global_scores``). The gathers carry gradients (``torch.distributed.nn``):
+the same loss from it (``ITMModel._global_step``). The gathers carry gradients (``torch.distributed.nn``):
 the backward of a gather sums the N ranks' gradients of each rank's piece, which gives each rank N
 times its share of the one-process gradient, and DDP averages over the N ranks, so the update is
 exactly that of one process with batch B (``tests/test_distributed.py`` checks the loss and every
@@ -98,15 +98,6 @@ def reduction_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_agree(ok: bool) -> bool:
-    """Whether every rank passed a check (a collective: every rank must call it at the same point)."""
-    if not current().distributed:
-        return ok
-    flag = torch.tensor([0 if ok else 1], device=reduction_device())
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
-
-
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` concatenated along dim 0 in rank order, with gradients flowing back to each rank.
 
@@ -136,8 +127,3 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 def gather_columns(x: torch.Tensor) -> torch.Tensor:
     """Every rank's (rows, columns) block side by side in rank order, with gradients."""
     return gather_rows(x.transpose(0, 1).contiguous()).transpose(0, 1) if current().distributed else x
-
-
-def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """The sum of every rank's scalar ``x``, with gradients (each rank's loss holds the same total)."""
-    return dist_fn.all_reduce(x) if current().distributed else x
