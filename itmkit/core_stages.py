@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmkit.attention import to_context_major
 from itmkit.hookspecs import hookimpl
-from itmkit.ops import EPS, l2norm, masked_last, masked_max, masked_mean, xavier_linear_
+from itmkit.ops import EPS, float32, gram, l2norm, masked_last, masked_max, masked_mean, xavier_linear_
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import (
     Aligned,
@@ -286,15 +286,15 @@ class CosineHead(nn.Module):
             return fast
         dots = x.dots if x.dots is not None else x.query @ x.context.transpose(-1, -2)  # (Ni, Nt, Lq, Lc)
         numerator = (x.weights * dots).sum(-1)
-        gram = x.context @ x.context.transpose(-1, -2)  # (Ni, 1, Lc, Lc) or (1, Nt, Lc, Lc): per item
+        grams = gram(x.context)  # (Ni, 1, Lc, Lc) or (1, Nt, Lc, Lc): per item
         # w G w^T per query; einsum folds the pair axes into one batched product per context item
         ni, nt = x.weights.shape[:2]
-        if gram.shape[0] == ni and gram.shape[1] == 1:  # context = images
-            wg = torch.einsum("itqc,icd->itqd", x.weights, gram[:, 0])
-        elif gram.shape[0] == 1 and gram.shape[1] == nt:  # context = captions
-            wg = torch.einsum("itqc,tcd->itqd", x.weights, gram[0])
+        if grams.shape[0] == ni and grams.shape[1] == 1:  # context = images
+            wg = torch.einsum("itqc,icd->itqd", x.weights, grams[:, 0])
+        elif grams.shape[0] == 1 and grams.shape[1] == nt:  # context = captions
+            wg = torch.einsum("itqc,tcd->itqd", x.weights, grams[0])
         else:
-            wg = x.weights @ gram
+            wg = x.weights @ grams
         # floored at the smallest normal float, not 0: sqrt'(0) is infinite, and an attended vector of
         # exactly 0 (a context item whose one valid fragment is 0) would make every gradient NaN
         attended_sq = (wg * x.weights).sum(-1).clamp(min=torch.finfo(wg.dtype).tiny)
@@ -319,7 +319,7 @@ def context_major_cosine(x: Aligned, eps: float) -> torch.Tensor | None:
         return None
     w, d = w.view(nc, lc, nq * lq), d.view(nc, lc, nq * lq)
     numerator = (w * d).sum(dim=1)
-    wg = torch.bmm(context @ context.transpose(1, 2), w)  # (Nc, Lc, Nq * Lq)
+    wg = float32(torch.bmm(gram(context), w))  # (Nc, Lc, Nq * Lq); in place below, so float32 first
     wg = wg.mul_(w) if not torch.is_grad_enabled() else wg * w
     attended_sq = wg.sum(dim=1).clamp(min=torch.finfo(wg.dtype).tiny)  # as in aligned_cosine: finite gradients
     norms = query.norm(dim=-1).reshape(1, nq * lq) * attended_sq.sqrt()

@@ -76,3 +76,36 @@ def xavier_linear_(layer: torch.nn.Linear) -> None:
     torch.nn.init.uniform_(layer.weight, -bound, bound)
     if layer.bias is not None:
         torch.nn.init.zeros_(layer.bias)
+
+
+class _LastGram:
+    """The Gram matrices of the last tensor asked for, given again while that tensor is unchanged.
+
+    Scoring (no autograd) multiplies one image block's regions with block after block of captions,
+    and the cosine head needs the block's (R x R) Gram matrices for each of them. Keeping a reference
+    to the input keeps its memory from being reused by another tensor, and the key (storage, offset,
+    shape, strides, dtype and the version counter, which every in-place change advances) then
+    identifies exactly that content. ``clear()`` drops it (``score_all`` does when it ends, so no
+    block outlives its scoring).
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.source: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # training: the graph needs its own product
+            return x @ x.transpose(-1, -2)
+        key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype,
+               x.device, x._version, torch.is_autocast_enabled(x.device.type))
+        if key != self.key:
+            self.key, self.source, self.gram = key, x, x @ x.transpose(-1, -2)
+        return self.gram
+
+    def clear(self) -> None:
+        self.key = self.source = self.gram = None
+
+
+# x @ xᵀ over the last two axes, (..., L, D) -> (..., L, L): the fragments' Gram matrices
+gram = _LastGram()

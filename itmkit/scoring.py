@@ -21,6 +21,7 @@ from itmkit import distributed
 from itmkit.allocator import reuse_freed_memory
 from itmkit.build import Encoded, ITMModel
 from itmkit.gallery import DEFAULT_GALLERY_BUDGET, Gallery
+from itmkit.ops import gram
 from itmkit.types import Regions, Tokens
 
 # Bytes of working memory for one block. On a CPU, blocks whose arrays stay near the cache
@@ -139,6 +140,7 @@ def score_all(
         done += (i1 - i0) * (t1 - t0)
         if progress:
             progress(done, n_images * n_texts // world)
+    gram.clear()  # the last image block's Gram matrices (core.cosine reuses them along a row of blocks)
     if world > 1:
         sum_over_ranks(sims)  # each block was filled by exactly one rank
     return sims, ScoreStats(n_images * n_texts, time.perf_counter() - start)

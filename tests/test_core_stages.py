@@ -435,3 +435,24 @@ def test_infonce_against_a_loop_log_softmax(mask_same_image, temperature):
 def test_infonce_masking_changes_the_loss_here():
     S, positives = batch_scores(seed=14)
     assert reference_infonce(S, positives, 0.05, True) != pytest.approx(reference_infonce(S, positives, 0.05, False))
+
+
+def test_gram_is_reused_only_while_its_input_is_unchanged():
+    from itmkit.ops import gram
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=g)
+    with torch.no_grad():
+        first = gram(x)
+        torch.testing.assert_close(first, x @ x.transpose(1, 2), rtol=0, atol=0)
+        assert gram(x[:, :]) is first  # a view of the same block: the kept result
+        x[0, 0, 0] += 1.0  # an in-place change advances the version counter
+        torch.testing.assert_close(gram(x), x @ x.transpose(1, 2), rtol=0, atol=0)
+        other = torch.randn(3, 5, 7, generator=g)  # same shape, other content
+        torch.testing.assert_close(gram(other), other @ other.transpose(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(gram(x[:2]), x[:2] @ x[:2].transpose(1, 2), rtol=0, atol=0)
+    leaf = x.clone().requires_grad_()
+    gram(leaf).sum().backward()  # under autograd: a product of its own, with a graph
+    torch.testing.assert_close(leaf.grad, 2 * leaf.detach().sum(1, keepdim=True).expand_as(leaf), rtol=1e-5, atol=1e-5)
+    gram.clear()
+    assert gram.source is None
