@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from itmkit.attention import masked_softmax
-from itmkit.ops import EPS, l2norm
+from itmkit.ops import EPS, float32, l2norm
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import Local, LocalPort, Port, ScorePort
 
@@ -49,7 +49,8 @@ def _zero_padding(x: Local) -> torch.Tensor:
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
-    """||x|| + EPS over the last axis, with a finite gradient at 0 (as itmkit.ops.l2norm)."""
+    """||x|| + EPS over the last axis, with a finite gradient at 0 (as itmkit.ops.l2norm); in float32."""
+    x = float32(x)
     return x.pow(2).sum(dim=-1).clamp_min(torch.finfo(x.dtype).tiny).sqrt() + EPS
 
 

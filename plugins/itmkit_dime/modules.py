@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itmkit.ops import masked_mean
+from itmkit.ops import float32, masked_mean
 
 NUM_CELLS = 4  # RIC, GLGC, IMRC, CMRC
 THRESHOLD = 1e-4  # a path whose summed probability is below this skips to the RIC output
@@ -90,9 +90,9 @@ class TextHead(nn.Module):
             before = (k - 1) // 2  # official: K = 2 pads (0, 1), K = 3 pads (1, 1)
             maps.append(F.relu(conv(F.pad(grid, (0, 0, before, k - 1 - before)))).squeeze(3))  # (B, D, W)
         grams = torch.cat(maps, dim=1).transpose(1, 2)  # (B, W, 3D)
-        words = F.normalize(self.mapping(grams) + x_emb, dim=-1)
+        words = F.normalize(float32(self.mapping(grams) + x_emb), dim=-1)  # the l2 norms in float32
         pooled = fragment_max(grams, mask_or_none)  # max over the valid positions
-        sentence = F.normalize(self.mapping(pooled) + fragment_mean(x_emb, mask_or_none), dim=-1)
+        sentence = F.normalize(float32(self.mapping(pooled) + fragment_mean(x_emb, mask_or_none)), dim=-1)
         return words, sentence
 
 
@@ -138,7 +138,7 @@ class GlobalLocalGuidance(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, block: Block) -> torch.Tensor:
         guided = zero_padding(self.fc_1(x) * block.other_global[:, None, None, :], mask)  # (Nc, Nq, N, D)
-        return torch.addcmul(x, F.normalize(guided, dim=-2), x)  # (1 + n) x
+        return torch.addcmul(x, F.normalize(float32(guided), dim=-2), x)  # (1 + n) x
 
 
 class IntraModalReasoning(nn.Module):
@@ -202,6 +202,7 @@ class CrossModalRefinement(nn.Module):
             dots = (x.reshape(nq * n, d) @ ctx.reshape(-1, d).T).view(nq, n, nc, -1).permute(2, 0, 1, 3)
         else:
             dots = (x.reshape(nc, nq * n, d) @ ctx.transpose(1, 2)).view(nc, nq, n, -1)
+        dots = float32(dots)  # the normalisation and the softmax in float32 under mixed precision
         norm = self.raw_feature_norm  # each normalisation runs over the queries (axis -2)
         if norm in ("clipped_l2norm", "clipped"):
             dots = F.leaky_relu(dots, 0.1)
@@ -264,6 +265,7 @@ def normalise_paths(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The gate is 1 where an output path's raw probabilities sum below THRESHOLD: that path then
     also receives the RIC output (DynamicInteraction_Layer0 / _Layer with num_out_path = 4).
     """
+    probs = float32(probs)  # an l1 normalisation: in float32 under mixed precision
     gate = (probs.sum(dim=-1) < THRESHOLD).to(probs.dtype)
     return probs / (probs.sum(dim=-1, keepdim=True) + PATH_EPS), gate
 
@@ -335,7 +337,7 @@ class DynamicInteraction(nn.Module):
         total, denominator, probs2 = None, 0, []
         for j, cell in enumerate(layer.cells()):
             inp = mix(w1, gate1, outs1, j)
-            p = cell.router(inp, m)  # (Nc, Nq, 1)
+            p = float32(cell.router(inp, m))  # (Nc, Nq, 1); the renormalisation's terms in float32
             skip = (p < THRESHOLD / NUM_CELLS).to(p.dtype)
             total = accumulate(accumulate(total, p[..., None], cell(inp, m, block)), skip[..., None], inp)
             denominator = denominator + skip + p
@@ -374,7 +376,7 @@ class ScoreHead(nn.Module):
         """refined (Nc, Nq, N, D), mask broadcastable to (Nc, Nq, N) or None, other_global (Nc, D) -> (Nc, Nq)."""
         y = self.normalised(refined, mask)
         pooled = fragment_mean(y, mask) + fragment_max(y, mask)
-        return (F.normalize(pooled, dim=-1) * other_global[:, None]).sum(dim=-1)
+        return (F.normalize(float32(pooled), dim=-1) * other_global[:, None]).sum(dim=-1)
 
 
 def path_loss(paths: torch.Tensor, mapping: nn.Linear, label: torch.Tensor, pairs: int) -> torch.Tensor:
@@ -383,5 +385,5 @@ def path_loss(paths: torch.Tensor, mapping: nn.Linear, label: torch.Tensor, pair
     paths (Nc, Nq, 36); label B (Nq, H): l2norm of each query item's mean BERT state (model.train_emb:
     the caption of each image row for i-t, each caption for t-i); ``pairs`` the block's batch size.
     """
-    p = F.normalize(mapping(paths.mean(dim=0)), dim=-1)
-    return ((p @ p.T - label @ label.T) ** 2).sum() / pairs
+    p = F.normalize(float32(mapping(paths.mean(dim=0))), dim=-1)
+    return ((float32(p @ p.T) - float32(label @ label.T)) ** 2).sum() / pairs  # the loss in float32

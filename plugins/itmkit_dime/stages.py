@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itmkit.errors import ItmkitError
-from itmkit.ops import masked_mean
+from itmkit.ops import float32, masked_mean
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import BlockContext, GlobalPort, Local, LocalPort, PairLocal, PairLocalPort, ScorePort, Tokens
 from itmkit_bert.stages import TINY
@@ -87,7 +87,7 @@ class ImagePool(nn.Module):
         mean = masked_mean(x.feats, x.mask, dim=1)
         if self.bn is not None:
             mean = self.bn(mean)
-        return F.normalize(mean, dim=-1)
+        return F.normalize(float32(mean), dim=-1)  # the norm in float32 under mixed precision
 
 
 @attrs.frozen(kw_only=True)
@@ -137,7 +137,7 @@ class DimeRefiner(nn.Module):
     def refine(self, image: Local, text: Local, image_global: torch.Tensor | None,
                context: BlockContext | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(refined (Nc, Nq, N, D), the query fragments' mask (Nq, N), the other side's global vectors (Nc, D))."""
-        regions = F.normalize(image.feats, dim=-1) if self.normalize_image else image.feats
+        regions = F.normalize(float32(image.feats), dim=-1) if self.normalize_image else image.feats
         words, sentence = self.text_head(text.feats, text.mask)
         if self.direction == "i2t":
             word_mask = text.mask
@@ -158,7 +158,7 @@ class DimeRefiner(nn.Module):
 
     def _path_term(self, paths: torch.Tensor, text: Local) -> torch.Tensor:
         # the label: l2norm of each caption's mean BERT state over all its positions (TextNet, training only)
-        label = F.normalize(masked_mean(text.feats.detach(), text.mask, dim=1), dim=-1)
+        label = F.normalize(float32(masked_mean(text.feats.detach(), text.mask, dim=1)), dim=-1)
         nc, nq = paths.shape[:2]
         if self.direction == "i2t":
             if nq > nc:

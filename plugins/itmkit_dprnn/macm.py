@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from itmkit.attention import masked_softmax
-from itmkit.ops import EPS
+from itmkit.ops import EPS, float32
 
 CLIPS = ("relu", "leaky_relu")  # DP-RNN writes [x]+ = max(x, 0); SCAN's code uses LeakyReLU(0.1)
 
@@ -54,6 +54,8 @@ def word_oriented(dots: torch.Tensor, object_gram: torch.Tensor, word_gram_diag:
     object_mask (..., R), word_mask (..., L) bool; word_weights a^w (..., L), 0 on padding. All
     broadcast to the pair axes. A~ is c+ normalised over the *words* (the queries).
     """
+    # the norms, cosines and softmax in float32 under mixed precision (itmkit.precision)
+    dots, object_gram, word_gram_diag = float32(dots), float32(object_gram), float32(word_gram_diag)
     object_norms = _norms(object_gram)
     word_norms = word_gram_diag.clamp_min(torch.finfo(dots.dtype).tiny).sqrt()
     c = clipped_cosines(dots, object_norms, word_norms, object_mask[..., :, None] & word_mask[..., None, :], clip, eps)
@@ -73,6 +75,8 @@ def object_oriented(dots: torch.Tensor, word_gram: torch.Tensor, object_gram_dia
     dots (..., R, L); word_gram (..., L, L); object_gram_diag (..., R) the objects' squared norms;
     object_weights a~^o (..., R), 0 on padding. A is c+ normalised over the *objects* (the queries).
     """
+    # the norms, cosines and softmax in float32 under mixed precision (itmkit.precision)
+    dots, word_gram, object_gram_diag = float32(dots), float32(word_gram), float32(object_gram_diag)
     word_norms = _norms(word_gram)
     object_norms = object_gram_diag.clamp_min(torch.finfo(dots.dtype).tiny).sqrt()
     c = clipped_cosines(dots, object_norms, word_norms, object_mask[..., :, None] & word_mask[..., None, :], clip, eps)

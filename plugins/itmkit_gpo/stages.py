@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmkit.core_stages import GRUTextEncoder
 from itmkit.data.vocab import Vocabulary
-from itmkit.ops import l2norm, xavier_linear_
+from itmkit.ops import float32, l2norm, xavier_linear_
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, Regions, RegionsPort, Tokens, TokensPort, lengths_to_mask
 from itmkit_bert.stages import BertEncoder, BertTextEncoder, load_bert
@@ -75,7 +75,7 @@ class GPOPool(nn.Module):
         half = out.shape[-1] // 2
         scores = self.linear((out[..., :half] + out[..., half:]) / 2).squeeze(-1)  # (S, N), directions averaged
         scores = scores.masked_fill(~valid, float("-inf"))  # official: -10000 / 0.1, whose exp is exactly 0 too
-        return torch.softmax(scores / self.temperature, dim=1)
+        return torch.softmax(float32(scores) / self.temperature, dim=1)  # float32 under mixed precision
 
     def forward(self, x: Local) -> torch.Tensor:
         lengths = x.mask.sum(dim=1)  # (B,)

@@ -41,7 +41,7 @@ from torch import nn
 from itmkit.attention import RAW_NORMS, pair_layout, pair_query_attention, scan_attention
 from itmkit.core_stages import CosineHead, Pool
 from itmkit.focal import FOCAL_TYPES, focal_reassign
-from itmkit.ops import EPS, l2norm
+from itmkit.ops import EPS, float32, l2norm
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import Aligned, Local, LocalPort, PairSims, PairSimsPort, Port, ScorePort
 from itmkit_scan.stages import LogSumExpPool, SumPool
@@ -120,7 +120,9 @@ class RecurrentAttentionMemory(nn.Module):
             query_half = self._halves(layer)[0]
             out.append(torch.einsum(per_context, weights, context_half) + (memory @ query_half.T + layer.bias))
         candidate, gate = torch.tanh(out[0]), torch.sigmoid(out[1])
-        memory = torch.lerp(candidate, memory, gate)  # gate * memory + (1 - gate) * candidate
+        # gate * memory + (1 - gate) * candidate; the memory is kept in float32 under mixed precision
+        # (lerp also needs its three operands in one dtype: the first memory is the float32 fragments)
+        memory = torch.lerp(float32(candidate), float32(memory), float32(gate))
         return l2norm(memory) if self.renormalize else memory
 
     def _update_in_place(self, memory: torch.Tensor, weights: torch.Tensor, projected: list[torch.Tensor],
@@ -132,11 +134,12 @@ class RecurrentAttentionMemory(nn.Module):
         bias = torch.cat([self.linear.bias, self.gate.bias])
         if memory.shape[:2] == pre.shape[:2] and memory.is_contiguous():  # a pair's own memory
             flat = pre.view(-1, 2 * self.dim)
-            flat.addmm_(memory.reshape(-1, self.dim), query_half.T).add_(bias)
+            # in place, so autocast does not cast: under mixed precision the product takes pre's dtype
+            flat.addmm_(memory.reshape(-1, self.dim).to(flat.dtype), query_half.T.to(flat.dtype)).add_(bias)
         else:  # step 1: the fragments, once per item, broadcast over the pairs
             pre += torch.addmm(bias, memory.reshape(-1, self.dim), query_half.T).view(*memory.shape[:-1], -1)
         candidate, gate = pre[..., :self.dim].tanh_(), pre[..., self.dim:].sigmoid_()
-        memory = torch.lerp(candidate, memory, gate)
+        memory = torch.lerp(float32(candidate), float32(memory), float32(gate))  # as in _update
         return l2norm(memory) if self.renormalize else memory
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itmkit.ops import l2norm, masked_mean
+from itmkit.ops import float32, l2norm, masked_mean
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, ScorePort
 from itmkit_saem.modules import NgramCNN, TransformerLayer
@@ -107,7 +107,8 @@ def _own_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     q, k, v (B, h, L, dh) (q already scaled), mask (B, L). Returns the shift m (B, h, L, 1), the
     sum of exp(logit - m) z (B, h, L, 1) and the sum of exp(logit - m) v (B, h, L, dh).
     """
-    logits = (q @ k.transpose(-1, -2)).masked_fill(~mask[:, None, None, :], float("-inf"))  # (B, h, L, L)
+    # the exponentials and their sums in float32 under mixed precision (itmkit.precision)
+    logits = float32(q @ k.transpose(-1, -2)).masked_fill(~mask[:, None, None, :], float("-inf"))  # (B, h, L, L)
     shift = logits.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: no gradient needed
     e = torch.exp(logits - shift)
     return shift, e.sum(dim=-1, keepdim=True), dropout(e) @ v
@@ -122,6 +123,7 @@ def _join(own: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Te
     (·, h, M, dh) and ``spec`` the einsum of weights x values. Returns (Ni, Nt, h, L, dh).
     """
     own_shift, own_z, own_sum = own
+    logits = float32(logits)  # the exponentials and their sums in float32 under mixed precision
     in_place = not torch.is_grad_enabled()  # scoring: no graph needs the overwritten values
     if not bool(key_mask.all()):
         logits = logits.masked_fill_(~key_mask, float("-inf")) if in_place else logits.masked_fill(~key_mask, float("-inf"))

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmkit.data.vocab import Vocabulary, tokenize
+from itmkit.ops import float32
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, ScorePort, Tokens, TokensPort
 
@@ -290,17 +291,17 @@ class TensorFusion(nn.Module):
         ni, nt = len(x_v), len(x_t)
         w, b = self.linear_classif.weight[0], self.linear_classif.bias[0]
         if self.affine() and self.folded_is_cheaper(ni, nt, x_v.shape[1], x_t.shape[1]):
-            return torch.sigmoid(self.folded_logits(x_v, x_t) + b)
+            return torch.sigmoid(float32(self.folded_logits(x_v, x_t)) + b)  # float32 scores under mixed precision
         hv = self.project(x_v, self.linear_hv, self.dropout_hv, self.act["hv"])  # (Ni, R, D)
         ht = self.project(x_t, self.linear_ht, self.dropout_ht, self.act["ht"])  # (Nt, R, D)
         if self.bilinear():
             # w . sum_r hv_r (.) ht_r = sum_{r,d} (w_d hv_rd) ht_rd: one product of width R * D
             logits = (hv * w).reshape(ni, -1) @ ht.reshape(nt, -1).T
-            return torch.sigmoid(logits + b)
+            return torch.sigmoid(float32(logits) + b)
         # General: z per pair (Ni, Nt, D), the sum over r as one batched product per channel d.
         z = self.act["mm"](torch.einsum("ird,trd->itd", hv, ht))
         z = F.dropout(self.act["classif"](z), self.classif_dropout, self.training)
-        return torch.sigmoid(self.linear_classif(z).squeeze(-1))
+        return torch.sigmoid(float32(self.linear_classif(z).squeeze(-1)))
 
     def folded_is_cheaper(self, ni: int, nt: int, dim_hv: int, dim_ht: int) -> bool:
         """Multiplications of the folded form (M, then [x_v 1] M [x_t 1]^T) against the width-R*D product."""

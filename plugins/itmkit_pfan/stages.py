@@ -19,7 +19,7 @@ from torch import nn
 
 from itmkit.core_stages import CosineHead
 from itmkit.errors import DataError
-from itmkit.ops import EPS, l2norm, xavier_linear_
+from itmkit.ops import EPS, float32, l2norm, xavier_linear_
 from itmkit.stage import BoxLayout, DataNeeds, PortError, Stage, param
 from itmkit.types import Aligned, AlignedPort, Local, LocalPort, PairSims, PairSimsPort, Regions, RegionsPort
 
@@ -98,7 +98,7 @@ class PositionEncoder(nn.Module):
         # <W_att f_i, P[b_ik]>: score every block once, then pick each region's K; this never
         # materialises the (B, R, K, P) gathered embeddings (faster on CPU, forward and backward).
         logits = (query @ table.T).gather(-1, index)  # (B, R, K)
-        beta = torch.softmax(torch.tanh(logits), dim=-1)  # (B, R, K)
+        beta = torch.softmax(torch.tanh(float32(logits)), dim=-1)  # (B, R, K); both softmaxes in float32
         w = torch.softmax(weight * beta, dim=-1)  # re-softmaxed, not l1-normalised (as the official code)
         # p_i = sum_k w_ik P[b_ik]: scatter the K weights onto the table's rows (repeated padding
         # slots add up), then one matmul

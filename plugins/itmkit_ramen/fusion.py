@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itmkit.ops import float32
 from itmkit.types import Aligned, Local
 
 
@@ -80,7 +81,8 @@ def batch_norm_parts(bn: nn.BatchNorm1d, parts: list[torch.Tensor], mask: torch.
     shape. Training: the batch's mean and biased variance over the valid rows, and the running
     statistics updated as BatchNorm1d does (unbiased variance, momentum); evaluation: the running ones.
     """
-    weight_mask = mask.to(parts[0].dtype)
+    # the counts, means and variances in float32 under mixed precision (bf16 counts rows exactly only to 256)
+    weight_mask = float32(mask.to(parts[0].dtype))
     if bn.training:
         rows = weight_mask.sum()
         if float(rows) < 2:
@@ -202,7 +204,7 @@ class Readout(nn.Module):
         for layer in self.hidden:
             a = self.dropout(self.act(layer(a)))
         out = self.out(a).squeeze(-1)
-        return torch.sigmoid(out) if self.kind == "linear_sigmoid" else out
+        return torch.sigmoid(float32(out)) if self.kind == "linear_sigmoid" else out
 
 
 class RamenFusion(nn.Module):

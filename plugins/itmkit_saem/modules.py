@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itmkit.attention import masked_softmax
-from itmkit.ops import l2norm
+from itmkit.ops import float32, l2norm
 
 # Our TransformerLayer names -> the names of the same tensors in a BERT layer of the
 # pytorch-pretrained-BERT code SAEM ships (bert.py, BERTLayer: old-style LayerNorm gamma/beta).
@@ -91,7 +91,7 @@ class TransformerLayer(nn.Module):
         q, k, v = self._split(self.query(feats)), self._split(self.key(feats)), self._split(self.value(feats))
         logits = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)  # (B, H, N, N)
         if mask is None:
-            weights = torch.softmax(logits, dim=-1)
+            weights = torch.softmax(float32(logits), dim=-1)  # float32 under mixed precision, as masked_softmax
         else:
             weights = masked_softmax(logits, mask[:, None, None, :].expand_as(logits))
         context = (self.attn_drop(weights) @ v).transpose(1, 2).reshape(b, n, d)  # (B, N, D)

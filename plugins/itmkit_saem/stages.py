@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itmkit.errors import ItmkitError
+from itmkit.ops import float32
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, LossPort, ParametersPort, Tokens, TokensPort
 from itmkit_bert.stages import TINY, BertDirectory, load_bert
@@ -277,7 +278,7 @@ class AngularLoss(nn.Module):
     def one_way(self, anchors: torch.Tensor, pos: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
         f = (4.0 * self.tan2 * (anchors + pos) @ pos.T
              - 2.0 * (1.0 + self.tan2) * (anchors * pos).sum(dim=1, keepdim=True))  # (B, B): f[i, j]
-        f = f.masked_fill(excluded, float("-inf"))
+        f = float32(f).masked_fill(excluded, float("-inf"))  # the loss (softplus / LogSumExp) in float32
         if self.max_violation:
             worst = f.max(dim=1).values
             return F.softplus(worst[torch.isfinite(worst)]).sum()  # an anchor with no negative adds nothing

@@ -30,7 +30,7 @@ from torch import nn
 
 from itmkit.attention import masked_softmax, scan_attention
 from itmkit.errors import DataError
-from itmkit.ops import EPS, l2norm, masked_mean, xavier_linear_
+from itmkit.ops import EPS, float32, l2norm, masked_mean, xavier_linear_
 from itmkit.stage import DataNeeds, PortError, Stage, param
 from itmkit.types import Aligned, AlignedPort, GlobalPort, Local, LocalPort, PairSims, PairSimsPort, ScorePort
 
@@ -252,8 +252,8 @@ class SimilarityVectors(nn.Module):
     def local_nodes(self, weights: torch.Tensor, context: torch.Tensor, query: torch.Tensor, *,
                     inplace: bool) -> torch.Tensor:
         """s_t = l2norm(W_l (l2norm(a_t) − q_t)²), a_t = Σ_c w_tc c: (ni, nt, Lq, S)."""
-        diff = attend(weights, context)  # a fresh (ni, nt, Lq, D) tensor: safe to overwrite
-        if self.normalize_attended:
+        diff = float32(attend(weights, context))  # a fresh (ni, nt, Lq, D) tensor: safe to overwrite
+        if self.normalize_attended:  # the norm in float32 under mixed precision (itmkit.precision)
             norm = torch.linalg.vector_norm(diff, dim=-1, keepdim=True) + EPS
             diff = diff.div_(norm) if inplace else diff / norm
         diff = diff.sub_(query).square_() if inplace else (diff - query).square()
@@ -343,12 +343,12 @@ class GraphStep(nn.Module):
         wq, bq, wk = self.query_w.weight, self.query_w.bias, self.key_w.weight
         if first_only:
             queries = F.linear(nodes[:, 0], wk.T @ wq, wk.T @ bq).unsqueeze(1)  # (B, 1, S)
-            edges = torch.softmax(torch.baddbmm(key_bias, queries, nodes.transpose(1, 2)), dim=-1)
+            edges = torch.softmax(float32(torch.baddbmm(key_bias, queries, nodes.transpose(1, 2))), dim=-1)
             return F.relu(self.update_w((edges @ nodes).squeeze(1)), inplace=True)
         both = F.linear(nodes, torch.cat([wk.T @ wq, self.update_w.weight]),
                         torch.cat([wk.T @ bq, torch.zeros_like(bq)]))  # (B, M, 2S)
         queries, updates = both[..., :dim], both[..., dim:]
-        edges = torch.softmax(torch.baddbmm(key_bias, queries, nodes.transpose(1, 2)), dim=-1)  # (B, M, M)
+        edges = torch.softmax(float32(torch.baddbmm(key_bias, queries, nodes.transpose(1, 2))), dim=-1)  # (B, M, M)
         return F.relu(torch.baddbmm(self.update_w.bias, edges, updates), inplace=True)
 
 
@@ -371,7 +371,7 @@ class GraphReasoning(nn.Module):
             nodes = step(nodes, key_bias)
         # Only node 0 is read after the last step, so that step updates node 0 alone.
         node0 = self.steps[-1](nodes, key_bias, first_only=True)  # (B, S)
-        return torch.sigmoid(self.readout(node0)).view(ni, nt)
+        return torch.sigmoid(float32(self.readout(node0))).view(ni, nt)  # float32 scores under mixed precision
 
 
 def _vector_sims(x: PairSimsPort) -> ScorePort:
@@ -453,11 +453,12 @@ class AttentionFiltration(nn.Module):
 
     def forward(self, x: PairSims) -> torch.Tensor:
         nodes = torch.where(x.mask.unsqueeze(-1), x.sims, 0.0)  # (Ni, Nt, M, S)
-        logits = self.bn(self.attn_w(nodes).squeeze(-1), x.mask)  # (Ni, Nt, M)
+        # the caption statistics (a mean and a variance) and the gates' l1 norm in float32 under mixed precision
+        logits = self.bn(float32(self.attn_w(nodes).squeeze(-1)), x.mask)  # (Ni, Nt, M)
         gates = torch.sigmoid(logits) * x.mask  # padded nodes gate 0
         gates = gates / (gates.sum(dim=-1, keepdim=True) + EPS)  # the official l1norm (gates are positive)
         pooled = l2norm((gates.unsqueeze(-2) @ nodes).squeeze(-2))  # (Ni, Nt, S)
-        return torch.sigmoid(self.readout(pooled)).squeeze(-1)
+        return torch.sigmoid(float32(self.readout(pooled))).squeeze(-1)
 
 
 @attrs.frozen(kw_only=True)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itmkit.attention import masked_softmax
-from itmkit.ops import EPS, l2norm, masked_mean, xavier_linear_
+from itmkit.ops import EPS, float32, l2norm, masked_mean, xavier_linear_
 from itmkit.types import Local
 
 VARIANTS = ("full", "t2i", "i2t")
@@ -53,7 +53,8 @@ def sides(variant: str) -> tuple[bool, bool]:
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor, eps: float) -> torch.Tensor:
-    """cos from precomputed dots: dots / max(|a| |b|, eps) (SCAN's cosine_similarity floor)."""
+    """cos from precomputed dots: dots / max(|a| |b|, eps) (SCAN's cosine_similarity floor), in float32."""
+    a, b, dots = float32(a), float32(b), float32(dots)
     return dots / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)).clamp(min=eps)
 
 
@@ -118,6 +119,7 @@ def global_alignment(
 
 
 def _cosine_rows(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    a, b = float32(a), float32(b)  # the norms in float32 under mixed precision
     return (a * b).sum(-1) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)).clamp(min=eps)
 
 
@@ -187,7 +189,7 @@ def attend_and_fuse(
         # weight on a zero fragment) would give sqrt an infinite derivative, NaN through 0 x inf; the
         # value is unchanged, as the norm product is floored at eps below anyway
         attended_sq = (torch.einsum(mix, weights, gram) * weights).sum(-1).clamp(min=torch.finfo(gram.dtype).tiny)
-        norms = torch.linalg.vector_norm(q, dim=-1) * attended_sq.sqrt()
+        norms = torch.linalg.vector_norm(float32(q), dim=-1) * float32(attended_sq).sqrt()
         cosines = numerator / norms.clamp(min=eps)
         if fusion is None:
             return cosines, None

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from itmkit.ops import l2norm
+from itmkit.ops import float32, l2norm
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, LossPort, Tokens, TokensPort
 
@@ -238,7 +238,7 @@ class Attention(nn.Module):
         half = encoded.shape[-1]
         pre = region_part + F.linear(hidden, self.linear1.weight[:, half:])[:, None]  # (B, N, H)
         scores = self.linear2(torch.tanh(pre)).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, N)
-        return (scores.softmax(dim=1)[:, None] @ encoded).squeeze(1)  # (B, H)
+        return (float32(scores).softmax(dim=1)[:, None] @ encoded).squeeze(1)  # (B, H)
 
 
 class DecoderRNN(nn.Module):
@@ -317,7 +317,7 @@ class CaptionLoss(nn.Module):
         steps = max(min(int(mask[:, 1:].sum(dim=1).max()), self.max_len - 1), 1)
         regions = image.feats.masked_fill(~image.mask[..., None], 0.0)
         encoded, final = self.encoder(regions, image.mask)
-        logits = self.decoder(encoded, final, image.mask, labels[:, :steps])  # (B, T, V)
+        logits = float32(self.decoder(encoded, final, image.mask, labels[:, :steps]))  # (B, T, V); the loss in float32
         targets, weights = labels[:, 1:steps + 1], mask[:, 1:steps + 1].to(logits.dtype)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(weights)
         return (nll * weights).sum() / labels.shape[0]
