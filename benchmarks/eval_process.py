@@ -15,6 +15,12 @@ the fixes of ``benchmarks/official.py``), timed alone on the same numbers of ima
 those caption lengths (unit vectors as encodings: what it computes does not depend on their values),
 in this process: no start-up, no encoding, no metrics are counted on its side. Best of ``--repeats``
 for each. Writes benchmarks/eval_process_results.json.
+
+Beside them it records a lower bound on any exact float32 implementation on this machine (``floor``):
+a fresh interpreter importing torch, plus the matrix products SCAN t-i cannot avoid (the region
+encoder's fc, the caption bi-GRU, the word-region affinities of every pair) at this machine's GEMM
+rate, plus one in-place pass (exp) over those affinities, which the softmax must make at least once.
+The official loop's seconds over that bound is the largest speed-up any implementation could show here.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ import numpy as np
 import torch
 
 import official as official_code
-from common import record, run_context
+from common import gemm_gflops, record, run_context
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "eval_process_results.json"
 SAMPLE = Path(os.environ.get("ITMKIT_SHARED", HERE.parents[1] / "shared")) / "reference"
 REGIONS, FEATURES, DIM, PER_IMAGE = 36, 2048, 1024, 5
+WORD_DIM = 300  # the recipe's word embedding, the bi-GRU's input
 OPTIONS = dict(raw_feature_norm="clipped_l2norm", lambda_softmax=9.0, agg_func="LogSumExp", lambda_lse=6.0)
 
 
@@ -89,6 +96,34 @@ def time_official(clone: Path, images: int, lengths: list[int]) -> float:
         return time.perf_counter() - start
 
 
+def fp32_floor(images: int, lengths: list[int], repeats: int) -> dict:
+    """A lower bound on the seconds of any exact float32 SCAN t-i evaluation of these sizes, here."""
+    start_up = min(_seconds([sys.executable, "-c", "import torch"]) for _ in range(repeats))
+    words = sum(lengths)
+    flops = {  # 2 FLOPs per multiply-add
+        "region_fc": 2 * images * REGIONS * FEATURES * DIM,
+        "caption_bigru": 2 * words * 2 * 3 * (WORD_DIM + DIM) * DIM,  # 2 directions x 3 gates, input and hidden
+        "affinities": 2 * images * REGIONS * words * DIM,  # <region, word> for every pair of every pair
+    }
+    gemm = gemm_gflops(4096, DIM, 4096)
+    chunk = torch.rand(2**26)  # 256 MB: past the caches, as the affinities are
+    pass_s = min(_timed(lambda: chunk.exp_()) for _ in range(repeats)) * images * REGIONS * words / chunk.numel()
+    products_s = sum(flops.values()) / (gemm * 1e9)
+    return {"import_torch_s": round(start_up, 2), "gemm_gflops": round(gemm),
+            "gflop": {k: round(v / 1e9) for k, v in flops.items()}, "products_s": round(products_s, 2),
+            "one_pass_over_affinities_s": round(pass_s, 2), "seconds": round(start_up + products_s + pass_s, 2)}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _seconds(command: list[str]) -> float:
+    return _timed(lambda: subprocess.run(command, check=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", type=Path, help="a clone of https://github.com/kuanghuei/SCAN")
@@ -104,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, lengths = write_inputs(args.work, args.images)
     ours = min(time_itmkit(checkpoint, args.work / "data") for _ in range(args.repeats))
     theirs = min(time_official(args.official, args.images, lengths) for _ in range(args.repeats))
+    floor = fp32_floor(args.images, lengths, args.repeats)
     result = {
         "images": args.images, "captions": len(lengths),
         "caption_lengths": {"mean": round(float(np.mean(lengths)), 1), "max": max(lengths)},
         "itmkit_eval_process_s": round(ours, 2),
         "official_shard_xattn_t2i_s": round(theirs, 2),
         "speedup": round(theirs / ours, 2),
+        "fp32_floor": floor,
+        "ceiling_speedup": round(theirs / floor["seconds"], 2),
         "official": f"{args.official} (kuanghuei/SCAN evaluation.shard_xattn_t2i; fixes: "
                     + "; ".join(dict.fromkeys(why for _, _, why in official_code.SCAN_MODEL_FIXES
                                               + official_code.SCAN_EVALUATION_FIXES)) + ")",

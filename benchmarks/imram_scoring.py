@@ -3,12 +3,19 @@
 The issue's setting: 1000 images x 5000 captions, 36 regions, d = 1024, caption lengths 8 to 20,
 random unit vectors (what the encoders give), random weights. Ours is the block engine as `itmkit
 eval` runs it (galleries filled in batches of 128, captions shortest first, then ``score_all`` with
-the default CPU block budget). For IMRAM (Full, K = 3, lambda 9) the reference is a faithful loop of
-the official evaluation (itmkit_imram.tests.official: shards of 128 images, one caption at a time
-sliced to its length and repeated over the shard, K steps of attention, cosine and the gated update
-over [query; attended], both directions, the per-step matrices added), in the same process and
-threads; each side is warmed up and timed best of three, and the scores are compared on the
-reference's slice. SHAN and CAAN have no official code: their pairs/s and peak memory are recorded.
+the default CPU block budget). For IMRAM (Full, K = 3, lambda 9) the reference is the official
+evaluation's loop (shards of 128 images and 128 captions, one caption at a time sliced to its length
+and repeated over the shard, K steps of attention, cosine and the gated update over [query;
+attended], both directions, the per-step matrices added), in the same process and threads; each
+side is warmed up and timed best of three, and the scores are compared on the reference's slice.
+SHAN and CAAN have no official code: their pairs/s and peak memory are recorded.
+
+With ``--official PATH`` (a clone of https://github.com/HuiChen24/IMRAM) that loop is the official code
+itself: evaluation.py's ``shard_xattn`` (model_mode full_IMRAM) calling model.py's
+``xattn_score_Text_IMRAM`` / ``xattn_score_Image_IMRAM``, imported from the clone with the in-memory fix
+of ``benchmarks/official.py`` (no ``.cuda()``), its four memory layers given our weights. Without it the
+reference is the re-implementation of itmkit_imram/tests/official.py; the record says which one
+(``reference.code``).
 
 One model per process (peak RSS is the process's). Both galleries hold the full 1000 x 5000
 encodings, so the peak memory includes them; but scoring the whole block with IMRAM K = 3 takes
@@ -17,16 +24,20 @@ default a sub-block of it is scored and the full block's time extrapolated from 
 (``--images 1000 --captions 5000 --repeats 1`` measures it). The load average over the minute
 before the script starts says whether the machine was idle.
 
-    python benchmarks/imram_scoring.py                         # IMRAM, writes imram_results.json
+    python benchmarks/imram_scoring.py --official ~/src/IMRAM  # IMRAM, writes imram_results.json
     python benchmarks/imram_scoring.py --model shan --out benchmarks/shan_results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +49,7 @@ from itmkit.recipe import parse_recipe
 from itmkit.scoring import score_all
 from itmkit.types import Local
 
+import official
 from common import (BATCH, best_of, block_arguments, compare_with_reference, flops_per_pair, galleries, gemm_gflops,
                     peak_mb, write_result)  # benchmarks/common.py
 
@@ -47,6 +59,7 @@ MIN_LEN, MAX_LEN = 8, 20
 REPEATS = 3
 FULL = (1000, 5000)
 STEPS, LAMBDA = 3, 9.0
+SHARD = 128  # the official evaluation's shard (shard_xattn passes 128 whatever it is given)
 
 HEAD = f"""
 [recipe]
@@ -113,11 +126,58 @@ def official_weights(m) -> dict:
             for side, u in units.items() for layer in ("linear", "gate")}
 
 
+Scores = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], np.ndarray]  # (regions, words, lengths) -> (Ni, Nt)
+
+
+def official_scores(clone: str, m) -> Scores:
+    """The official evaluation's Full-IMRAM loop from ``clone``, its model holding our memory units' weights."""
+    evaluation = official.imram_evaluation(Path(clone))
+    # Our stages' settings (the recipe above), as the official options: renormalize = false is
+    # --no_IMRAM_norm, which every official script passes. The encoders are built but never called
+    # (the loop is given encoded fragments), so the vocabulary's size does not matter.
+    opt = types.SimpleNamespace(model_mode="full_IMRAM", iteration_step=STEPS, lambda_softmax=LAMBDA,
+                                raw_feature_norm="clipped_l2norm", no_IMRAM_norm=True, data_name="f30k_precomp",
+                                img_dim=2048, embed_size=DIM, precomp_enc_type="basic", no_imgnorm=False,
+                                vocab_size=1, word_dim=300, num_layers=1, bi_gru=True, no_txtnorm=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its constructor's banner
+        model = evaluation.SCAN(opt)
+    state = {f"{layer}.{name}": value
+             for layer, params in official_weights(m).items() for name, value in params.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("img_enc.", "txt_enc.")) for k in missing), (missing, unexpected)
+    model.eval()  # as its evalrank does; the scores also read self.training
+
+    def scores(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+        images = regions.numpy()
+        # images_fc and caption_ht (its encoders' global vectors) are only cast, never used by the
+        # IMRAM scores: the images' mean and zeros stand in for them.
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # its shard-count line
+            return evaluation.shard_xattn(model, images.mean(1), images, np.zeros((len(words), DIM), np.float32),
+                                          words.numpy(), [int(n) for n in lengths], opt, shard_size=SHARD)
+
+    return scores
+
+
+def reimplemented_scores(m) -> Scores:
+    """The re-implementation of the official loop (itmkit_imram/tests/official.py) with the same weights."""
+    from itmkit_imram.tests import official as reimplemented
+
+    weights = official_weights(m)
+    return lambda regions, words, lengths: reimplemented.shard_scores(regions, words, lengths, mode="full", steps=STEPS,
+                                                                      smooth=LAMBDA, weights=weights, shard=SHARD)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(BRANCHES), default="imram")
     block_arguments(parser, images=100, captions=500, reference_images=64, reference_captions=16, repeats=REPEATS)
+    parser.add_argument("--official", help="a clone of https://github.com/HuiChen24/IMRAM: time its own evaluation loop"
+                                           " (IMRAM only)")
     args = parser.parse_args()
+    if args.official and args.model != "imram":
+        parser.error(f"--official: {args.model} has no official code to time; IMRAM only")
+    if args.model == "imram" and args.official is None:
+        print("no --official clone: IMRAM is timed against the re-implemented reference", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else HERE / f"{args.model}_results.json"
@@ -155,23 +215,23 @@ def main() -> None:
                        "ours_seconds" + ("" if measured_full else "_extrapolated"): round(full_pairs / ours_pps)},
     }
     if args.model == "imram":
-        from itmkit_imram.tests import official
-
         ri, rt = args.reference_images, args.reference_captions
-        weights = official_weights(m)
+        if args.official:
+            score, code = official_scores(args.official, m), ("official: HuiChen24/IMRAM evaluation.shard_xattn"
+                                                              f" (full_IMRAM) from {args.official}")
+        else:
+            score, code = reimplemented_scores(m), "re-implemented reference (itmkit_imram/tests/official.py)"
 
         def reference():
-            return official.shard_scores(regions[:ri], words[:rt], lengths[:rt], mode="full", steps=STEPS,
-                                         smooth=LAMBDA, weights=weights)
+            return score(regions[:ri], words[:rt], lengths[:rt])
 
         with torch.no_grad():
-            official.shard_scores(regions[:4], words[:2], lengths[:2], mode="full", steps=STEPS, smooth=LAMBDA,
-                                  weights=weights)  # warm-up
+            score(regions[:4], words[:2], lengths[:2])  # warm-up
             ref_s, ref = best_of(reference, args.repeats)
             ref_flops = flops_per_pair(reference, ri * rt)
         ref_pps = ri * rt / ref_s
-        result["reference"] = {"block": [ri, rt], "pairs_per_second": round(ref_pps, 1), "seconds": round(ref_s, 2),
-                               "mflop_per_pair": round(ref_flops / 1e6, 1)}
+        result["reference"] = {"code": code, "block": [ri, rt], "pairs_per_second": round(ref_pps, 1),
+                               "seconds": round(ref_s, 2), "mflop_per_pair": round(ref_flops / 1e6, 1)}
         gemm = gemm_gflops(8192, DIM, DIM)  # the memory update's shape, (pair fragments x D) @ (D x D)
         result["gemm_gflops"] = round(gemm)
         result["ours_gflops"] = round(ours_pps * ours_flops / 1e9)

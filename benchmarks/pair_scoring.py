@@ -7,11 +7,17 @@ DIME (``--model dime``, i-t or t-i): the official sizes (36 regions, D = 256, BE
 eval` runs it: galleries of fc(f) regions (and the image vectors for t-i) and of the captions' BERT
 states with their token counts, then ``score_all`` with the default CPU block budget; the text head
 (the n-gram CNN over the BERT states) runs inside the scoring, per block. The reference is the
-official evaluation (itmkit_dime.tests.official: evaluation.calItr, shards of 64 images x 64
-captions through InteractionModule) on inputs the official encoder already produced (l2-normalised
-regions, words and sentence vectors: its encode_data runs before calItr), so its time holds no
-text head. Both sides carry the same weights, run in the same process and threads, are warmed up
-and timed best of three; scores are compared on the reference's block.
+official evaluation (evaluation.calItr: shards of 64 images x 64 captions through InteractionModule)
+on inputs the official encoder already produced (l2-normalised regions, words and sentence vectors:
+its encode_data runs before calItr), so its time holds no text head. With ``--official PATH`` (a
+clone of https://github.com/LgQu/DIME) that is the official code itself: evaluation.py's calItr,
+models/InteractionModule.py and its cells, and TextNet.py's EncoderText for the words and sentence
+vectors, imported from the clone by ``benchmarks/official.py`` (calItr's ``.cuda()`` dropped; BERT,
+the data loader and model.py's DIME stubbed: the states are given). Without it, the transcription
+itmkit_dime.tests.official (the same names and loops) stands in, and the record says which
+("reference": {"source": ...}). Both sides carry our weights (the importer's key maps, inverted),
+run in the same process and threads, are warmed up and timed best of three; scores are compared on
+the reference's block.
 
 DP-RNN (``--model dprnn``, model-W): 36 objects, h = 1024, captions of 8 to 20 words, the object
 bi-GRU over each pair's reordered objects. No official code exists: its pairs/s, FLOPs per pair
@@ -22,8 +28,9 @@ MFLOP per pair), so a sub-block is scored while galleries of the full block's si
 peak memory is that of a full run) and the full block's time is extrapolated from pairs/s. The load
 average over the minute before the script starts says whether the machine was idle.
 
-    python benchmarks/pair_scoring.py --model dime                 # writes dime_results.json
-    python benchmarks/pair_scoring.py --model dime --direction t2i --out benchmarks/dime_t2i_results.json
+    python benchmarks/pair_scoring.py --model dime --official ~/src/DIME    # writes dime_results.json
+    python benchmarks/pair_scoring.py --model dime --direction t2i --official ~/src/DIME \
+        --out benchmarks/dime_t2i_results.json
     python benchmarks/pair_scoring.py --model dprnn                # writes dprnn_results.json
 """
 
@@ -33,6 +40,7 @@ import argparse
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -165,22 +173,71 @@ def held_galleries(model: str, inputs) -> tuple[Gallery, Gallery]:
     return images, texts
 
 
-def official_dime(m, direction: str):
-    """The official InteractionModule and text head holding our weights (the importer's key maps, inverted)."""
-    from itmkit_dime.importer import interaction_keys, text_keys
-    from itmkit_dime.tests import official
+def dime_reference(m, direction: str, regions, image, fragments, lengths,
+                   clone: Path | None) -> tuple[Callable[[int, int], np.ndarray], str]:
+    """(the reference's scores of the first ni images x nt captions, which reference it is), holding our weights.
 
-    stage = m.branches[0].stages[0]
+    Its inputs are what the official encode_data stores before calItr: l2-normalised regions, the image vectors,
+    and the text head's words and sentence vectors of the BERT states (computed here, once, untimed).
+    With ``clone`` the official code itself: models/InteractionModule.py and TextNet.py's EncoderText (BERT
+    stubbed: it is handed the states) called by evaluation.calItr; else the transcription in
+    itmkit_dime.tests.official (the same names and loops). Both take the importer's key maps, inverted.
+    """
+    from itmkit_dime.importer import interaction_keys, text_keys
+
     spec = m.recipe.match[0].similarity.spec
-    itr = official.OfficialInteraction(DIME_DIM, direction, hid_router=spec.hid_router, hid_imrc=spec.hid_imrc,
-                                       heads=spec.heads, raw_feature_norm=spec.raw_feature_norm,
-                                       lambda_softmax=spec.lambda_softmax, path_hid=spec.path_hid).eval()
-    head = official.OfficialTextHead(BERT, DIME_DIM).eval()
-    ours = stage.state_dict()
-    head.load_state_dict({theirs: ours[mine] for theirs, (mine, _) in text_keys(DIME_DIM, BERT).items()})
-    keys = interaction_keys(DIME_DIM, spec.path_hid, spec.hid_router, spec.hid_imrc)
-    itr.load_state_dict({theirs: ours[mine] for theirs, (mine, _) in keys.items()})
-    return official, itr, head
+    ours = m.branches[0].stages[0].state_dict()
+    itr_state = {theirs: ours[mine] for theirs, (mine, _) in
+                 interaction_keys(DIME_DIM, spec.path_hid, spec.hid_router, spec.hid_imrc).items()}
+    head_state = {theirs: ours[mine] for theirs, (mine, _) in text_keys(DIME_DIM, BERT).items()}
+    rgn = F.normalize(regions, dim=-1)
+    if clone is None:
+        from itmkit_dime.tests import official
+
+        itr = official.OfficialInteraction(DIME_DIM, direction, hid_router=spec.hid_router, hid_imrc=spec.hid_imrc,
+                                           heads=spec.heads, raw_feature_norm=spec.raw_feature_norm,
+                                           lambda_softmax=spec.lambda_softmax, path_hid=spec.path_hid).eval()
+        head = official.OfficialTextHead(BERT, DIME_DIM).eval()
+        itr.load_state_dict(itr_state)
+        head.load_state_dict(head_state)
+        with torch.no_grad():
+            (stc, _), wrd = head(fragments)
+        return (lambda ni, nt: official.cal_itr(itr, rgn[:ni], image[:ni], wrd[:nt], stc[:nt], lengths[:nt],
+                                                shard_size=SHARD),
+                "re-implemented reference (itmkit_dime.tests.official: a transcription of evaluation.calItr)")
+
+    import contextlib
+    import io
+    import types
+
+    import official as official_code  # benchmarks/official.py
+
+    # train.py's option names; the BERT config and checkpoint are read by the stubbed BERT only
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    opt = types.SimpleNamespace(
+        embed_size=DIME_DIM, direction=direction, hid_router=spec.hid_router, hid_IMRC=spec.hid_imrc,
+        num_head_IMRC=spec.heads, raw_feature_norm_CMRC=spec.raw_feature_norm,
+        lambda_softmax_CMRC=spec.lambda_softmax, init_checkpoint=empty,
+        bert_config_file=types.SimpleNamespace(hidden_size=BERT, hidden_dropout_prob=0.1))
+    itr = official_code.dime_interaction(clone).InteractionModule(opt, path_hid=spec.path_hid).eval()
+    head = official_code.dime_text_net(clone).EncoderText(opt).eval()
+    itr.load_state_dict(itr_state)
+    head.load_state_dict(head_state)  # EncoderText's own load_state_dict: keys it lacks keep their values
+    with torch.no_grad():
+        stc, wrd = head(fragments, None, None, lengths)  # eval mode: (sentence vectors, words)
+    embs = [x.numpy() for x in (rgn, image, wrd, stc)]  # encode_data's float32 arrays
+    lens = lengths.numpy()
+    cal_itr = official_code.dime_evaluation(clone).calItr
+    holder = types.SimpleNamespace(itr_module=itr)  # calItr reads model.itr_module only
+
+    def scores(ni: int, nt: int) -> np.ndarray:
+        rgn_, img_, wrd_, stc_ = embs
+        with contextlib.redirect_stdout(io.StringIO()):  # its elapsed-time line
+            return cal_itr(holder, (rgn_[:ni], img_[:ni], wrd_[:nt], stc_[:nt]), lens[:nt], None, shard_size=SHARD)
+
+    return scores, f"official: LgQu/DIME evaluation.calItr (models/InteractionModule.py) from {clone}"
 
 
 def main() -> None:
@@ -188,7 +245,13 @@ def main() -> None:
     parser.add_argument("--model", choices=("dime", "dprnn"), default="dime")
     parser.add_argument("--direction", choices=("i2t", "t2i"), default="i2t", help="DIME's direction")
     block_arguments(parser, images=64, captions=128, reference_images=SHARD, reference_captions=SHARD, repeats=REPEATS)
+    parser.add_argument("--official", type=Path, help="a clone of https://github.com/LgQu/DIME: time its own"
+                                                       " evaluation.calItr (--model dime)")
     args = parser.parse_args()
+    if args.official is not None and args.model != "dime":
+        parser.error("--official is for --model dime: DP-RNN has no official code")
+    if args.model == "dime" and args.official is None:
+        print("no --official clone: DIME is timed against the re-implemented reference", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else HERE / f"{args.model}_results.json"
@@ -237,23 +300,18 @@ def main() -> None:
     result["ours_gflops"] = round(ours_pps * ours_flops / 1e9)
     result["ceiling_pairs_per_second"] = round(gemm * 1e9 / ours_flops)
     if dime:
-        official, itr, head = official_dime(m, args.direction)
         ri, rt = args.reference_images, args.reference_captions
-        with torch.no_grad():  # what the official encode_data stores before calItr
-            (stc, _), wrd = head(fragments[:rt])
-            rgn, img = F.normalize(regions[:ri], dim=-1), image[:ri]
-
-            def reference():
-                return official.cal_itr(itr, rgn, img, wrd, stc, lengths[:rt], shard_size=SHARD)
-
-            official.cal_itr(itr, rgn[:2], img[:2], wrd[:2], stc[:2], lengths[:2])  # warm-up
-            ref_s, ref = best_of(reference, args.repeats)
+        reference, source = dime_reference(m, args.direction, regions[:ri], image[:ri], fragments[:rt], lengths[:rt],
+                                           args.official)
+        with torch.no_grad():
+            reference(2, 2)  # warm-up
+            ref_s, ref = best_of(lambda: reference(ri, rt), args.repeats)
             rci, rct = min(ri, 8), min(rt, 16)
-            ref_flops = flops_per_pair(lambda: official.cal_itr(itr, rgn[:rci], img[:rci], wrd[:rct], stc[:rct],
-                                                                lengths[:rct]), rci * rct)
+            ref_flops = flops_per_pair(lambda: reference(rci, rct), rci * rct)
         ref_pps = ri * rt / ref_s
-        result["reference"] = {"block": [ri, rt], "shard": SHARD, "pairs_per_second": round(ref_pps, 1),
-                               "seconds": round(ref_s, 2), "mflop_per_pair": round(ref_flops / 1e6, 1)}
+        result["reference"] = {"source": source, "block": [ri, rt], "shard": SHARD,
+                               "pairs_per_second": round(ref_pps, 1), "seconds": round(ref_s, 2),
+                               "mflop_per_pair": round(ref_flops / 1e6, 1)}
         n_i, n_t = min(ri, args.images), min(rt, args.captions)
         compare_with_reference(result, ours_pps=ours_pps, ours_flops=ours_flops, ref_pps=ref_pps, ref_flops=ref_flops,
                                gemm=gemm, difference=float(np.abs(sims[:n_i, :n_t] - ref[:n_i, :n_t]).max()))

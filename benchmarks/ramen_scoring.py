@@ -10,15 +10,22 @@ engine cuts blocks by ``pair_bytes``): BatchNorm + the first layer split into an
 caption term, likewise the late fusion in front of the GRU's input projection (fusion.py).
 
 Reference: the VQA code's computation, one pair per row, batched per caption: for every caption, the
-Ni images with its q repeated over their regions through a transcription of MultiModalCore + RNN and
-the classifier (plugins/itmkit_ramen/tests/official.py), in eval mode. Both carry the same weights, run
-in the same process and threads, are warmed up and timed best of ``--repeats``; scores are compared on
-the reference's block. The 1000 x 5000 test block would take hours to days on a CPU (about a GFLOP per
-pair), so a sub-block is scored while galleries of the full block's size are held (the peak memory is
-that of a full run) and the full block's time is extrapolated. The load average over the minute before
-the script starts says whether the machine was idle.
+Ni images with its q repeated over their regions through MultiModalCore + RNN and the classifier, in
+eval mode. With ``--official PATH`` (a clone of https://github.com/erobic/ramen) that is the official
+code itself: models/ramen.py's Ramen (components/multi_modal_core.py, models/rnn.py,
+components/nonlinearity.py) built with run_network.py's defaults and one output, called by its own
+forward, imported from the clone by ``benchmarks/official.py`` unchanged; only its question encoder
+(GloVe embeddings and a GRU, components/language_model.py) is stubbed by identities, q being given.
+Without it, the transcription plugins/itmkit_ramen/tests/official.py stands in; the record's
+"reference": {"source": ...} says which. Both carry our weights, run in the same process and threads,
+are warmed up and timed best of ``--repeats``; scores are compared on the reference's block.
 
-    python benchmarks/ramen_scoring.py                  # writes benchmarks/ramen_results.json
+The 1000 x 5000 test block would take hours to days on a CPU (about a GFLOP per pair), so a sub-block
+is scored while galleries of the full block's size are held (the peak memory is that of a full run)
+and the full block's time is extrapolated. The load average over the minute before the script starts
+says whether the machine was idle.
+
+    python benchmarks/ramen_scoring.py --threads 1 --official ~/src/ramen   # writes benchmarks/ramen_results.json
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import argparse
 import os
 import platform
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,22 +110,53 @@ def held_galleries() -> tuple[Gallery, Gallery]:
     return images, texts
 
 
-def official_block(m):
-    """The transcribed MultiModalCore and classifier holding the model's weights."""
+def reference_block(m, clone: Path | None) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
+    """(the reference's scores of regions (B, 36, 2048) each paired with its row of q (B, 1024), which reference
+    it is), holding the model's weights (the transcription's ``load_from`` maps them), eval mode.
+
+    With ``clone`` the official models/ramen.py's Ramen (MultiModalCore, then the classifier with one output),
+    built with run_network.py's defaults and called by its forward; the question encoder stubbed (q is given).
+    Without it, the transcription in itmkit_ramen.tests.official.
+    """
     sys.path.insert(0, str(HERE.parent / "plugins"))
     from itmkit_ramen.tests import official
 
     fusion = m.branches[0].stages[0]
-    core = official.MultiModalCore(official.config()).eval()
-    clf = official.Classifier(2 * 1024, [2048], "swish", 0.5, 0.0).eval()
-    official.load_from(core, clf, fusion)
-    return core, clf
+    if clone is None:
+        core = official.MultiModalCore(official.config()).eval()
+        clf = official.Classifier(2 * 1024, [2048], "swish", 0.5, 0.0).eval()
+        official.load_from(core, clf, fusion)
+        return (lambda v, q: clf(core(v, q)),
+                "re-implemented reference (itmkit_ramen.tests.official: a transcription of MultiModalCore and the"
+                " classifier)")
+
+    import official as official_code  # benchmarks/official.py
+
+    # run_network.py's defaults (nonlinearities by class name there), one answer: the matching score
+    config = official.config(mmc_nonlinearity="Swish", classifier_sizes=[2048], classifier_nonlinearity="Swish",
+                             classifier_dropout=0.5, pre_classification_dropout=0, num_ans_candidates=1,
+                             w_emb_size=1, glove_file=None, question_rnn_type="GRU",
+                             question_dropout_before_rnn=None, question_dropout_after_rnn=None)
+    ramen = official_code.ramen_model(clone).Ramen(config).eval()
+    # Ramen's classifier: pre_classification_layers (Linear, Swish, Dropout per size), then classifier
+    official.load_from(ramen.mmc_net, types.SimpleNamespace(layers=ramen.pre_classification_layers,
+                                                            classifier=ramen.classifier), fusion)
+
+    def score(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        boxes = v.new_zeros(v.shape[0], v.shape[1], 6)  # the loader's box features: sliced by forward, never used
+        return ramen(v, boxes, q)["logits"][:, 0]
+
+    return score, f"official: erobic/ramen models/ramen.py Ramen (components/multi_modal_core.py) from {clone}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     block_arguments(parser, images=32, captions=32, reference_images=32, reference_captions=32, repeats=1)
+    parser.add_argument("--official", type=Path, help="a clone of https://github.com/erobic/ramen: time its own"
+                                                       " Ramen model (MultiModalCore and classifier)")
     args = parser.parse_args()
+    if args.official is None:
+        print("no --official clone: timed against the re-implemented reference", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else HERE / "ramen_results.json"
@@ -159,18 +199,18 @@ def main() -> None:
     result["gemm_gflops"] = round(gemm)
     result["ours_gflops"] = round(ours_pps * ours_flops / 1e9)
 
-    core, clf = official_block(m)
+    block, source = reference_block(m, args.official)
     ri, rt = args.reference_images, args.reference_captions
     with torch.no_grad():
         def reference(n_i: int = ri, n_t: int = rt) -> np.ndarray:
-            cols = [clf(core(regions[:n_i], q[t:t + 1].expand(n_i, Q))) for t in range(n_t)]
+            cols = [block(regions[:n_i], q[t:t + 1].expand(n_i, Q)) for t in range(n_t)]
             return torch.stack(cols, dim=1).numpy()
 
         reference(2, 2)  # warm-up
         ref_s, ref = best_of(reference, args.repeats)
         ref_flops = flops_per_pair(lambda: reference(4, 8), 32)
     ref_pps = ri * rt / ref_s
-    result["reference"] = {"block": [ri, rt], "per": "caption (its Ni images in one batch)",
+    result["reference"] = {"source": source, "block": [ri, rt], "per": "caption (its Ni images in one batch)",
                            "pairs_per_second": round(ref_pps, 2), "seconds": round(ref_s, 2),
                            "mflop_per_pair": round(ref_flops / 1e6, 1)}
     n_i, n_t = min(ri, args.images), min(rt, args.captions)
