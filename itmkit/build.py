@@ -218,6 +218,14 @@ class Encoded:
         return Encoded(None if self.local is None else self.local.select(rows),
                        None if self.global_ is None else self.global_[rows])
 
+    def split(self, size: int) -> list[Encoded]:
+        """Consecutive groups of ``size`` items (``Local.split``: one autograd node per tensor)."""
+        locals_ = self.local.split(size) if self.local is not None else None
+        globals_ = self.global_.split(size) if self.global_ is not None else None
+        groups = len(locals_ if locals_ is not None else globals_)
+        return [Encoded(None if locals_ is None else locals_[i], None if globals_ is None else globals_[i])
+                for i in range(groups)]
+
     def to(self, device: torch.device | str) -> Encoded:
         local = None
         if self.local is not None:
@@ -359,8 +367,7 @@ class ITMModel(nn.Module):
         columns = max(1, budget // max(pair * n_images, 1))
         if columns >= n_captions:
             return self.score(image, text, contexts)
-        return torch.cat([self.score(image, text.select(slice(c, c + columns)))
-                          for c in range(0, n_captions, columns)], dim=1)
+        return torch.cat([self.score(image, part) for part in text.split(columns)], dim=1)
 
     def forward(self, images: Regions, texts: Tokens, image_ids: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Training step on a batch of B captions with their images: (loss, B x B scores).

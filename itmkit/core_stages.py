@@ -141,8 +141,8 @@ class GRUTextEncoder(nn.Module):
         out, _ = self.rnn(packed)
         feats, _ = pad_packed_sequence(out, batch_first=True, total_length=x.ids.shape[1])
         if self.bidirectional:
-            half = feats.shape[-1] // 2
-            feats = (feats[..., :half] + feats[..., half:]) / 2
+            forward, backward = feats.chunk(2, dim=-1)  # one autograd node: slicing each half
+            feats = (forward + backward) / 2  # would back-propagate two zero-filled copies of both
         if self.normalize:
             feats = l2norm(feats)
         if self.absolute:  # VSE++ --use_abs: after the norm

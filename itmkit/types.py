@@ -157,6 +157,22 @@ class Local:
         extras = {k: v[rows] if torch.is_tensor(v) else v for k, v in self.extras.items()}
         return Local(self.feats[rows][:, :width], mask[:, :width], extras)
 
+    def split(self, size: int) -> list[Local]:
+        """Consecutive groups of ``size`` items, each cut to the longest of its items (as ``select``).
+
+        One ``torch.split`` per tensor: under autograd the groups' gradients then meet in one node
+        that writes each once, where ``select`` per group would back-propagate a zero-filled tensor of
+        the whole side for every group.
+        """
+        groups = zip(self.feats.split(size), self.mask.split(size))
+        extras = {k: v.split(size) for k, v in self.extras.items() if torch.is_tensor(v)}
+        out = []
+        for i, (feats, mask) in enumerate(groups):
+            width = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else 1
+            kept = {k: extras[k][i] if k in extras else v for k, v in self.extras.items()}
+            out.append(Local(feats[:, :width], mask[:, :width], kept))
+        return out
+
 
 @attrs.frozen
 class Aligned:

@@ -195,13 +195,14 @@ def attend(weights: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """weights (ni, nt, Lq, Lc) @ context (ni|1, nt|1, Lc, D) -> (ni, nt, Lq, D).
 
     One batched product per context item: a broadcasting matmul would first copy the context
-    to every pair, (ni, nt, Lc, D).
+    to every pair, (ni, nt, Lc, D). The size-1 axis goes by ``squeeze``, whose backward is a view:
+    indexing it away would back-propagate a zero-filled copy of the whole side for every block.
     """
     ni, nt = weights.shape[:2]
     if context.shape[:2] == (ni, 1):  # images are the context (t-i)
-        return torch.einsum("itqc,icd->itqd", weights, context[:, 0])
+        return torch.einsum("itqc,icd->itqd", weights, context.squeeze(1))
     if context.shape[:2] == (1, nt):  # captions are the context (i-t)
-        return torch.einsum("itqc,tcd->itqd", weights, context[0])
+        return torch.einsum("itqc,tcd->itqd", weights, context.squeeze(0))
     return weights @ context
 
 
