@@ -20,6 +20,7 @@ gradient to 1e-5).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +89,10 @@ def process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
     try:
         yield current(), device
     finally:
+        # A DistributedDataParallel model that outlives the group deadlocks its process on exit: its
+        # reducer, freed with the GIL held, destroys the gloo group, which joins a worker thread that
+        # waits for the GIL to free its last work. Models no longer referenced (cycles included) go first.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -35,22 +35,27 @@ def fixed_batch() -> tuple[Regions, Tokens, torch.Tensor]:
     return Regions(features, torch.full((BATCH,), REGIONS)), Tokens(tokens, lengths), image_ids
 
 
+def step(ranks: distributed.Ranks, recipe_path: str, out: str) -> None:
+    """The step and its record; its DDP model dies with this frame, inside the process group (as in train)."""
+    recipe = load_recipe(recipe_path, SMALL)
+    model = build_model(recipe, DataPorts(FEATURES, VOCAB, REGIONS), seed=0)
+    model.train()
+    regions, tokens, image_ids = fixed_batch()
+    share = BATCH // ranks.world
+    mine = slice(ranks.rank * share, (ranks.rank + 1) * share)
+    stepper = _training_stepper(model, ranks, torch.device("cpu"))
+    loss, scores, _ = stepper(Regions(regions.feats[mine], regions.lengths[mine]),
+                              Tokens(tokens.ids[mine], tokens.lengths[mine]), image_ids[mine], epoch=1)
+    loss.backward()
+    tensors = {"loss": loss.detach()[None], "scores": scores.detach().contiguous()}
+    tensors.update({f"grad.{name}": p.grad.contiguous() for name, p in model.named_parameters() if p.grad is not None})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(Path(out) / f"rank{ranks.rank}.safetensors"))
+
+
 def main(recipe_path: str, out: str) -> None:
     with distributed.process_group(torch.device("cpu")) as (ranks, _):
-        recipe = load_recipe(recipe_path, SMALL)
-        model = build_model(recipe, DataPorts(FEATURES, VOCAB, REGIONS), seed=0)
-        model.train()
-        regions, tokens, image_ids = fixed_batch()
-        share = BATCH // ranks.world
-        mine = slice(ranks.rank * share, (ranks.rank + 1) * share)
-        stepper = _training_stepper(model, ranks, torch.device("cpu"))
-        loss, scores, _ = stepper(Regions(regions.feats[mine], regions.lengths[mine]),
-                                  Tokens(tokens.ids[mine], tokens.lengths[mine]), image_ids[mine], epoch=1)
-        loss.backward()
-        tensors = {"loss": loss.detach()[None], "scores": scores.detach().contiguous()}
-        tensors.update({f"grad.{name}": p.grad.contiguous() for name, p in model.named_parameters() if p.grad is not None})
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(Path(out) / f"rank{ranks.rank}.safetensors"))
+        step(ranks, recipe_path, out)
 
 
 if __name__ == "__main__":
