@@ -152,10 +152,8 @@ class Local:
 
     def select(self, rows: slice | torch.Tensor) -> Local:
         """The items ``rows``, cut to the longest of them (padding beyond it is dropped)."""
-        mask = self.mask[rows]
-        width = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else 1
         extras = {k: v[rows] if torch.is_tensor(v) else v for k, v in self.extras.items()}
-        return Local(self.feats[rows][:, :width], mask[:, :width], extras)
+        return _cut_to_longest(self.feats[rows], self.mask[rows], extras)
 
     def split(self, size: int) -> list[Local]:
         """Consecutive groups of ``size`` items, each cut to the longest of its items (as ``select``).
@@ -166,12 +164,14 @@ class Local:
         """
         groups = zip(self.feats.split(size), self.mask.split(size))
         extras = {k: v.split(size) for k, v in self.extras.items() if torch.is_tensor(v)}
-        out = []
-        for i, (feats, mask) in enumerate(groups):
-            width = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else 1
-            kept = {k: extras[k][i] if k in extras else v for k, v in self.extras.items()}
-            out.append(Local(feats[:, :width], mask[:, :width], kept))
-        return out
+        return [_cut_to_longest(feats, mask, {k: extras[k][i] if k in extras else v for k, v in self.extras.items()})
+                for i, (feats, mask) in enumerate(groups)]
+
+
+def _cut_to_longest(feats: torch.Tensor, mask: torch.Tensor, extras: dict) -> Local:
+    """Items' fragments with the padding beyond the longest of them dropped (at least one column kept)."""
+    width = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else 1
+    return Local(feats[:, :width], mask[:, :width], extras)
 
 
 @attrs.frozen
