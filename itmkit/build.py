@@ -15,13 +15,14 @@ import attrs
 import torch
 from torch import nn
 
-from itmkit import distributed
+from itmkit import distributed, explain
 from itmkit.errors import ItmkitError
 from itmkit.ops import float32
 from itmkit.recipe import Recipe, RecipeError, Slot
 from itmkit.stage import PortError, stage_inputs, wired_pair_bytes
 from itmkit.structure import Problem
 from itmkit.types import (
+    Aligned,
     GlobalPort,
     Local,
     LocalPort,
@@ -265,11 +266,14 @@ class Tower(nn.Module):
 class Branch(nn.Module):
     """One [[match]] branch: its stages in order, each fed from the towers or the previous stage."""
 
-    def __init__(self, stages: list[nn.Module], sources: list[dict[str, str]], weight: float):
+    def __init__(self, stages: list[nn.Module], sources: list[dict[str, str]], weight: float,
+                 labels: list[str] | None = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.sources = sources
         self.weight = weight
+        # Each stage's slot and name ("match[0].cross (scan.t2i)"): how itmkit.explain labels its attention.
+        self.labels = labels or [type(stage).__name__ for stage in stages]
         # Which stages take the training step's BlockContext (a keyword ``context`` in their forward).
         self.takes_context = [_takes_context(stage) for stage in stages]
 
@@ -278,11 +282,16 @@ class Branch(nn.Module):
         values: dict[str, Any] = {"[image] fragments": image.local, "[image] pool": image.global_,
                                   "[text] fragments": text.local, "[text] pool": text.global_}
         out: Any = None
-        for stage, sources, takes in zip(self.stages, self.sources, self.takes_context):
+        recording = explain.active()
+        for stage, sources, takes, label in zip(self.stages, self.sources, self.takes_context, self.labels):
             kwargs = {name: (out if name == "x" else values[src]) for name, src in sources.items()}
             if takes and context is not None:
                 kwargs["context"] = context
+            if recording is not None:
+                recording.stage = label
             out = stage(**kwargs)
+            if recording is not None and isinstance(out, Aligned):  # the weights its similarity reads
+                explain.note_attention(out.weights, out.query_side)
         return out
 
 
@@ -322,7 +331,8 @@ class ITMModel(nn.Module):
         self.image = tower(wiring.image, wiring.image_global)
         self.text = tower(wiring.text, wiring.text_global)
         self.branches = nn.ModuleList(
-            Branch([module(w) for w in wires], [w.sources for w in wires], m.weight)
+            Branch([module(w) for w in wires], [w.sources for w in wires], m.weight,
+                   [f"{w.slot.path} ({w.slot.spec.name})" for w in wires])
             for wires, m in zip(wiring.branches, recipe.match)
         )
         self.loss = module(wiring.loss)

@@ -93,7 +93,7 @@ def check_index_target(out: Path, force: bool) -> None:
         raise IndexFolderError(f"-o {out} is an index already; give --force to replace it, or another folder")
 
 
-def _image_ids(data_dir: Path, split: Split, log: Callable[[str], None] | None) -> list[str]:
+def split_image_ids(data_dir: Path, split: Split, log: Callable[[str], None] | None) -> list[str]:
     """The split's image ids from ``{split}_ids.txt`` (one per image, or one per caption), else row numbers."""
     path = data_dir / f"{split.name}_ids.txt"
     if data_dir.is_dir() and path.is_file():
@@ -190,7 +190,7 @@ def build_index(model: Checkpoint, first: Checkpoint, data_dir: Path, split: Spl
                         counts[side] = _build_side(model, first, side, split, tmp, index_spec=index_spec,
                                                    train_size=train_size, shard_size=shard_size,
                                                    batch_size=batch_size, device=device, update=update)
-            (tmp / "image_ids.txt").write_text("\n".join(_image_ids(data_dir, split, log)) + "\n", encoding="utf-8")
+            (tmp / "image_ids.txt").write_text("\n".join(split_image_ids(data_dir, split, log)) + "\n", encoding="utf-8")
             if "text" in sides:
                 (tmp / "captions.txt").write_text("\n".join(c.replace("\n", " ") for c in split.captions) + "\n",
                                                   encoding="utf-8")

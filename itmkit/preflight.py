@@ -276,7 +276,7 @@ def check_model_fits(model: Any, splits: dict[str, Split], what: str) -> None:
         raise PreflightError(", ".join(dict.fromkeys(s.source for s in splits.values())), problems, "training")
 
 
-def check_eval_data(data_dir: Path, split: str, protocol: str, models: list[tuple[str, Any]]) -> Split:
+def check_eval_data(data_dir: Path, split: str, protocol: str | None, models: list[tuple[str, Any]]) -> Split:
     """The split ``itmkit eval`` scores, opened and checked against the protocol and every model."""
     use = DataUse(splits={"test": (split,)}, keys={"test": "--split, else the recipe's data.test_split"},
                   protocol=protocol, needs=tuple(n for label, model in models for n in model_needs(model.recipe, label)))

@@ -92,6 +92,10 @@ class Vocabulary:
         ids = [self.word2idx.get(token, unk) for token in tokenize(caption)]
         return [self.START_ID, *ids, self.END_ID]
 
+    def token(self, i: int) -> str:
+        """The text of token id ``i`` (specials as written, e.g. '<start>')."""
+        return self.idx2word[int(i)]
+
     def decode(self, ids: Iterable[int]) -> str:
         """The words of `ids` joined by spaces, leaving out <pad>, <start> and <end>."""
         skip = (self.PAD_ID, self.START_ID, self.END_ID)

@@ -154,6 +154,10 @@ class WordPieceVocabulary:
         ids = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(caption))
         return [self.cls_id, *ids[: self.max_length - 2], self.sep_id]
 
+    def token(self, i: int) -> str:
+        """The text of token id ``i`` ('[CLS]', 'red', '##dish')."""
+        return self.tokens[int(i)]
+
     def decode(self, ids: Iterable[int]) -> str:
         skip = {self.cls_id, self.sep_id, self.pad_id}
         return self.tokenizer.convert_tokens_to_string([self.tokens[int(i)] for i in ids if int(i) not in skip])

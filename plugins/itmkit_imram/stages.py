@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from itmkit.attention import RAW_NORMS, pair_layout, pair_query_attention, scan_attention
+from itmkit.explain import note_attention
 from itmkit.core_stages import CosineHead, Pool
 from itmkit.focal import FOCAL_TYPES, focal_reassign
 from itmkit.ops import EPS, float32, l2norm
@@ -98,6 +99,7 @@ class RecurrentAttentionMemory(nn.Module):
                 weights = pair_query_attention(memory, query_mask, context, query_side=self.query_side,
                                                lambda_softmax=self.lambda_softmax, raw_norm=self.raw_norm)
                 weights = self._refine(weights, focal_mask)
+            note_attention(weights, self.query_side, f"step {k + 1}")
             aligned = Aligned(fragments, weights, context_feats, query_mask, self.query_side, first.dots,
                               first.context_mask)
             step_sims.append(self.cosine.aligned_cosine(aligned))

@@ -77,6 +77,9 @@ class MTFNVocabulary:
     def decode(self, ids: Iterable[int]) -> str:
         return self.words.decode(ids)
 
+    def token(self, i: int) -> str:
+        return self.words.token(i)
+
     def __len__(self) -> int:
         return len(self.words)
 
