@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test docs
+.PHONY: setup demo test docs browser
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/itmkit train recipes/vsepp.toml
 
-test: setup
+test: setup browser
 	$(VENV)/bin/pytest -q
+
+# tests/test_serve.py drives the web page in a real headless Chromium: Debian's, installed here when missing
+# (the test skips, loudly, only where it cannot be installed).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "WARNING: Chromium could not be installed: the web page's browser test will be skipped"
 
 docs: setup
 	$(PY) docs/generate.py
