@@ -18,6 +18,7 @@ Two ways to rank, the same answers:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -291,6 +292,8 @@ def serve(
             ranker = FullScoring(model.model, model.vocab, the_split, dev, lambda done, total: update(done, None))
     retrieval = Retrieval(model, the_split, folder, image_ids, dev, ranker)
     app = create_app(retrieval, title=f"itmkit: {recipe.info.name} on {folder.name}/{the_split.name}")
+    # waitress warns whenever requests wait for a thread: a page's ten overlays do, one model call at a time
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     server = waitress.create_server(app, host=host, port=port, threads=4)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: --host {host}: the page is open to every machine that can reach this one")
