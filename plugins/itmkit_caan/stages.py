@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from itmkit.attention import masked_softmax
+from itmkit.explain import note_attention
 from itmkit.ops import EPS, float32, l2norm
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import Local, LocalPort, Port, ScorePort
@@ -143,6 +144,9 @@ class ContextAwareAttention(nn.Module):
         v, u = _zero_padding(image), _zero_padding(text)
         ni, nt = v.shape[0], u.shape[0]
         h_uv, h_vu = self.inter_modal(v, u) if self.k is not None else (None, None)
+        if h_uv is not None:  # itmkit explain: eq. 12-13, l2-normalised (not softmaxes), laid out (Ni, Nt, n, m)
+            note_attention(h_uv.transpose(-1, -2), "text", "word->region")  # each word's column over the regions
+            note_attention(h_vu, "image", "region->word")  # each region's row over the words
         # one side at a time, so that only one side's (.., z) activations are alive at once
         f = masked_softmax(self.region_logits(v, u, h_uv), image.mask[:, None])  # eq. 9
         del h_uv

@@ -220,6 +220,8 @@ class CrossModalRefinement(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, block: Block) -> torch.Tensor:
         weights = self.attention(x, mask, block)
+        if block.attention is not None:  # itmkit explain is recording: the stage reports them
+            block.attention.append(weights)
         if block.modulation is None:  # fc_scale / fc_shift of each context item, once per block
             block.modulation = torch.cat([self.fc_scale(block.context), self.fc_shift(block.context)], dim=-1)
         nc, nq, n, length = weights.shape
@@ -232,11 +234,15 @@ class Block:
     """The other side of a block, as every cell reads it: context fragments, their mask, the global vectors.
 
     ``modulation`` caches one layer's CMRC projections of the context (each layer's CMRC has its own).
+    ``attention``: a list when the CMRC weights (Nc, Nq, N, L) are wanted (``itmkit explain``), each
+    layer's CMRC appending its own in layer order; None (no reference kept) otherwise.
     """
 
-    def __init__(self, context: torch.Tensor, context_mask: torch.Tensor | None, other_global: torch.Tensor):
+    def __init__(self, context: torch.Tensor, context_mask: torch.Tensor | None, other_global: torch.Tensor,
+                 attention: list[torch.Tensor] | None = None):
         self.context, self.context_mask, self.other_global = context, context_mask, other_global
         self.modulation: torch.Tensor | None = None
+        self.attention = attention
 
 
 # ============================================================================== the layers

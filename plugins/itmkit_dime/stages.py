@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itmkit import explain
 from itmkit.errors import ItmkitError
 from itmkit.ops import float32, masked_mean
 from itmkit.stage import PortError, Stage, param
@@ -150,11 +151,30 @@ class DimeRefiner(nn.Module):
             if image_global is None:
                 raise ItmkitError("dime: direction t2i needs the image tower's pooled vectors (image_global)")
             query, query_mask, block = words, text.mask, Block(regions, unless_all(image.mask), image_global)
+        if explain.active() is not None:
+            block.attention = []
         want_paths = context is not None and self.path_mapping is not None
         refined, paths = self.interaction(query, unless_all(query_mask), block, want_paths=want_paths)
+        if block.attention is not None:
+            self._note_attention(block.attention, text.extras.get("token_lengths"))
         if want_paths:
             context.add_term("path", self.path_weight * self._path_term(paths, text))
         return refined, query_mask, block.other_global
+
+    def _note_attention(self, weights: list[torch.Tensor], lengths: torch.Tensor | None) -> None:
+        """Report each routing layer's CMRC attention to ``itmkit explain`` (only while it records).
+
+        i-t: each region's softmax over the caption's words (query side "image"); t-i: each word
+        position's over the regions ("text"). dime.bert's 32 positions are cut to the caption's own
+        tokens ([CLS] .. [SEP]), the [PAD] positions being no token of it.
+        """
+        side = "image" if self.direction == "i2t" else "text"
+        for layer, w in enumerate(weights, start=1):
+            w = self.pair_major(w)  # (Ni, Nt, N, L): i-t (regions, words), t-i (words, regions)
+            if lengths is not None:
+                tokens = int(lengths[0])  # caption 0's token count: only pair [0, 0] is kept
+                w = w[..., :tokens] if side == "image" else w[..., :tokens, :]
+            explain.note_attention(w, side, f"CMRC layer {layer}")
 
     def _path_term(self, paths: torch.Tensor, text: Local) -> torch.Tensor:
         # the label: l2norm of each caption's mean BERT state over all its positions (TextNet, training only)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from itmkit.attention import context_major_dots, masked_softmax
+from itmkit import explain
 from itmkit.errors import DataError
 from itmkit.ops import EPS, l2norm, xavier_linear_
 from itmkit.stage import BoxLayout, DataNeeds, PortError, Stage, param
@@ -198,14 +199,40 @@ class DualPathMatch(nn.Module):
         out = pair_bigru(self.object_rnn, input_gates(self.object_rnn, objects), rows, order, valid)
         return l2norm(out) if self.normalize_rnn else out
 
-    def macm(self, dots, object_gram, word_gram, object_mask, word_mask, word_weights, objects) -> torch.Tensor:
-        """MACM's score of the pairs laid out on the leading axes (eq. 4-12), as the orientation asks."""
+    def macm(self, dots, object_gram, word_gram, object_mask, word_mask, word_weights, objects,
+             report=None) -> torch.Tensor:
+        """MACM's score of the pairs laid out on the leading axes (eq. 4-12), as the orientation asks.
+
+        ``report``: None, or a function given MACM's attention weights (..., R, L) (see ``_reporter``).
+        """
         if self.orientation == "word":
             return word_oriented(dots, object_gram, torch.diagonal(word_gram, dim1=-2, dim2=-1), object_mask,
-                                 word_mask, word_weights, lambda_softmax=self.lambda_word, clip=self.clip, eps=self.eps)
+                                 word_mask, word_weights, lambda_softmax=self.lambda_word, clip=self.clip, eps=self.eps,
+                                 report=report)
         return object_oriented(dots, word_gram, torch.diagonal(object_gram, dim1=-2, dim2=-1), object_mask, word_mask,
                                self.object_weights(objects, object_mask), lambda_softmax=self.lambda_object,
-                               clip=self.clip, eps=self.eps)
+                               clip=self.clip, eps=self.eps, report=report)
+
+    def _reporter(self, order: torch.Tensor | None = None):
+        """While ``itmkit explain`` records: a function reporting MACM's attention (pair 0 first), else None.
+
+        Model-W reports each word's softmax over the objects ("word->object", query side "text"), model-O
+        each object's over the words ("object->word", "image"). With the object RNN the objects of pair p
+        are o^new in ``order[p]`` (position s holds the state of the step that read object order[p, s]):
+        the weights are put back in the image's object order, so that column r is the image's region r.
+        """
+        if explain.active() is None:
+            return None
+
+        def report(alpha: torch.Tensor) -> None:  # (..., R, L)
+            if order is not None:
+                alpha = alpha.new_zeros(alpha.shape).scatter_(-2, order[..., None].expand_as(alpha), alpha)
+            if self.orientation == "word":
+                explain.note_attention(alpha.transpose(-1, -2), "text", "word->object")
+            else:
+                explain.note_attention(alpha, "image", "object->word")
+
+        return report
 
     # -------------------------------------------------------------- the block
 
@@ -240,13 +267,14 @@ class DualPathMatch(nn.Module):
         object_gram = (objects @ objects.transpose(1, 2))[:, None]  # (Ni, 1, R, R)
         word_gram = (text.feats @ text.feats.transpose(1, 2))[None]  # (1, Nt, L, L)
         return self.macm(dots, object_gram, word_gram, image.mask[:, None], text.mask[None], word_weights[None],
-                         objects[:, None])
+                         objects[:, None], self._reporter())
 
     def _pairs(self, image: Local, text: Local, word_weights: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                recurrent: bool) -> torch.Tensor:
         """The scores (P,) of the pairs (rows[p], cols[p]), running the object RNN per pair when ``recurrent``."""
         words, word_mask, weights = text.feats[cols], text.mask[cols], word_weights[cols]  # (P, L, D), (P, L)
         object_mask = image.mask[rows]  # (P, R)
+        order = None
         if recurrent:
             # <o_i, w_j> of the encoder's objects: one GEMM for the block, each pair's (R, L) picked from it
             dots = context_major_dots(text.feats, image.feats)[rows, :, cols]  # (P, R, L)
@@ -260,7 +288,9 @@ class DualPathMatch(nn.Module):
         dots = objects @ words.transpose(1, 2)
         object_gram = objects @ objects.transpose(1, 2)
         word_gram = words @ words.transpose(1, 2)
-        return self.macm(dots, object_gram, word_gram, object_mask, word_mask, weights, objects)
+        # explain keeps the first pair's map: report only when that pair is (0, 0) (the pairs run in row order)
+        report = self._reporter(order) if explain.active() is not None and int(rows[0]) == int(cols[0]) == 0 else None
+        return self.macm(dots, object_gram, word_gram, object_mask, word_mask, weights, objects, report)
 
 
 @attrs.frozen(kw_only=True)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itmkit.explain import active, note_attention
 from itmkit.ops import float32, l2norm, masked_mean
 from itmkit.stage import PortError, Stage, param
 from itmkit.types import GlobalPort, Local, LocalPort, ScorePort
@@ -115,12 +116,15 @@ def _own_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def _join(own: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Tensor, key_mask: torch.Tensor,
-          values: torch.Tensor, spec: str, dropout: nn.Module) -> torch.Tensor:
+          values: torch.Tensor, spec: str, dropout: nn.Module, report: tuple[str, str] | None = None) -> torch.Tensor:
     """The softmax over [own keys; other side's keys] for each pair, from the per-item own-side sums.
 
     own: _own_side's (shift, z, weighted sum), broadcastable to (Ni, Nt, h, L, ·); logits (Ni, Nt, h, L, M)
     of the rows against the other side's keys; key_mask broadcastable to it; values the other side's
     (·, h, M, dh) and ``spec`` the einsum of weights x values. Returns (Ni, Nt, h, L, dh).
+    ``report`` (query side, label): while ``itmkit explain`` records, the cross-modal block of the joint
+    softmax, averaged over the heads (Ni, Nt, L, M), is reported; a row sums to the share of its attention
+    that goes to the other side (its own side's keys take the rest), not to 1.
     """
     own_shift, own_z, own_sum = own
     logits = float32(logits)  # the exponentials and their sums in float32 under mixed precision
@@ -131,6 +135,8 @@ def _join(own: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Te
     own_scale = torch.exp(own_shift - shift)  # (Ni, Nt, h, L, 1)
     e = logits.sub_(shift).exp_() if in_place else torch.exp(logits - shift)
     total = e.sum(dim=-1, keepdim=True).add_(own_z * own_scale)
+    if report is not None and active() is not None:
+        note_attention((e / total).mean(dim=2), *report)  # the heads' mean of the weights the values get
     out = torch.einsum(spec, dropout(e), values)
     out = out.add_(own_sum * own_scale) if in_place else out + own_sum * own_scale
     return out.div_(total) if in_place else out / total
@@ -214,11 +220,11 @@ class CrossAttentionScore(nn.Module):
         qr, qt = qr * scale, qt * scale
         own_r = tuple(t[:, None] for t in _own_side(qr, kr, vr, region_mask, layer.attn_drop))  # (Ni, 1, h, k, ·)
         own_t = tuple(t[None] for t in _own_side(qt, kt, vt, token_mask, layer.attn_drop))  # (1, Nt, h, n, ·)
-        # per pair: the rows of one side against the other side's keys
+        # per pair: the rows of one side against the other side's keys, (Ni, Nt, h, k, dh) and (Ni, Nt, h, n, dh)
         region_rows = _join(own_r, torch.einsum("ihqd,thcd->ithqc", qr, kt), token_mask[None, :, None, None, :],
-                            vt, "ithqc,thcd->ithqd", layer.attn_drop)  # (Ni, Nt, h, k, dh)
+                            vt, "ithqc,thcd->ithqd", layer.attn_drop, ("image", "region->word head-mean"))
         token_rows = _join(own_t, torch.einsum("thqd,ihcd->ithqc", qt, kr), region_mask[:, None, None, None, :],
-                           vr, "ithqc,ihcd->ithqd", layer.attn_drop)  # (Ni, Nt, h, n, dh)
+                           vr, "ithqc,ihcd->ithqd", layer.attn_drop, ("text", "word->region head-mean"))
         region_rows = region_rows.transpose(2, 3).reshape(ni, nt, k, d)
         token_rows = token_rows.transpose(2, 3).reshape(ni, nt, n, d)
         regions_c = layer.after_attention(region_rows, regions[:, None])  # R_c (Ni, Nt, k, d)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itmkit.attention import masked_softmax
+from itmkit.explain import note_attention
 from itmkit.ops import EPS, float32, l2norm, masked_mean, xavier_linear_
 from itmkit.types import Local
 
@@ -263,12 +264,14 @@ class StepwiseHierarchy(nn.Module):
         l2l, contexts = [None, None], [None, None]
         if self.image_queries:  # eq. 4: each region over the words
             alpha = masked_softmax(logits, text.mask[None, :, None, :], dim=-1)
+            note_attention(alpha, "image", "L2L region->word")  # itmkit explain: (Ni, Nt, k, n), rows sum to 1
             cos, contexts[0] = attend_and_fuse(alpha, image, text, query_side="image", fusion=self.image_fusion,
                                                eps=self.eps)
             l2l[0] = pool_l2l(cos, image.mask[:, None], self.l2l_pool)
             del alpha, cos
         if self.text_queries:  # eq. 5: each word over the regions
             beta = masked_softmax(logits, image.mask[:, None, :, None], dim=-2).transpose(-1, -2)  # (Ni, Nt, n, k)
+            note_attention(beta, "text", "L2L word->region")
             del logits
             cos, contexts[1] = attend_and_fuse(beta, text, image, query_side="text", fusion=self.text_fusion,
                                                eps=self.eps)
