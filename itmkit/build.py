@@ -27,6 +27,7 @@ from itmkit.types import (
     Local,
     LocalPort,
     LossPort,
+    PairLocal,
     PairLocalPort,
     ParametersPort,
     Port,
@@ -291,7 +292,9 @@ class Branch(nn.Module):
                 recording.stage = label
             out = stage(**kwargs)
             if recording is not None and isinstance(out, Aligned):  # the weights its similarity reads
-                explain.note_attention(out.weights, out.query_side)
+                x = kwargs.get("x")  # regions a pair stage rearranged are drawn back where they are
+                order = x.order if isinstance(x, PairLocal) and x.side == "image" else None
+                explain.note_attention(out.weights, out.query_side, region_order=order)
         return out
 
 

@@ -69,11 +69,15 @@ def active() -> _Recording | None:
     return _active.get()
 
 
-def note_attention(weights: torch.Tensor, query_side: str, step: str = "") -> None:
+def note_attention(weights: torch.Tensor, query_side: str, step: str = "", *,
+                   region_order: torch.Tensor | None = None) -> None:
     """Report cross attention ``weights`` (Ni, Nt, Lq, Lc) to a recording in progress; nothing otherwise.
 
     ``query_side`` "text" when the words are the queries (each word's weights over the regions sum to
     1), "image" when the regions are. ``step`` tells several maps of one stage apart ("step 2").
+    ``region_order`` (Ni, Nt, R): when the region axis holds a pair's own arrangement of the image's
+    regions (``PairLocal.order``), entry k names the region at position k; the map is put back in the
+    image's order.
     """
     rec = _active.get()
     if rec is None:
@@ -81,9 +85,14 @@ def note_attention(weights: torch.Tensor, query_side: str, step: str = "") -> No
     if query_side not in SIDES:
         raise ValueError(f"query_side must be one of {SIDES}, got {query_side!r}")
     pair = weights.detach()[(0,) * (weights.dim() - 2)].float().cpu().numpy()  # (Lq, Lc) of pair [0, 0]
-    words_by_regions = pair if query_side == "text" else pair.T
+    words_by_regions = np.array(pair if query_side == "text" else pair.T)  # a copy: the model's tensor may change
+    if region_order is not None:
+        order = region_order.detach()[(0,) * (region_order.dim() - 1)].cpu().numpy()
+        placed = np.zeros_like(words_by_regions)
+        placed[:, order[: words_by_regions.shape[1]]] = words_by_regions
+        words_by_regions = placed
     label = " ".join(part for part in (rec.stage, step) if part)
-    rec.maps.append(AttentionMap(label or "attention", np.ascontiguousarray(words_by_regions), query_side))
+    rec.maps.append(AttentionMap(label or "attention", words_by_regions, query_side))
 
 
 # --------------------------------------------------------------------------------- one pair
@@ -119,6 +128,17 @@ def token_labels(vocab, ids: list[int]) -> tuple[list[str], list[bool]]:
     specials = {getattr(vocab, name) for name in ("START_ID", "END_ID", "PAD_ID", "cls_id", "sep_id", "pad_id")
                 if getattr(vocab, name, None) is not None}
     return [vocab.token(i) for i in ids], [i in specials for i in ids]
+
+
+def unknown_words(vocab, caption: str) -> list[str]:
+    """The caption's words the vocabulary lacks (each reads as its unknown token), in order."""
+    word2idx = getattr(vocab, "word2idx", None)
+    if word2idx is not None:
+        from itmkit.data.vocab import tokenize
+
+        return [word for word in tokenize(caption) if word not in word2idx]
+    unk = getattr(getattr(vocab, "tokenizer", None), "unk_token_id", None)  # WordPiece: the [UNK] pieces
+    return [vocab.token(unk)] * list(vocab.encode(caption)).count(unk) if unk is not None else []
 
 
 @torch.no_grad()

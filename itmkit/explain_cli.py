@@ -40,7 +40,7 @@ def explain(
     from itmkit.checkpoint import atomic_write_bytes, load_checkpoint
     from itmkit.cli import _device, err, out
     from itmkit.datasets import recorded_data_dir
-    from itmkit.explain import explain_pair
+    from itmkit.explain import explain_pair, unknown_words
     from itmkit.index import split_image_ids
     from itmkit.outputs import check_output_file
     from itmkit.preflight import check_eval_data
@@ -69,6 +69,10 @@ def explain(
     out.print(escape(f"{checkpoint} ({recipe.info.name}), image {image} ({image_id}) of split {the_split.name!r},"
                      f" {about}: {text!r}"), soft_wrap=True)
     out.print(f"score {result.score:.4f}")
+    unknown = unknown_words(loaded.vocab, text)
+    if unknown:
+        out.print(escape(f"note: {len(unknown)} word(s) of the caption are not in the model's vocabulary and read as"
+                         f" its unknown token: {', '.join(unknown[:10])}"), soft_wrap=True)
     if attention is not None and not 0 <= attention < len(result.maps):
         raise ItmkitError(f"--attention {attention}: this model records {len(result.maps)} attention map(s)"
                           + (f" (0 to {len(result.maps) - 1})" if result.maps else ""))

@@ -163,6 +163,8 @@ def create_app(retrieval: Retrieval, *, title: str = "itmkit"):
 
     from flask import Flask, abort, jsonify, request, send_file
 
+    from itmkit.explain import unknown_words
+
     app = Flask("itmkit.serve")
     app.config["MAX_CONTENT_LENGTH"] = 4096  # the page sends queries in the URL; no request needs a body
     html = (PAGE.read_text(encoding="utf-8").replace("{{TITLE}}", _html_escape(title))
@@ -199,7 +201,8 @@ def create_app(retrieval: Retrieval, *, title: str = "itmkit"):
     @app.get("/api/search")
     def search():
         text, k = query_text(), count()
-        return jsonify({"query": text, "results": retrieval.search(text, k)})
+        return jsonify({"query": text, "results": retrieval.search(text, k),
+                        "unknown_words": unknown_words(retrieval.vocab, text)})
 
     @app.get("/api/images/<int:row>/captions")
     def captions(row: int):

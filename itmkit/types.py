@@ -205,6 +205,10 @@ class PairLocal:
     feats: torch.Tensor
     mask: torch.Tensor
     side: str
+    # (Ni, Nt, N) long, when a pair stage reorders the side's fragments (DP-RNN's objects): row k of pair
+    # (i, t) was built from the side's fragment order[i, t, k]. None: the side's own order. Read only by
+    # itmkit.explain, to draw attention over those rows on the right regions.
+    order: torch.Tensor | None = None
 
 
 @attrs.frozen

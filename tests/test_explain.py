@@ -124,9 +124,10 @@ def test_the_cli_writes_the_picture_and_prints_score_and_words(tiny_scan, tiny_d
     with Image.open(out) as png:
         assert png.format == "PNG" and png.width >= 600 and png.height >= 250
     free = invoke("explain", str(tiny_scan), "--data", str(tiny_data), "--image", "3", "--caption",
-                  "a large red circle", "--device", "cpu")
+                  "a large red circle zzqx", "--device", "cpu")
     assert free.returncode == 0, free.stderr
     assert "a caption given as text" in free.stdout and "circle" in free.stdout
+    assert "1 word(s) of the caption are not in the model's vocabulary" in free.stdout and "zzqx" in free.stdout
 
 
 def test_without_pictures_the_word_by_region_matrix_is_drawn(tiny_scan, tiny_data, tmp_path):

@@ -220,3 +220,24 @@ def test_dprnn_reports_macm_attention_in_the_images_object_order(recipe, label, 
     valid = order[:VALID].numpy()  # the valid objects come first in the order
     assert sorted(valid) == list(range(VALID)) and not np.array_equal(valid, np.arange(VALID))
     np.testing.assert_allclose(reported[valid], raw[:VALID], atol=1e-6)
+
+
+def test_attention_over_regions_a_pair_stage_reordered_is_drawn_on_the_images_regions():
+    """dprnn_scan: dprnn.recurrent reorders each pair's objects (PairLocal.order) before scan.i2t attends from
+    them; the recorded map puts each object row's weights back on the region it was built from."""
+    from itmkit.attention import scan_attention
+    from itmkit.types import Local
+
+    vocab = word_vocab()
+    model = model_of("dprnn_scan", vocab)
+    result, (image, text) = explained(model, vocab)
+    assert [m.label for m in result.maps] == ["match[0].cross (scan.i2t)"]
+    pair_stage = model.branches[0].stages[0]
+    with torch.no_grad():
+        pair = pair_stage(image=image.local, text=text.local)
+        objects = Local(pair.feats[0, 0][None], pair.mask[0])  # pair (0, 0)'s object rows, mask (1, R)
+        raw = scan_attention(objects, text.local, query_side="image", lambda_softmax=4.0).weights[0, 0]  # (R, L)
+    order = pair.order[0, 0].numpy()
+    assert not np.array_equal(order[:VALID], np.arange(VALID))  # the caption did reorder the objects
+    for slot in range(VALID):  # region order[slot] carries the weights of the object row at slot
+        np.testing.assert_allclose(result.maps[0].weights[:, order[slot]], raw[slot].numpy(), atol=1e-6)

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +90,11 @@ def test_bad_requests_get_a_json_error_and_touch_no_file(client, url, code, mess
     response = client.get(url)
     assert response.status_code == code
     assert message in response.get_json()["error"]
+
+
+def test_words_the_model_does_not_know_are_named(client):
+    body = client.get("/api/search", query_string={"q": "a red zzqx circle"}).get_json()
+    assert body["unknown_words"] == ["zzqx"] and len(body["results"]) == 10
 
 
 def test_only_reads_are_allowed(client):
@@ -176,24 +180,13 @@ def test_the_page_finds_the_image_of_a_caption_and_lists_its_captions(server, sc
             listed = page.eval_on_selector_all("#caption-list li", "items => items.map(i => i.firstChild.textContent)")
             best = np.argsort(-sims[caption // 5], kind="stable")[:10]
             assert [text.strip() for text in listed] == [split.captions[c].strip() for c in best]
-            shot = Path(os.environ.get("ITMKIT_SCREENSHOT") or tmp_path / "page.png")
+            shot = tmp_path / "page.png"
             page.screenshot(path=str(shot), full_page=True)
             assert Image.open(shot).width == 1400
-        finally:
-            browser.close()
-
-
-def test_the_page_shows_the_servers_error_for_an_over_long_query(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser, page = browser_page(p)
-        try:
-            page.goto(server)
-            # the input's maxlength stops typing at 300; a script can still send more, and the server refuses
+            # the input's maxlength stops typing at 300 characters; a script can still send more: refused
+            assert page.get_attribute("#query", "maxlength") == str(MAX_QUERY_CHARS)
             page.evaluate("text => search(text)", "a" * (MAX_QUERY_CHARS + 5))
             page.wait_for_selector("#status.error", timeout=30_000)
             assert f"at most {MAX_QUERY_CHARS}" in page.inner_text("#status")
-            assert page.get_attribute("#query", "maxlength") == str(MAX_QUERY_CHARS)
         finally:
             browser.close()

@@ -62,7 +62,7 @@ class RecurrentObjects(nn.Module):
         if self.normalize:
             out = l2norm(out) * valid[..., None]
         mask = lengths_to_mask(lengths, image.feats.shape[1])[:, None]  # (Ni, 1, R)
-        return PairLocal(out.view(ni, nt, *out.shape[1:]), mask, "image")
+        return PairLocal(out.view(ni, nt, *out.shape[1:]), mask, "image", order.view(ni, nt, -1))
 
 
 @attrs.frozen(kw_only=True)
