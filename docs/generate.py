@@ -2,8 +2,10 @@
 
 It documents the built-in stages and the project's own plugins (the ``itmkit`` entry points in
 pyproject.toml), whatever else is installed, after a table of the recipes measured on the
-built-in data (``docs/results/*.json``, written by ``docs/record_result.py``). ``python docs/generate.py --check`` writes nothing and
-exits 1 when the file is out of date. tests/test_docs.py keeps the file in step with the code.
+built-in data (``docs/results/*.json``, written by ``docs/record_result.py``), and draws that table's rSum
+column into docs/images/recipes_rsum.png. ``python docs/generate.py --check`` writes nothing and
+exits 1 when the file is out of date, or the figure's values (carried in the PNG) are not the results'.
+tests/test_docs.py keeps the file in step with the code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "docs" / "recipes.md"
 RESULTS = ROOT / "docs" / "results"
+FIGURE = "images/recipes_rsum.png"  # the results table's figure, beside TARGET
 KIND_ORDER = ("baseline", "paper", "cross-paper")  # docs/record_result.py --kind
 
 
@@ -61,9 +64,14 @@ def papers_of(recipe_path: Path) -> list[str]:
     return sorted(recipe_plugins(recipe_path))
 
 
+def result_records() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+
+
 def results_section() -> str:
-    """The recorded built-in-data runs as one table: the baseline, one-paper recipes, then cross-paper ones."""
-    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    """The recorded built-in-data runs as one table: the baseline, one-paper recipes, then cross-paper ones;
+    the figure of their rSum below it."""
+    records = result_records()
     if not records:
         return ""
     rows = []
@@ -88,7 +96,37 @@ def results_section() -> str:
         "|---|---|---|---|---|---|---|\n",
     ]
     lines += [row for *_, row in sorted(rows)]
+    lines += [
+        "\nThe rSum column as a figure (drawn by `docs/generate.py`): one paper's recipes blue, cross-paper recipes\n",
+        "orange, the VSE++ baseline grey with a dashed line at its rSum.\n\n",
+        f"![Test rSum of each recipe in the table, highest first]({FIGURE})\n",
+    ]
     return "".join(lines) + "\n"
+
+
+def figure_png() -> bytes:
+    """The figure of the results' rSum (itmkit.plots.recipes_chart), its bars' values in the PNG's Description."""
+    from itmkit.plots import bars_metadata, figure_bytes, recipes_chart
+
+    chart = recipes_chart(result_records())
+    return figure_bytes(chart.figure, "png", description=bars_metadata(chart.bars))
+
+
+def figure_problem(path: Path) -> str | None:
+    """Why the figure at ``path`` is not the one of docs/results (missing, or other values), or None.
+
+    The values it carries are compared, not its pixels: another matplotlib draws other pixels."""
+    from PIL import Image
+
+    from itmkit.plots import bars_metadata, recipe_bars
+
+    if not path.is_file():
+        return f"{path} is missing"
+    with Image.open(path) as image:
+        carried = image.text.get("Description")  # type: ignore[attr-defined]
+    if carried != bars_metadata(recipe_bars(result_records())):
+        return f"{path} draws other values than docs/results/*.json"
+    return None
 
 
 def document() -> str:
@@ -100,13 +138,22 @@ def document() -> str:
 
 def main(argv: list[str]) -> int:
     text = document()
+    figure = TARGET.parent / FIGURE
     if "--check" in argv:
         if not TARGET.exists() or TARGET.read_text() != text:
             print(f"{TARGET} is out of date: run python docs/generate.py", file=sys.stderr)
             return 1
+        problem = figure_problem(figure)
+        if problem:
+            print(f"{problem}: run python docs/generate.py", file=sys.stderr)
+            return 1
         return 0
     TARGET.write_text(text)
     print(f"wrote {TARGET}")
+    from itmkit.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(figure, figure_png())
+    print(f"wrote {figure}")
     return 0
 
 

@@ -151,6 +151,9 @@ def train(
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16: mixed precision for the matrix products"
                                            " (norms, softmax, LogSumExp and the loss stay float32; fp16 scales"
                                            " the loss); docs/training.md")] = "fp32",
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", metavar="", help="also write the metrics as"
+                                              " TensorBoard event files into OUT/tensorboard (needs pip install"
+                                              " 'itmkit\\[tensorboard]')")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Train a recipe, validate each epoch, keep the best checkpoint, print the test R@K table.
@@ -162,8 +165,10 @@ def train(
     from itmkit.recipe import load_recipe
     from itmkit.outputs import check_output_folder
     from itmkit.runs import default_run_folder
-    from itmkit.train import train as run_training
+    from itmkit.train import summary_writer_class, train as run_training
 
+    if tensorboard:
+        summary_writer_class()  # not installed: say so now, not after the data is checked
     overrides = list(set_ or [])
     if data:
         overrides.append(f"data.path={json.dumps(data)}")
@@ -177,7 +182,7 @@ def train(
         err.print(f"training {r.info.name} on {r.data.path} ({dev}), run folder {folder}")
     with make_progress() as progress:
         result = run_training(r, out_dir=folder, device=dev, resume=resume, save_every=save_every,
-                              precision=precision, progress=progress, log=err.print)
+                              precision=precision, tensorboard=tensorboard, progress=progress, log=err.print)
     if not main_rank:
         return
     out.print(metrics_table(result.test, f"{r.info.name}: {r.data.test_split} split, {r.data.protocol}"
@@ -492,6 +497,10 @@ def _captions_per_image(shape: tuple[int, ...], path: Path) -> int:
 from itmkit.retrieval_cli import register as _register_retrieval  # noqa: E402  (its own module: issue 14)
 
 _register_retrieval(app)
+
+from itmkit.plot_cli import register as _register_plot  # noqa: E402  (its own module: issue 16)
+
+_register_plot(app)
 
 
 # ----------------------------------------------------------------------------------- import

@@ -8,6 +8,7 @@ end the best checkpoint is evaluated on the test split by the recipe's protocol.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from itmkit.data.loader import add_extra_negatives, extra_negatives_generator, t
 from itmkit.datasets import data_ports, resolve_data_dir, text_vocabulary
 from itmkit.errors import CheckpointError, DataError, ItmkitError
 from itmkit.evaluate import evaluate
+from itmkit.evaluation import METRIC_KEYS
 from itmkit.phases import resolve_schedule
 from itmkit.precision import autocast, check_precision, grad_scaler
 from itmkit.preflight import check_model_fits, check_training_data
@@ -41,6 +43,7 @@ from itmkit.runs import check_run_folder, own_run_folder
 from itmkit.types import Regions, Tokens
 
 BEST, LAST = "model_best.safetensors", "last.safetensors"
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard: the event files, inside the run folder
 
 
 @attrs.frozen
@@ -102,6 +105,69 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(strict_json(record) + "\n")
         f.flush()
+
+
+def summary_writer_class():
+    """torch's SummaryWriter; an ItmkitError saying how to install TensorBoard (an optional dependency) if it
+    cannot be imported."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ItmkitError(f"--tensorboard needs the tensorboard package, which cannot be imported here ({exc}):"
+                          " pip install 'itmkit[tensorboard]'") from None
+    return SummaryWriter
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record's numbers as TensorBoard tags: a step's under ``step/`` (``step/loss``), an
+    epoch's retrieval metrics under its split (``dev/rsum``) and its training figures under ``train/``, a
+    ``train_`` prefix dropped (``train/loss``, ``train/terms/NAME``). ``epoch`` and ``iteration`` are not
+    scalars: the iteration is the step every scalar of the record is written at; a null is left out."""
+    split = record.get("split")
+    tags: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("epoch", "iteration", "split"):
+            continue
+        group = "step" if split is None else split if key in METRIC_KEYS else "train"
+        name = f"{group}/{key.removeprefix('train_') if group == 'train' else key}"
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, number in items:
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                tags[f"{name}/{sub}" if sub else name] = float(number)
+    return tags
+
+
+class TensorBoardLog:
+    """TensorBoard event files in ``RUN/tensorboard/`` beside metrics.jsonl (``--tensorboard``): each record's
+    scalars (``tensorboard_scalars``) at its iteration, flushed as its line is, so a killed run keeps them.
+
+    Opened once the run knows where it starts: a resumed run adds an event file beside the earlier ones, with a
+    ``purge_step`` that hides what they hold after the step it resumes from, as metrics.jsonl's lines after it
+    are dropped. Closed by whoever made it (``train``), however the run ends.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.writer = None
+
+    def open(self, purge_step: int | None) -> None:
+        self.writer = summary_writer_class()(log_dir=str(self.folder), purge_step=purge_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for tag, value in tensorboard_scalars(record).items():
+            self.writer.add_scalar(tag, value, global_step=record["iteration"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _log_record(path: Path, board: TensorBoardLog | None, record: dict[str, Any]) -> None:
+    _append_jsonl(path, record)
+    if board is not None:
+        board.write(record)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -246,6 +312,7 @@ def train(
     resume: bool = False,
     save_every: int = 0,
     precision: str = "fp32",
+    tensorboard: bool = False,
     progress=None,
     log=print,
 ) -> TrainResult:
@@ -256,19 +323,22 @@ def train(
     run's is refused, and ``resume`` continues only with the recipe the run was started with.
     ``precision`` bf16 or fp16 trains and evaluates under autocast (``itmkit.precision``).
     ``save_every`` N > 0 also writes ``last.safetensors`` every N steps, so that a run killed mid-epoch
-    resumes at its last such step and ends as an uninterrupted run would.
+    resumes at its last such step and ends as an uninterrupted run would. ``tensorboard`` also writes the
+    metrics as TensorBoard event files into ``out_dir/tensorboard`` (``TensorBoardLog``).
 
     Started by torchrun (``WORLD_SIZE`` > 1), each process trains on its share of every global batch
     of ``train.batch_size`` (``itmkit.distributed``); rank 0 alone holds the folder, writes checkpoints
     and metrics, logs and shows progress.
     """
+    if tensorboard:
+        summary_writer_class()  # a missing TensorBoard is said before anything starts
     with distributed.process_group(torch.device(device)) as (ranks, device):
         if not ranks.main:
             progress, log = None, _quiet
             return _train(recipe, Path(out_dir), device=device, resume=resume, save_every=save_every, precision=precision,
-                          progress=progress, log=log, ranks=ranks)
+                          progress=progress, log=log, ranks=ranks, board=None)
         earlier = check_run_folder(out_dir, resume=resume)  # refuses a folder of the user's files
-        with own_run_folder(out_dir) as out:
+        with own_run_folder(out_dir) as out, contextlib.closing(TensorBoardLog(out / TENSORBOARD_DIR)) as board:
             if resume and (out / LAST).exists():
                 check_resumed_recipe(out / LAST, recipe)  # before any data is read: only train.epochs may change
             elif earlier and not resume:
@@ -278,7 +348,7 @@ def train(
                 log(f"{ranks.world} processes, {recipe.train.batch_size // ranks.world} pairs each of every global"
                     f" batch of {recipe.train.batch_size}, on {device} ({torch.distributed.get_backend()})")
             return _train(recipe, out, device=device, resume=resume, save_every=save_every, precision=precision,
-                          progress=progress, log=log, ranks=ranks)
+                          progress=progress, log=log, ranks=ranks, board=board if tensorboard else None)
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -286,7 +356,7 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
 
 
 def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: bool, save_every: int, precision: str,
-           progress, log, ranks: distributed.Ranks) -> TrainResult:
+           progress, log, ranks: distributed.Ranks, board: TensorBoardLog | None) -> TrainResult:
     start_time = time.perf_counter()
     reuse_freed_memory()
     t = recipe.train
@@ -331,6 +401,8 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     else:
         if ranks.main:
             metrics_path.unlink(missing_ok=True)
+            for events in (out / TENSORBOARD_DIR).glob("events.out.tfevents.*"):  # an earlier run's, as its metrics
+                events.unlink()
         torch.manual_seed(t.seed + ranks.rank)  # rank 0 draws what one process draws; the others their own
     if ranks.main:
         atomic_write_text(out / "recipe.toml", recipe.to_toml())
@@ -338,6 +410,8 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
     meta = {"seed": t.seed, "protocol": recipe.data.protocol, "data": str(data_dir), "precision": precision}
     batches_per_epoch = train_split.num_captions // t.batch_size
     iteration = first_epoch * batches_per_epoch + partial.batches
+    if board is not None:
+        board.open(purge_step=iteration + 1 if iteration else None)  # resumed: what follows `iteration` is redone
 
     def save_last(epoch_done: int, rsum: float, progress_: EpochProgress | None = None, extras=None) -> None:
         """last.safetensors: after an epoch (``progress_`` None) or within one; a collective under torchrun."""
@@ -409,7 +483,7 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
                         iteration, captions=t.batch_size, seconds=time.perf_counter() - started)
                 update(run.batches, info=f"loss {run.loss_sum / run.batches:.3f}  {run.captions_per_s():,.0f} captions/s")
                 if ranks.main and iteration % t.log_every == 0:
-                    _append_jsonl(metrics_path, {"epoch": epoch, "iteration": iteration, "loss": value, "lr": lr})
+                    _log_record(metrics_path, board, {"epoch": epoch, "iteration": iteration, "loss": value, "lr": lr})
                 if save_every and iteration % save_every == 0 and run.batches < batches_per_epoch:
                     save_last(epoch - 1, best_rsum, run, extras)
                 started = time.perf_counter()  # the next step's clock: logging and saving are not training time
@@ -425,7 +499,7 @@ def _train(recipe: Recipe, out: Path, *, device: str | torch.device, resume: boo
         if run.term_sums:  # the [loss] stage's and each objective's mean, unweighted
             record["train_terms"] = {name: total / max(run.batches, 1) for name, total in run.term_sums.items()}
         if ranks.main:
-            _append_jsonl(metrics_path, record)
+            _log_record(metrics_path, board, record)
         log(f"epoch {epoch + 1}/{t.epochs}: loss {record['train_loss']:.3f}  dev rsum {dev['rsum']:.2f}"
             f"  (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})  {run.captions_per_s():,.0f} captions/s")
         if dev["rsum"] > best_rsum:

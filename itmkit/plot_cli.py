@@ -1,0 +1,35 @@
+"""``itmkit plot``: training curves of one or more run folders in one picture (issue 16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``itmkit plot`` to the ``itmkit`` command line."""
+    app.command("plot")(plot)
+
+
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="run folders of `itmkit train` (each holding metrics.jsonl),"
+                                               " drawn over one another")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the picture to write; its suffix names the"
+                                         " format: .png, .pdf, .svg, ...")],
+    dpi: Annotated[int, typer.Option(min=20, max=1200, help="dots per inch of a raster picture (.png, .jpg)")] = 110,
+) -> None:
+    """Draw per epoch the training loss, the dev rSum and the dev R@1 of both directions, one panel each."""
+    from itmkit.cli import out as console
+    from itmkit.outputs import check_output_file
+    from itmkit.plots import METRICS_NAME, image_format, read_run, save_figure, training_curves
+
+    check_output_file(output, "-o", inputs=tuple(run / METRICS_NAME for run in runs), example="curves.png")
+    image_format(output)
+    loaded = [read_run(run) for run in runs]
+    curves = training_curves(loaded)
+    save_figure(curves.figure, output, dpi=dpi)
+    epochs = ", ".join(f"{label} {len(xs)}" for label, (xs, _) in curves.points["rsum"].items())
+    console.print(escape(f"wrote {output} (epochs drawn: {epochs})"), soft_wrap=True, highlight=False)
