@@ -502,6 +502,14 @@ from itmkit.plot_cli import register as _register_plot  # noqa: E402  (its own m
 
 _register_plot(app)
 
+from itmkit.explain_cli import register as _register_explain  # noqa: E402  (its own module: issue 16)
+
+_register_explain(app)
+
+from itmkit.serve import register as _register_serve  # noqa: E402  (its own module: issue 16)
+
+_register_serve(app)
+
 
 # ----------------------------------------------------------------------------------- import
 
