@@ -13,7 +13,7 @@ from rich.table import Table
 
 from itmkit.errors import ItmkitError
 
-CAPTION_INDEX = re.compile(r"\d+")
+CAPTION_INDEX = re.compile(r"-?[0-9]+")  # ASCII digits: "１２" is text
 MAX_CAPTION_CHARS = 1000
 
 
@@ -92,12 +92,14 @@ def explain(
     if output is None:
         return
     picture, pixel_boxes = _picture(folder, the_split, image, image_id, boxes, size)
-    from itmkit.pictures import attention_figure, figure_png
+    from itmkit.pictures import MAX_PANELS, attention_figure, figure_png
 
     fig = attention_figure(result, chosen, picture=picture, boxes=pixel_boxes,
                            title=f"{image_id}: {text}  (score {result.score:.4f})")
     atomic_write_bytes(output, figure_png(fig))
-    how = ("heat maps over the image's boxes" if picture is not None and pixel_boxes is not None else
+    words = sum(not special for special in result.special)
+    how = ("heat maps over the image's boxes" + (f", the first {MAX_PANELS} of its {words} words" if words > MAX_PANELS
+                                                 else "") if picture is not None and pixel_boxes is not None else
            f"the word x region matrix ({_why_no_picture(folder, the_split, image_id, picture)})")
     out.print(escape(f"wrote {output}: {how}"))
 
@@ -109,7 +111,7 @@ def _caption(caption: str | None, image: int, split) -> tuple[str, str]:
         return split.captions[first], f"caption {first} (its first)"
     if CAPTION_INDEX.fullmatch(caption.strip()):
         row = int(caption)
-        if row >= split.num_captions:
+        if not 0 <= row < split.num_captions:
             raise ItmkitError(f"--caption {row}: split {split.name!r} has captions 0 to {split.num_captions - 1}"
                               " (or give a caption's text in quotes)")
         owner = split.image_of_caption(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -112,10 +113,16 @@ def attention_figure(explanation: Explanation, map_index: int, *, picture: Image
     shown = words[:MAX_PANELS]
     columns = min(len(shown), 6)
     rows = math.ceil(len(shown) / columns)
-    fig = Figure(figsize=(2.2 * columns, 2.4 * rows + 0.7), dpi=100, layout="constrained")
-    fig.suptitle(heading + (f" (first {MAX_PANELS} words)" if len(words) > MAX_PANELS else ""), fontsize=9)
-    axes = fig.subplots(rows, columns, squeeze=False)
+    width = max(2.2 * columns, 4.4)  # room for the title beside a caption of one or two words
+    heading += f" (the first {MAX_PANELS} of {len(words)} words)" if len(words) > MAX_PANELS else ""
     vmax = float(max(amap.weights[shown].max(), 1e-12))  # one scale for every panel: words compare
+    # the scale said in words: a near-uniform map drawn to its own maximum would otherwise look focused
+    uniform = f"; spread evenly, each region would get {1 / amap.weights.shape[1]:.3f}" if amap.query_side == "text" else ""
+    heading += f"\nheat: weight 0 (clear) to {vmax:.3f} (yellow){uniform}"
+    lines = _wrapped(heading, width)
+    fig = Figure(figsize=(width, 2.4 * rows + 0.2 + 0.17 * len(lines)), dpi=100, layout="constrained")
+    fig.suptitle("\n".join(lines), fontsize=9)
+    axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.flat):
         if k >= len(shown):
             ax.set_axis_off()
@@ -128,11 +135,19 @@ def attention_figure(explanation: Explanation, map_index: int, *, picture: Image
     return fig
 
 
+def _wrapped(text: str, width_inches: float) -> list[str]:
+    """Title lines that fit a figure ``width_inches`` wide at 9 points (about 15 characters an inch)."""
+    columns = max(int(width_inches * 15), 20)
+    return [line for part in text.split("\n") for line in textwrap.wrap(part, columns) or [""]]
+
+
 def _matrix_figure(explanation: Explanation, amap: AttentionMap, heading: str) -> Figure:
     regions = amap.weights.shape[1]
-    height = max(2.5, 0.28 * len(explanation.tokens) + 1.4)
-    fig = Figure(figsize=(max(5.0, 0.22 * regions + 2.0), height), dpi=100, layout="constrained")
-    fig.suptitle(heading, fontsize=9)
+    width = max(5.0, 0.22 * regions + 2.0)
+    lines = _wrapped(heading, width)
+    height = max(2.5, 0.28 * len(explanation.tokens) + 1.2 + 0.17 * len(lines))
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig.suptitle("\n".join(lines), fontsize=9)
     ax = fig.subplots()
     image = ax.imshow(amap.weights, cmap=HEAT_CMAP, aspect="auto", interpolation="nearest", vmin=0.0)
     ax.set_yticks(range(len(explanation.tokens)), explanation.tokens, fontsize=8)

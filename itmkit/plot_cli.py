@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -33,3 +34,10 @@ def plot(
     save_figure(curves.figure, output, dpi=dpi)
     epochs = ", ".join(f"{label} {len(xs)}" for label, (xs, _) in curves.points["rsum"].items())
     console.print(escape(f"wrote {output} (epochs drawn: {epochs})"), soft_wrap=True, highlight=False)
+    for key, runs_points in curves.points.items():  # gaps are drawn as gaps: say where they are
+        for label, (xs, ys) in runs_points.items():
+            missing = [x for x, y in zip(xs, ys) if math.isnan(y)]
+            if missing:
+                console.print(escape(f"note: {label}: no {key} at epoch(s) {', '.join(map(str, missing))} (null,"
+                                     " missing or not a number in metrics.jsonl): a gap in its curve"),
+                              soft_wrap=True, highlight=False)

@@ -117,6 +117,13 @@ def training_curves(runs: Sequence[RunMetrics]) -> Curves:
             ax.plot(xs, ys, marker="o", markersize=3, color=f"C{i % 10}", label=label)
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
+        epochs = sorted({x for xs, _ in points[key].values() for x in xs})
+        if len(epochs) == 1:  # one epoch: a whole-number tick, not 0.96 .. 1.04
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+        if all(math.isnan(y) for _, ys in points[key].values() for y in ys):
+            ax.text(0.5, 0.5, f"no values of {key!r} in metrics.jsonl", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4")
         ax.grid(alpha=0.3)
     losses = [y for _, ys in points["train_loss"].values() for y in ys if not math.isnan(y)]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 20:

@@ -17,8 +17,10 @@ Two ways to rank, the same answers:
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -105,6 +107,29 @@ class Retrieval:
         self.ranker = ranker
         self.lock = threading.Lock()  # one model call at a time: waitress answers on several threads
         self._pictures: dict[int, object] = {}
+        self.attends = self._attends()
+
+    def _attends(self) -> bool:
+        """Whether the model reports cross-attention (tried once, on the split's first image and caption)."""
+        from itmkit.explain import explain_pair
+
+        rows = np.array([0])
+        result = explain_pair(self.model, self.vocab, self.split.image_features(rows)[0], self.split.captions[0],
+                              region_count=int(self.split.region_lengths(rows)[0]), boxes=self._boxes(0),
+                              image_size=self._size(0), device=self.device)
+        return bool(result.maps)
+
+    def _boxes(self, row: int) -> np.ndarray | None:
+        boxes = self.split.boxes
+        return None if boxes is None else np.asarray(boxes[row], dtype=np.float32)
+
+    def _size(self, row: int) -> np.ndarray | None:
+        sizes = self.split.image_sizes
+        return None if sizes is None else np.asarray(sizes[row], dtype=np.float32)
+
+    def overlays(self) -> bool:
+        """Whether results can show the caption's attention over their pictures (pixel boxes and a model that attends)."""
+        return self.attends and self.split.boxes is not None and self.split.box_layout == "xyxy"
 
     def search(self, text: str, k: int) -> list[dict]:
         from itmkit.index import encode_query_text
@@ -113,8 +138,12 @@ class Retrieval:
             query = encode_query_text(self.checkpoint, text, self.device)
             rows, scores = (self.ranker.images_for(text, query) if isinstance(self.ranker, IndexScoring)
                             else self.ranker.images_for(query))
-        return [{"rank": r + 1, "row": int(row), "image_id": self.image_ids[row], "score": float(score),
-                 "picture": self.picture(int(row)) is not None} for r, (row, score) in enumerate(zip(rows[:k], scores[:k]))]
+        hits = []
+        for rank, (row, score) in enumerate(zip(rows[:k].tolist(), scores[:k].tolist()), 1):
+            picture = self.picture(row) is not None
+            hits.append({"rank": rank, "row": row, "image_id": self.image_ids[row], "score": score,
+                         "picture": picture, "overlay": picture and self.overlays()})
+        return hits
 
     def captions(self, row: int, k: int) -> list[dict]:
         with self.lock, torch.no_grad():
@@ -132,23 +161,21 @@ class Retrieval:
         return self._pictures[row]
 
     def overlay(self, row: int, text: str) -> bytes | None:
-        """PNG: the picture with the caption's attention over its boxes (the words' mean), or None without one."""
+        """PNG: the picture with the caption's attention over its boxes (the words' mean); None without a picture
+        or when the model does not attend (``overlays``)."""
         from itmkit.explain import explain_pair
         from itmkit.pictures import caption_heat_png, pixel_boxes
 
         picture, split = self.picture(row), self.split
-        if picture is None or split.boxes is None or split.box_layout != "xyxy":
+        if picture is None or not self.overlays():
             return None
         rows = np.array([row])
         count = int(split.region_lengths(rows)[0])
-        size = None if split.image_sizes is None else np.asarray(split.image_sizes[row], dtype=np.float32)
+        size = self._size(row)
         with self.lock:
             result = explain_pair(self.model, self.vocab, split.image_features(rows)[0], text, region_count=count,
-                                  boxes=np.asarray(split.boxes[row], dtype=np.float32), image_size=size,
-                                  device=self.device)
+                                  boxes=self._boxes(row), image_size=size, device=self.device)
         chosen = result.default_map()
-        if chosen is None:
-            return None
         words = [w for w, special in enumerate(result.special) if not special] or list(range(len(result.tokens)))
         weights = result.maps[chosen].weights[words].mean(axis=0)
         return caption_heat_png(picture, pixel_boxes(split.boxes[row][:count], size, picture), weights)
@@ -179,10 +206,10 @@ def create_app(retrieval: Retrieval, *, title: str = "itmkit"):
         return text
 
     def count() -> int:
-        k = request.args.get("k", DEFAULT_RESULTS, type=int)
-        if k is None or not 1 <= k <= MAX_RESULTS:
-            abort(400, f"k must be a whole number from 1 to {MAX_RESULTS}")
-        return k
+        k = request.args.get("k", str(DEFAULT_RESULTS))
+        if not (k.isascii() and k.isdigit() and 1 <= int(k) <= MAX_RESULTS):
+            abort(400, f"k must be a whole number from 1 to {MAX_RESULTS}, got {k[:20]!r}")
+        return int(k)
 
     def image_row(row: int) -> int:
         if not 0 <= row < len(retrieval.image_ids):
@@ -201,15 +228,15 @@ def create_app(retrieval: Retrieval, *, title: str = "itmkit"):
     @app.get("/api/search")
     def search():
         text, k = query_text(), count()
-        return jsonify({"query": text, "results": retrieval.search(text, k),
+        return jsonify({"query": text, "results": retrieval.search(text, k), "attention": retrieval.attends,
                         "unknown_words": unknown_words(retrieval.vocab, text)})
 
-    @app.get("/api/images/<int:row>/captions")
+    @app.get("/api/images/<int(signed=True):row>/captions")
     def captions(row: int):
         row, k = image_row(row), count()
         return jsonify({"row": row, "image_id": retrieval.image_ids[row], "captions": retrieval.captions(row, k)})
 
-    @app.get("/pictures/<int:row>.png")
+    @app.get("/pictures/<int(signed=True):row>.png")
     def picture(row: int):
         found = retrieval.picture(image_row(row))
         if found is None:
@@ -218,9 +245,12 @@ def create_app(retrieval: Retrieval, *, title: str = "itmkit"):
         found.save(buffer, format="PNG")
         return png(buffer.getvalue())
 
-    @app.get("/overlays/<int:row>.png")
+    @app.get("/overlays/<int(signed=True):row>.png")
     def overlay(row: int):
-        return png(retrieval.overlay(image_row(row), query_text()))
+        row, text = image_row(row), query_text()
+        if not retrieval.attends:
+            abort(404, "this model has no cross-attention to draw (its pictures are at /pictures/ROW.png)")
+        return png(retrieval.overlay(row, text))
 
     @app.errorhandler(400)
     @app.errorhandler(404)
@@ -297,18 +327,30 @@ def serve(
     app = create_app(retrieval, title=f"itmkit: {recipe.info.name} on {folder.name}/{the_split.name}")
     # waitress warns whenever requests wait for a thread: a page's ten overlays do, one model call at a time
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    server = waitress.create_server(app, host=host, port=port, threads=4)
+    try:
+        server = waitress.create_server(app, host=host, port=port, threads=4)
+    except OSError as exc:
+        hint = " (another program listens there: try another --port, or --port 0 for any free one)" \
+            if exc.errno == errno.EADDRINUSE else " (not an address of this machine: try 127.0.0.1)" \
+            if exc.errno == errno.EADDRNOTAVAIL else ""
+        raise ItmkitError(f"cannot listen on {host} port {port}: {exc.strerror}{hint}") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: --host {host}: the page is open to every machine that can reach this one")
-    out.print(f"serving {checkpoint} on http://{host}:{server.effective_port}/ "
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    out.print(f"serving {checkpoint} on http://{address}:{server.effective_port}/ "
               f"({the_split.num_images} images, {the_split.num_captions} captions; Ctrl+C stops)", soft_wrap=True)
     sys.stdout.flush()
+    signal.signal(signal.SIGTERM, _stop)  # a kill stops the server as Ctrl+C does
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _index_ranker(folder: Path, model, split, shortlist: int, device) -> IndexScoring:

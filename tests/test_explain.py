@@ -167,6 +167,7 @@ def test_a_model_without_attention_says_so(tiny_data, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--image", "100"], "has images 0 to 99"),
     (["--image", "0", "--caption", "500"], "has captions 0 to 499"),
+    (["--image", "0", "--caption", "-1"], "--caption -1: split 'test' has captions 0 to 499"),
     (["--image", "0", "--caption", "  "], "--caption is empty"),
     (["--image", "0", "--attention", "3"], "records 1 attention map(s) (0 to 0)"),
     (["--image", "0", "-o", "x.jpg"], "name a .png file"),

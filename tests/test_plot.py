@@ -127,6 +127,20 @@ def test_a_null_value_is_a_gap(tmp_path):
     assert ys[0] == 2.0 and math.isnan(ys[1]) and ys[2] == 1.0
 
 
+def test_gaps_are_said_and_one_epoch_gets_a_whole_number_tick(tmp_path):
+    run = tmp_path / "one"
+    run.mkdir()
+    record = {"epoch": 0, "iteration": 5, "split": "dev", "train_loss": 2.0, "rsum": "NaN", "i2t_r1": 1.0, "t2i_r1": 2.0}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    result = invoke("plot", str(run), "-o", str(tmp_path / "one.png"))
+    assert result.returncode == 0, result.stderr
+    assert "note: one: no rsum at epoch(s) 1" in result.stdout
+    figure = training_curves([read_run(run)]).figure
+    rsum_panel = figure.axes[1]
+    assert [t.get_text() for t in rsum_panel.texts] == ["no values of 'rsum' in metrics.jsonl"]
+    assert list(figure.axes[0].get_xticks()) == [1]
+
+
 @pytest.mark.parametrize("case", ["missing", "not-a-run", "a-file", "empty", "steps-only", "bad-line"])
 def test_bad_run_folders_are_one_error_line(case, tmp_path):
     run = tmp_path / "run"

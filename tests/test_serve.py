@@ -80,8 +80,11 @@ def test_pictures_and_attention_overlays_are_pngs_of_the_image(client):
     ("/api/search?q=" + "a" * (MAX_QUERY_CHARS + 1), 400, f"at most {MAX_QUERY_CHARS}"),
     ("/api/search?q=red&k=0", 400, "k must be a whole number from 1 to 50"),
     ("/api/search?q=red&k=51", 400, "k must be a whole number from 1 to 50"),
+    ("/api/search?q=red&k=abc", 400, "k must be a whole number from 1 to 50, got 'abc'"),
+    ("/api/search?q=red&k=2.5", 400, "k must be a whole number from 1 to 50"),
     ("/api/images/100/captions", 404, "no image 100: the split has images 0 to 99"),
-    ("/pictures/-1.png", 404, ""),
+    ("/api/images/-1/captions", 404, "no image -1: the split has images 0 to 99"),
+    ("/pictures/-1.png", 404, "no image -1"),
     ("/pictures/..%2F..%2Fetc%2Fpasswd", 404, ""),
     ("/pictures/%2Fetc%2Fpasswd.png", 404, ""),
     ("/overlays/3.png", 400, "the query is empty"),
@@ -117,11 +120,45 @@ def test_with_an_index_the_shortlist_rescored_ranks_as_full_scoring(tmp_path):
     assert [c["row"] for c in captions] == np.argsort(-sims[5], kind="stable")[:50].tolist()
 
 
+def test_a_model_without_attention_shows_plain_pictures(tiny_data, tmp_path):
+    from itmkit.build import DataPorts, build_model
+    from itmkit.checkpoint import save_checkpoint
+    from itmkit.data.vocab import Vocabulary
+    from itmkit.recipe import parse_recipe
+
+    from conftest import TINY_RECIPE
+
+    split = open_named_split(tiny_data, "test")
+    vocab = Vocabulary.load(tiny_data / "vocab.json")
+    model = build_model(parse_recipe(TINY_RECIPE.replace("DATA", str(tiny_data))),
+                        DataPorts(split.feature_dim, len(vocab), split.num_regions), seed=0)
+    save_checkpoint(tmp_path / "vsepp.safetensors", model, vocab)
+    checkpoint = _checkpoint(tmp_path / "vsepp.safetensors", "cpu")
+    retrieval = Retrieval(checkpoint, split, tiny_data, split_image_ids(tiny_data, split, None), "cpu",
+                          FullScoring(checkpoint.model, checkpoint.vocab, split, "cpu"))
+    client = create_app(retrieval).test_client()
+    body = client.get("/api/search", query_string={"q": "a red circle", "k": 3}).get_json()
+    assert body["attention"] is False
+    assert all(r["picture"] and not r["overlay"] for r in body["results"])
+    assert client.get("/pictures/0.png").status_code == 200
+    overlay = client.get("/overlays/0.png", query_string={"q": "a red circle"})
+    assert overlay.status_code == 404 and "no cross-attention" in overlay.get_json()["error"]
+
+
 def test_the_command_refuses_what_it_cannot_serve(tiny_scan, tiny_data, tmp_path):
+    import socket
+
     bad_host = invoke("serve", str(tiny_scan), "--data", str(tiny_data), "--host", "no-such-host.invalid")
     assert bad_host.returncode == 1 and "--host 'no-such-host.invalid'" in bad_host.stderr
     no_index = invoke("serve", str(tiny_scan), "--data", str(tiny_data), "--index", str(tmp_path))
     assert no_index.returncode == 1 and "is not an itmkit index" in no_index.stderr
+    with socket.socket() as taken:  # a port another program listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = invoke("serve", str(tiny_scan), "--data", str(tiny_data), "--port", str(port), "--device", "cpu")
+    assert busy.returncode == 1 and f"cannot listen on 127.0.0.1 port {port}" in busy.stderr
+    assert "another program listens there" in busy.stderr and "internal error" not in busy.stderr
 
 
 # ------------------------------------------------------------------------------ in a real browser
