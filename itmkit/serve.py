@@ -18,6 +18,7 @@ Two ways to rank, the same answers:
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
 import logging
 import signal
@@ -37,6 +38,7 @@ MAX_QUERY_CHARS = 300
 MAX_RESULTS = 50
 DEFAULT_RESULTS = 10
 DEFAULT_SHORTLIST = 100
+PICTURES_KEPT = 256  # decoded pictures held for the page's requests
 PAGE = Path(__file__).with_name("web") / "retrieval.html"
 
 
@@ -53,8 +55,8 @@ class FullScoring:
         self.captions = encode_texts(model, caption_batches(split, vocab, batch_size=batch, by_length=True), device,
                                      progress)
 
-    def images_for(self, query: Encoded) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, scores) of every image for an encoded caption, best first."""
+    def images_for(self, text: str, query: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of every image for a caption (``query``: its encoding), best first."""
         from itmkit.scoring import score_all
 
         scores = score_all(self.model, self.images, query, device=self.device)[0][:, 0]
@@ -75,6 +77,7 @@ class IndexScoring:
         self.index, self.model, self.first, self.device, self.shortlist = index, model, first, device, shortlist
 
     def images_for(self, text: str, query: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of the shortlist's images for a caption, re-scored by the model, best first."""
         from itmkit.index import encode_query_text, search
         from itmkit.twostage import unit_vectors
 
@@ -84,6 +87,7 @@ class IndexScoring:
         return np.array([h.position for h in hits]), np.array([h.second_score for h in hits])
 
     def captions_for(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(caption rows, scores) of the shortlist's captions for image ``row``, re-scored, best first."""
         from itmkit.index import search
 
         vector = self.index.vectors("images")[row]
@@ -106,7 +110,8 @@ class Retrieval:
         self.split, self.data_dir, self.image_ids, self.device = split, data_dir, image_ids, device
         self.ranker = ranker
         self.lock = threading.Lock()  # one model call at a time: waitress answers on several threads
-        self._pictures: dict[int, object] = {}
+        # the pictures last shown, kept (the built-in data draws them): a bounded number, whatever the gallery
+        self.picture = functools.lru_cache(maxsize=PICTURES_KEPT)(self._find_picture)
         self.attends = self._attends()
 
     def _attends(self) -> bool:
@@ -136,8 +141,7 @@ class Retrieval:
 
         with self.lock, torch.no_grad():
             query = encode_query_text(self.checkpoint, text, self.device)
-            rows, scores = (self.ranker.images_for(text, query) if isinstance(self.ranker, IndexScoring)
-                            else self.ranker.images_for(query))
+            rows, scores = self.ranker.images_for(text, query)
         hits = []
         for rank, (row, score) in enumerate(zip(rows[:k].tolist(), scores[:k].tolist()), 1):
             picture = self.picture(row) is not None
@@ -152,13 +156,11 @@ class Retrieval:
         return [{"rank": r + 1, "row": int(c), "caption": self.split.captions[c], "score": float(s),
                  "of_image": bool(owners[c] == row)} for r, (c, s) in enumerate(zip(rows[:k], scores[:k]))]
 
-    def picture(self, row: int):
-        """The PIL picture of image ``row``, or None (kept once drawn: the built-in data draws them)."""
+    def _find_picture(self, row: int):
+        """The PIL picture of image ``row``, or None (``picture``, the cached call, is what callers use)."""
         from itmkit.pictures import find_picture
 
-        if row not in self._pictures:
-            self._pictures[row] = find_picture(self.data_dir, self.split.name, row, self.image_ids[row])
-        return self._pictures[row]
+        return find_picture(self.data_dir, self.split.name, row, self.image_ids[row])
 
     def overlay(self, row: int, text: str) -> bytes | None:
         """PNG: the picture with the caption's attention over its boxes (the words' mean); None without a picture
