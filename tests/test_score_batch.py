@@ -35,4 +35,7 @@ def test_caption_blocks_give_the_whole_blocks_scores_and_gradients(recipe, monke
     torch.testing.assert_close(blocks[1], whole[1], rtol=1e-6, atol=1e-6)
     assert blocks[2].keys() == whole[2].keys() and len(whole[2]) > 3
     for name in whole[2]:
-        torch.testing.assert_close(blocks[2][name], whole[2][name], rtol=1e-5, atol=1e-6, msg=name)
+        # float32 gradients summed over ten blocks in another order: within 1e-5 of the tensor's scale
+        # (elementwise 1e-6 failed on a fresh machine: 2.7e-6 on an embedding gradient of scale 0.23)
+        scale = float(whole[2][name].abs().max())
+        torch.testing.assert_close(blocks[2][name], whole[2][name], rtol=1e-5, atol=max(1e-6, 1e-5 * scale), msg=name)
