@@ -41,7 +41,7 @@ def explain(
     from itmkit.cli import _device, err, out
     from itmkit.datasets import recorded_data_dir
     from itmkit.explain import explain_pair, unknown_words
-    from itmkit.index import split_image_ids
+    from itmkit.data.split import split_image_ids
     from itmkit.outputs import check_output_file
     from itmkit.preflight import check_eval_data
 
@@ -154,6 +154,7 @@ def _picture(folder: Path, split, image: int, image_id: str, boxes, size):
 
 def _why_no_picture(folder: Path, split, image_id: str, picture) -> str:
     if picture is None:
-        return (f"no picture of {image_id} in {folder}: put it at images/{split.name}/{image_id}.png (or .jpg),"
+        where = f"beside {folder}, in {folder.parent}" if folder.is_file() else f"in {folder}"
+        return (f"no picture of {image_id} {where}: put it at images/{split.name}/{image_id}.png (or .jpg),"
                 " or write the built-in data with `itmkit data synth DIR --images`")
     return f"split {split.name!r} has no pixel boxes (x1, y1, x2, y2) to place the regions on the picture"

@@ -30,7 +30,7 @@ import torch
 
 from itmkit.build import Encoded, ITMModel
 from itmkit.checkpoint import atomic_write_text
-from itmkit.data.split import Split
+from itmkit.data.split import Split, split_image_ids
 from itmkit.data.vocab import Vocabulary
 from itmkit.errors import ItmkitError
 from itmkit.fragments import DEFAULT_SHARD_SIZE, FragmentStore, FragmentWriter
@@ -91,27 +91,6 @@ def check_index_target(out: Path, force: bool) -> None:
                           " into a new or empty folder, so nothing there is replaced")
     if not force:
         raise IndexFolderError(f"-o {out} is an index already; give --force to replace it, or another folder")
-
-
-def split_image_ids(data_dir: Path, split: Split, log: Callable[[str], None] | None) -> list[str]:
-    """The split's image ids from ``{split}_ids.txt`` (one per image, or one per caption), else row numbers."""
-    path = data_dir / f"{split.name}_ids.txt"
-    if data_dir.is_dir() and path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-        if len(lines) == split.num_images:
-            return lines
-        if len(lines) == split.num_captions:
-            first_caption = np.searchsorted(_caption_images(split), np.arange(split.num_images))
-            return [lines[i] for i in first_caption]
-        if log:
-            log(f"{path} has {len(lines)} lines for {split.num_images} images: images are named by row number")
-    return [str(i) for i in range(split.num_images)]
-
-
-def _caption_images(split: Split) -> np.ndarray:
-    if split.caption_index is not None:
-        return np.asarray(split.caption_index, dtype=np.int64)
-    return np.arange(split.num_captions, dtype=np.int64) // split.captions_per_image
 
 
 def _paired_batches(model: Checkpoint, first: Checkpoint, side: str, split: Split, device, batch_size: int
@@ -194,7 +173,7 @@ def build_index(model: Checkpoint, first: Checkpoint, data_dir: Path, split: Spl
             if "text" in sides:
                 (tmp / "captions.txt").write_text("\n".join(c.replace("\n", " ") for c in split.captions) + "\n",
                                                   encoding="utf-8")
-                np.save(tmp / "caption_images.npy", _caption_images(split), allow_pickle=False)
+                np.save(tmp / "caption_images.npy", split.caption_images, allow_pickle=False)
             manifest = _manifest(model, first, data_dir, split, counts, index_spec, search_params, tmp)
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last: the index is whole
             _move_into_place(tmp, out, stem)

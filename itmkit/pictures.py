@@ -34,9 +34,11 @@ def find_picture(data_dir: Path, split: str, index: int, image_id: str) -> Image
     """The picture of image ``index`` (id ``image_id``) of a split, or None when the data has none.
 
     Looked for as ``DIR/images/SPLIT/ID.png|jpg|jpeg``, then ``DIR/images/ID.*``; the built-in data
-    (a folder with ``shapes.json``) draws it again from its seed when it was not written out.
+    (a folder with ``shapes.json``) draws it again from its seed when it was not written out. For an
+    HDF5 file DIR is the folder it lies in.
     """
     folder = Path(data_dir)
+    folder = folder.parent if folder.is_file() else folder
     if not folder.is_dir():
         return None
     for base in (folder / "images" / split, folder / "images"):

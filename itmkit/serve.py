@@ -302,7 +302,7 @@ def serve(
     """A local web page: type a caption, see the images ranked with their attention; click one for its captions."""
     from itmkit.cli import _device, err, out
     from itmkit.datasets import recorded_data_dir
-    from itmkit.index import split_image_ids
+    from itmkit.data.split import split_image_ids
     from itmkit.preflight import check_eval_data
     from itmkit.progress import make_progress, task
     from itmkit.retrieval_cli import _checkpoint

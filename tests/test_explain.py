@@ -147,6 +147,21 @@ def test_without_pictures_the_word_by_region_matrix_is_drawn(tiny_scan, tiny_dat
     assert Image.open(out).format == "PNG"
 
 
+def test_hdf5_data_converted_from_the_built_in_keeps_its_ids_and_pictures(tiny_scan, tiny_data, tmp_path):
+    from itmkit.data.hdf5 import stored_ids
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    converted = invoke("data", "convert", str(data), str(data / "data.h5"), "--splits", "test")
+    assert converted.returncode == 0, converted.stderr
+    assert stored_ids(data / "data.h5", "test") == (data / "test_ids.txt").read_text().split()
+    out = tmp_path / "h5.png"
+    result = invoke("explain", str(tiny_scan), "--data", str(data / "data.h5"), "--image", "4", "-o", str(out),
+                    "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "(shapes-test-000004)" in result.stdout and "heat maps over the image's boxes" in result.stdout
+
+
 def test_a_model_without_attention_says_so(tiny_data, tmp_path):
     recipe = parse_recipe(TINY_RECIPE.replace("DATA", str(tiny_data)))
     split = open_named_split(tiny_data, "test")

@@ -15,7 +15,8 @@ from PIL import Image
 
 from itmkit.datasets import open_named_split
 from itmkit.evaluate import similarity_matrix
-from itmkit.index import Index, split_image_ids
+from itmkit.data.split import split_image_ids
+from itmkit.index import Index
 from itmkit.retrieval_cli import _checkpoint
 from itmkit.serve import MAX_QUERY_CHARS, FullScoring, IndexScoring, Retrieval, create_app
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from itmkit.data import precomp
 from itmkit.data.split import (CAPTIONS_PER_IMAGE, Split, SplitParts, array_problems, assemble, atomic_path,
-                               data_file)
+                               data_file, stored_image_ids)
 from itmkit.errors import DataError, did_you_mean
 
 FILE_NAME = "data.h5"
@@ -218,6 +218,14 @@ def _read_group(f: h5py.File, path: Path, split: str) -> SplitParts:
     )
 
 
+def stored_ids(path: str | Path, split: str) -> list[str] | None:
+    """The ``ids`` dataset of ``split`` in an HDF5 file (one image id per image), or None without one."""
+    with _open_read(Path(path)) as f:
+        if split not in f or "ids" not in f[split]:
+            return None
+        return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in f[split]["ids"][()]]
+
+
 def read_split(path_or_dir: str | Path, split: str) -> Split:
     """Open `split` of an HDF5 file (or of the HDF5 file in a folder), checking that its parts agree."""
     return assemble(read_parts(path_or_dir, split))
@@ -254,6 +262,7 @@ def _write_group(
     region_counts: Any = None,
     captions_per_image: int | None = None,
     caption_images: Any = None,
+    ids: Sequence[str] | None = None,
 ) -> None:
     """Write one split group, replacing any old one only once the new one is complete."""
     captions = list(captions)
@@ -290,6 +299,8 @@ def _write_group(
             group.create_dataset("region_counts", data=np.asarray(region_counts, dtype=np.int64))
         if caption_images is not None:
             group.create_dataset("caption_images", data=np.asarray(caption_images, dtype=np.int64))
+        if ids is not None:
+            group.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=h5py.string_dtype("utf-8"))
     except BaseException:
         del f[staging]
         raise
@@ -372,5 +383,6 @@ def convert_precomp_to_hdf5(
                 region_counts=split.region_counts,
                 captions_per_image=split.captions_per_image,
                 caption_images=split.caption_index,
+                ids=stored_image_ids(src_dir, split),  # {split}_ids.txt, when there is one for every image
             )
     return list(splits)

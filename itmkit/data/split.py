@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -755,3 +755,37 @@ def open_parts(data_dir: str | Path, split: str) -> SplitParts:
 def open_split(data_dir: str | Path, split: str) -> Split:
     """Open `split` of the dataset in `data_dir` (a precomp folder, or a folder or path of an HDF5 file)."""
     return assemble(open_parts(data_dir, split))
+
+
+def stored_image_ids(data: str | Path, split: Split) -> list[str] | None:
+    """The split's image ids as the data stores them, one per image, or None when it stores none.
+
+    A precomp folder: ``{split}_ids.txt``, one line per image (or one per caption, the first of each image
+    taken); an HDF5 file: the split's ``ids`` dataset. A file of another length is not used (None).
+    """
+    data = Path(data)
+    if data.is_file():
+        from itmkit.data.hdf5 import stored_ids
+
+        lines = stored_ids(data, split.name)
+    else:
+        path = data / f"{split.name}_ids.txt"
+        lines = [line.strip() for line in text_lines(read_text(path, "image id list"))] if path.is_file() else None
+    if lines is None:
+        return None
+    if len(lines) == split.num_images:
+        return lines
+    if len(lines) == split.num_captions:
+        return [lines[i] for i in np.searchsorted(split.caption_images, np.arange(split.num_images))]
+    return None
+
+
+def split_image_ids(data: str | Path, split: Split, log: Callable[[str], None] | None = None) -> list[str]:
+    """The split's image ids (``stored_image_ids``), else the row numbers, said through ``log``."""
+    ids = stored_image_ids(data, split)
+    if ids is None:
+        if log is not None and (Path(data) / f"{split.name}_ids.txt").is_file():
+            log(f"{Path(data) / f'{split.name}_ids.txt'} does not have one line per image of split {split.name!r}"
+                f" ({split.num_images}): images are named by row number")
+        return [str(i) for i in range(split.num_images)]
+    return ids
