@@ -115,6 +115,10 @@ class Explanation:
     maps: list[AttentionMap]
     region_count: int
 
+    def words(self) -> list[int]:
+        """The positions of the caption's words (specials left out; all tokens if there is nothing else)."""
+        return [w for w, special in enumerate(self.special) if not special] or list(range(len(self.tokens)))
+
     def default_map(self) -> int | None:
         """The map a picture shows unless told otherwise: the first one with words as queries, else the first."""
         for k, m in enumerate(self.maps):
@@ -177,7 +181,15 @@ def explain_pair(model, vocab, features: np.ndarray, caption: str, *, region_cou
     return Explanation(score, tokens, special, contributions, kept, regions)
 
 
+def explain_row(model, vocab, split, row: int, caption: str, *, device: torch.device | str = "cpu") -> Explanation:
+    """``explain_pair`` of image ``row`` of a ``Split`` (its features, valid regions, boxes and size) and ``caption``."""
+    rows = np.array([row])
+    return explain_pair(model, vocab, split.image_features(rows)[0], caption,
+                        region_count=int(split.region_lengths(rows)[0]),
+                        boxes=None if split.boxes is None else split.boxes[row],
+                        image_size=None if split.image_sizes is None else split.image_sizes[row], device=device)
+
+
 def _encode(model, captions: list[list[int]], device):
     tokens, lengths = pad_tokens([np.asarray(c, dtype=np.int64) for c in captions])
     return model.encode_texts(Tokens(tokens.to(device), lengths.to(device)))
-

@@ -37,10 +37,10 @@ def explain(
     device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', ...")] = "auto",
 ) -> None:
     """Explain one image-caption pair: the score, each word's contribution, and the model's attention picture."""
-    from itmkit.checkpoint import atomic_write_bytes, load_checkpoint
+    from itmkit.checkpoint import load_checkpoint
     from itmkit.cli import _device, err, out
     from itmkit.datasets import recorded_data_dir
-    from itmkit.explain import explain_pair, unknown_words
+    from itmkit.explain import explain_row, unknown_words
     from itmkit.data.split import split_image_ids
     from itmkit.outputs import check_output_file
     from itmkit.preflight import check_eval_data
@@ -60,11 +60,7 @@ def explain(
         raise ItmkitError(f"--image {image}: split {the_split.name!r} of {folder} has images 0 to"
                           f" {the_split.num_images - 1}")
     text, about = _caption(caption, image, the_split)
-    rows = np.array([image])
-    boxes = None if the_split.boxes is None else np.asarray(the_split.boxes[image], dtype=np.float32)
-    size = None if the_split.image_sizes is None else np.asarray(the_split.image_sizes[image], dtype=np.float32)
-    result = explain_pair(loaded.model, loaded.vocab, the_split.image_features(rows)[0], text,
-                          region_count=int(the_split.region_lengths(rows)[0]), boxes=boxes, image_size=size, device=dev)
+    result = explain_row(loaded.model, loaded.vocab, the_split, image, text, device=dev)
     image_id = split_image_ids(folder, the_split, None)[image]
     out.print(escape(f"{checkpoint} ({recipe.info.name}), image {image} ({image_id}) of split {the_split.name!r},"
                      f" {about}: {text!r}"), soft_wrap=True)
@@ -91,15 +87,17 @@ def explain(
         return
     if output is None:
         return
-    picture, pixel_boxes = _picture(folder, the_split, image, image_id, boxes, size)
-    from itmkit.pictures import MAX_PANELS, attention_figure, figure_png
+    from itmkit.pictures import MAX_PANELS, attention_figure, find_picture, split_pixel_boxes
+    from itmkit.plots import save_figure
 
-    fig = attention_figure(result, chosen, picture=picture, boxes=pixel_boxes,
+    picture = find_picture(folder, the_split.name, image, image_id)
+    boxes = None if picture is None else split_pixel_boxes(the_split, image, picture)
+    fig = attention_figure(result, chosen, picture=picture, boxes=boxes,
                            title=f"{image_id}: {text}  (score {result.score:.4f})")
-    atomic_write_bytes(output, figure_png(fig))
-    words = sum(not special for special in result.special)
+    save_figure(fig, output, dpi=fig.dpi)
+    words = len(result.words())
     how = ("heat maps over the image's boxes" + (f", the first {MAX_PANELS} of its {words} words" if words > MAX_PANELS
-                                                 else "") if picture is not None and pixel_boxes is not None else
+                                                 else "") if boxes is not None else
            f"the word x region matrix ({_why_no_picture(folder, the_split, image_id, picture)})")
     out.print(escape(f"wrote {output}: {how}"))
 
@@ -139,17 +137,6 @@ def _word_table(result, chosen: int | None) -> Table:
             cells += [str(int(np.argmax(row))), f"{float(np.max(row)):.3f}"]
         table.add_row(*cells)
     return table
-
-
-def _picture(folder: Path, split, image: int, image_id: str, boxes, size):
-    """The image's picture and its boxes in the picture's pixels, or None for either when there are none."""
-    from itmkit.pictures import find_picture, pixel_boxes
-
-    picture = find_picture(folder, split.name, image, image_id)
-    if picture is None or boxes is None or split.box_layout != "xyxy":
-        return picture, None
-    count = int(split.region_lengths(np.array([image]))[0])
-    return picture, pixel_boxes(boxes[:count], size, picture)
 
 
 def _why_no_picture(folder: Path, split, image_id: str, picture) -> str:

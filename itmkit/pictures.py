@@ -14,15 +14,12 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # Figure, not pyplot: no display, no backend to choose
+from matplotlib.patches import Rectangle
+from PIL import Image
 
-matplotlib.use("Agg")  # files only: never a window (set before pyplot is imported anywhere)
-
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from itmkit.explain import AttentionMap, Explanation  # noqa: E402
+from itmkit.explain import AttentionMap, Explanation
 
 HEAT_CMAP = "inferno"
 HEAT_ALPHA = 0.65  # how strongly the heat covers the picture
@@ -66,6 +63,16 @@ def pixel_boxes(boxes: np.ndarray, image_size: np.ndarray | None, picture: Image
     return boxes * np.array([sx, sy, sx, sy])
 
 
+def split_pixel_boxes(split, row: int, picture: Image.Image) -> np.ndarray | None:
+    """Image ``row``'s valid boxes of a ``Split`` in ``picture``'s pixels; None unless they are pixel boxes (x1, y1,
+    x2, y2: not PFAN's block layout, nor absent)."""
+    if split.box_layout != "xyxy":
+        return None
+    count = int(split.region_lengths(np.array([row]))[0])
+    size = None if split.image_sizes is None else split.image_sizes[row]
+    return pixel_boxes(split.boxes[row][:count], size, picture)
+
+
 def heat_image(boxes: np.ndarray, weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(height, width) heat: each pixel the largest weight of the boxes (pixels) covering it, 0 elsewhere."""
     width, height = size
@@ -106,7 +113,7 @@ def attention_figure(explanation: Explanation, map_index: int, *, picture: Image
     matrix, words down, regions across. Specials (<start>, [CLS]) are left out of the panels.
     """
     amap: AttentionMap = explanation.maps[map_index]
-    words = [w for w, special in enumerate(explanation.special) if not special] or list(range(len(explanation.tokens)))
+    words = explanation.words()
     heading = title or f"score {explanation.score:.4f}"
     heading += f"\n{amap.label}: " + ("each word's attention over the regions" if amap.query_side == "text"
                                       else "each region's attention to the word")
@@ -163,11 +170,4 @@ def caption_heat_png(picture: Image.Image, boxes: np.ndarray, weights: np.ndarra
     blended = heat_overlay(picture, boxes, weights, float(np.max(weights)))
     buffer = io.BytesIO()
     Image.fromarray(np.clip(blended * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def figure_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes (written atomically by the caller)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
     return buffer.getvalue()

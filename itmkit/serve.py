@@ -116,25 +116,13 @@ class Retrieval:
 
     def _attends(self) -> bool:
         """Whether the model reports cross-attention (tried once, on the split's first image and caption)."""
-        from itmkit.explain import explain_pair
+        from itmkit.explain import explain_row
 
-        rows = np.array([0])
-        result = explain_pair(self.model, self.vocab, self.split.image_features(rows)[0], self.split.captions[0],
-                              region_count=int(self.split.region_lengths(rows)[0]), boxes=self._boxes(0),
-                              image_size=self._size(0), device=self.device)
-        return bool(result.maps)
-
-    def _boxes(self, row: int) -> np.ndarray | None:
-        boxes = self.split.boxes
-        return None if boxes is None else np.asarray(boxes[row], dtype=np.float32)
-
-    def _size(self, row: int) -> np.ndarray | None:
-        sizes = self.split.image_sizes
-        return None if sizes is None else np.asarray(sizes[row], dtype=np.float32)
+        return bool(explain_row(self.model, self.vocab, self.split, 0, self.split.captions[0], device=self.device).maps)
 
     def overlays(self) -> bool:
         """Whether results can show the caption's attention over their pictures (pixel boxes and a model that attends)."""
-        return self.attends and self.split.boxes is not None and self.split.box_layout == "xyxy"
+        return self.attends and self.split.box_layout == "xyxy"
 
     def search(self, text: str, k: int) -> list[dict]:
         from itmkit.index import encode_query_text
@@ -165,22 +153,16 @@ class Retrieval:
     def overlay(self, row: int, text: str) -> bytes | None:
         """PNG: the picture with the caption's attention over its boxes (the words' mean); None without a picture
         or when the model does not attend (``overlays``)."""
-        from itmkit.explain import explain_pair
-        from itmkit.pictures import caption_heat_png, pixel_boxes
+        from itmkit.explain import explain_row
+        from itmkit.pictures import caption_heat_png, split_pixel_boxes
 
-        picture, split = self.picture(row), self.split
+        picture = self.picture(row)
         if picture is None or not self.overlays():
             return None
-        rows = np.array([row])
-        count = int(split.region_lengths(rows)[0])
-        size = self._size(row)
         with self.lock:
-            result = explain_pair(self.model, self.vocab, split.image_features(rows)[0], text, region_count=count,
-                                  boxes=self._boxes(row), image_size=size, device=self.device)
-        chosen = result.default_map()
-        words = [w for w, special in enumerate(result.special) if not special] or list(range(len(result.tokens)))
-        weights = result.maps[chosen].weights[words].mean(axis=0)
-        return caption_heat_png(picture, pixel_boxes(split.boxes[row][:count], size, picture), weights)
+            result = explain_row(self.model, self.vocab, self.split, row, text, device=self.device)
+        weights = result.maps[result.default_map()].weights[result.words()].mean(axis=0)
+        return caption_heat_png(picture, split_pixel_boxes(self.split, row, picture), weights)
 
 
 # ------------------------------------------------------------------------------------ the app

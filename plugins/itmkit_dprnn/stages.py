@@ -225,12 +225,10 @@ class DualPathMatch(nn.Module):
             return None
 
         def report(alpha: torch.Tensor) -> None:  # (..., R, L)
-            if order is not None:
-                alpha = alpha.new_zeros(alpha.shape).scatter_(-2, order[..., None].expand_as(alpha), alpha)
             if self.orientation == "word":
-                explain.note_attention(alpha.transpose(-1, -2), "text", "word->object")
+                explain.note_attention(alpha.transpose(-1, -2), "text", "word->object", region_order=order)
             else:
-                explain.note_attention(alpha, "image", "object->word")
+                explain.note_attention(alpha, "image", "object->word", region_order=order)
 
         return report
 
